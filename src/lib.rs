@@ -1,1 +1,25 @@
-//! placeholder
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
+pub mod backend;
+pub mod core;
+pub mod memory;
+pub mod vhost_user;
+pub mod vring;
+
+pub use backend::{
+    BackendError, ConfigNotifier, DeviceBackend, DeviceBackendMut, DeviceEvent, QueueSet,
+};
+pub use memory::{DirtyLog, DirtyLogBitmap, GuestMemoryHandle, GuestMemoryLog, GuestRegionLog};
+pub use vring::{
+    Chain, Vring, VringError, VringMutex, VringOwned, VringRwLock, VringState, VringT,
+};
+
+/// The `vhost` crate this kit is built on, re-exported so users never mix versions.
+pub use vhost;
+/// The `virtio-queue` crate this kit is built on.
+pub use virtio_queue;
+/// The `vm-memory` crate this kit is built on.
+pub use vm_memory;
+/// The `vmm-sys-util` crate this kit is built on.
+pub use vmm_sys_util;

@@ -1,1 +1,7 @@
-//! placeholder
+//! Example devices, daemons and a small VMM built on `virtio-backend-kit`.
+//!
+//! The [`devices`] module holds reference device backends. Each implements
+//! [`virtio_backend_kit::DeviceBackend`] once and can therefore run either as
+//! a vhost-user daemon or inside a VMM process.
+
+pub mod devices;

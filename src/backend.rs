@@ -1,0 +1,406 @@
+//! The one trait a device author implements.
+//!
+//! [`DeviceBackend`] describes a virtio device (its queues, features and
+//! config space) and handles its events. It names no vhost-user or KVM type:
+//! the same implementation runs behind the vhost-user daemon or inside a VMM.
+//! [`DeviceBackendMut`] is the `&mut self` flavour; wrap it in a [`Mutex`] or
+//! [`RwLock`] to get a [`DeviceBackend`].
+//!
+//! # Lifecycle
+//!
+//! ```text
+//!  created ──► features acked ──► memory set ──► queue started ──► events …
+//!     ▲                                              │
+//!     └──────────────── reset ◄──── queue stopped ◄──┘
+//! ```
+//!
+//! Worker threads call [`DeviceBackend::handle_event`]; everything else is
+//! called from the control thread of the home the device runs in.
+
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, RwLock};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemoryHandle;
+use crate::vring::VringT;
+
+/// The error a device reports to the kit. Boxed so the device's own error
+/// type does not leak into the kit's generics.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a worker is calling the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// The driver kicked queue `n`, or the queue just started (so buffers
+    /// made available before it started are not missed).
+    Queue(u16),
+    /// A device fd registered through [`DeviceBackend::worker_fds`] is ready;
+    /// the value is the token the device gave it.
+    Fd(u64),
+}
+
+/// The queues a worker owns, indexed by queue number. Queues that are not
+/// running (or belong to another worker) are `None`.
+#[derive(Debug)]
+pub struct QueueSet<V> {
+    slots: Vec<Option<V>>,
+}
+
+impl<V: VringT> QueueSet<V> {
+    pub(crate) fn new(num_queues: usize) -> Self {
+        QueueSet {
+            slots: (0..num_queues).map(|_| None).collect(),
+        }
+    }
+
+    /// The running vring `index`, if this worker owns it.
+    pub fn get(&self, index: u16) -> Option<&V> {
+        self.slots.get(usize::from(index)).and_then(Option::as_ref)
+    }
+
+    /// Iterate over the running vrings with their index.
+    pub fn iter(&self) -> impl Iterator<Item = (u16, &V)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.as_ref().map(|v| (i as u16, v)))
+    }
+
+    pub(crate) fn insert(&mut self, index: u16, vring: V) {
+        if let Some(slot) = self.slots.get_mut(usize::from(index)) {
+            *slot = Some(vring);
+        }
+    }
+
+    pub(crate) fn take(&mut self, index: u16) -> Option<V> {
+        self.slots.get_mut(usize::from(index)).and_then(Option::take)
+    }
+}
+
+/// Lets a device tell the driver its config space changed; works the same
+/// in every home (a vhost-user backend message or a config interrupt).
+#[derive(Clone)]
+pub struct ConfigNotifier(Arc<dyn Fn() + Send + Sync>);
+
+impl ConfigNotifier {
+    /// Build a notifier from the transport's action.
+    pub fn new(notify: impl Fn() + Send + Sync + 'static) -> Self {
+        ConfigNotifier(Arc::new(notify))
+    }
+
+    /// Tell the driver the config space changed.
+    pub fn notify(&self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for ConfigNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigNotifier")
+    }
+}
+
+macro_rules! backend_trait {
+    ($(#[$doc:meta])* $name:ident, $($self_:tt)+) => {
+        $(#[$doc])*
+        pub trait $name: Send + Sync + 'static {
+            /// How workers hold this device's vrings ([`crate::VringOwned`]
+            /// for the lock-free hot path).
+            type Vring: VringT;
+
+            /// The virtio device ID (2 for block, 4 for entropy, ...).
+            fn device_type(&self) -> u32;
+
+            /// Number of virtqueues.
+            fn num_queues(&self) -> usize;
+
+            /// Largest queue size the device accepts (a power of two).
+            fn max_queue_size(&self) -> u16;
+
+            /// Virtio feature bits the device offers, including transport
+            /// bits such as `VIRTIO_F_VERSION_1` and `VIRTIO_RING_F_EVENT_IDX`.
+            fn features(&self) -> u64;
+
+            /// Raw vhost-user protocol feature bits the device needs beyond
+            /// the set the kit always offers. Ignored in-process.
+            fn protocol_features(&self) -> u64 {
+                0
+            }
+
+            /// The driver accepted these features.
+            fn acked_features($($self_)+, _features: u64) {}
+
+            /// Whether `VIRTIO_RING_F_EVENT_IDX` was negotiated.
+            fn set_event_idx($($self_)+, _enabled: bool) {}
+
+            /// Size of the device config space in bytes.
+            fn config_size(&self) -> usize {
+                0
+            }
+
+            /// Read the config space at `offset` into `data`. Bytes past the
+            /// end of the config space read as zero.
+            fn read_config(&self, _offset: u32, data: &mut [u8]) {
+                data.fill(0);
+            }
+
+            /// The driver wrote the config space.
+            fn write_config($($self_)+, _offset: u32, _data: &[u8]) -> Result<(), BackendError> {
+                Err("config space is read-only".into())
+            }
+
+            /// Guest memory changed (regions added, removed or replaced).
+            fn update_memory($($self_)+, _mem: &GuestMemoryHandle) -> Result<(), BackendError> {
+                Ok(())
+            }
+
+            /// How queues are grouped into worker threads: one bit mask of
+            /// queue indices per worker. The default puts every queue on one
+            /// worker.
+            fn queue_groups(&self) -> Vec<u64> {
+                let n = self.num_queues().min(64);
+                vec![if n == 64 { u64::MAX } else { (1u64 << n) - 1 }]
+            }
+
+            /// Device fds worker `worker` should poll, each with a token that
+            /// comes back in [`DeviceEvent::Fd`].
+            fn worker_fds(&self, _worker: usize) -> Vec<(RawFd, u64)> {
+                Vec::new()
+            }
+
+            /// An eventfd that, when written by the device, stops worker
+            /// `worker`.
+            fn exit_event(&self, _worker: usize) -> Option<EventFd> {
+                None
+            }
+
+            /// Handle an event on worker `worker`. An error is logged and the
+            /// queue's err notifier signalled; the worker keeps running.
+            fn handle_event(
+                $($self_)+,
+                event: DeviceEvent,
+                queues: &QueueSet<Self::Vring>,
+                worker: usize,
+            ) -> Result<(), BackendError>;
+
+            /// Queue `index` started running.
+            fn queue_started($($self_)+, _index: u16) {}
+
+            /// Queue `index` stopped; no more events will arrive for it.
+            fn queue_stopped($($self_)+, _index: u16) {}
+
+            /// The driver reset the device.
+            fn reset($($self_)+) {}
+
+            /// Receive the handle used to announce config-space changes.
+            fn set_config_notifier($($self_)+, _notifier: ConfigNotifier) {}
+
+            /// Save the device's own state (not its queues) for a snapshot.
+            fn save_state(&self) -> Result<Vec<u8>, BackendError> {
+                Ok(Vec::new())
+            }
+
+            /// Restore state produced by `save_state`. The bytes are
+            /// untrusted: validate them.
+            fn restore_state($($self_)+, data: &[u8]) -> Result<(), BackendError> {
+                if data.is_empty() {
+                    Ok(())
+                } else {
+                    Err("this device keeps no state".into())
+                }
+            }
+        }
+    };
+}
+
+backend_trait!(
+    /// A virtio device backend, shared between the control thread and the
+    /// worker threads (`&self` methods, interior mutability).
+    DeviceBackend, &self
+);
+
+backend_trait!(
+    /// A virtio device backend with `&mut self` methods; use it through
+    /// `Mutex<T>` or `RwLock<T>`, which implement [`DeviceBackend`].
+    DeviceBackendMut, &mut self
+);
+
+macro_rules! forward_backend {
+    ($wrapper:ident, $read:ident, $write:ident) => {
+        impl<T: DeviceBackendMut> DeviceBackend for $wrapper<T> {
+            type Vring = T::Vring;
+
+            fn device_type(&self) -> u32 {
+                self.$read().unwrap_or_else(|e| e.into_inner()).device_type()
+            }
+            fn num_queues(&self) -> usize {
+                self.$read().unwrap_or_else(|e| e.into_inner()).num_queues()
+            }
+            fn max_queue_size(&self) -> u16 {
+                self.$read().unwrap_or_else(|e| e.into_inner()).max_queue_size()
+            }
+            fn features(&self) -> u64 {
+                self.$read().unwrap_or_else(|e| e.into_inner()).features()
+            }
+            fn protocol_features(&self) -> u64 {
+                self.$read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .protocol_features()
+            }
+            fn acked_features(&self, features: u64) {
+                self.$write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .acked_features(features)
+            }
+            fn set_event_idx(&self, enabled: bool) {
+                self.$write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set_event_idx(enabled)
+            }
+            fn config_size(&self) -> usize {
+                self.$read().unwrap_or_else(|e| e.into_inner()).config_size()
+            }
+            fn read_config(&self, offset: u32, data: &mut [u8]) {
+                self.$read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read_config(offset, data)
+            }
+            fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), BackendError> {
+                self.$write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write_config(offset, data)
+            }
+            fn update_memory(&self, mem: &GuestMemoryHandle) -> Result<(), BackendError> {
+                self.$write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .update_memory(mem)
+            }
+            fn queue_groups(&self) -> Vec<u64> {
+                self.$read().unwrap_or_else(|e| e.into_inner()).queue_groups()
+            }
+            fn worker_fds(&self, worker: usize) -> Vec<(RawFd, u64)> {
+                self.$read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .worker_fds(worker)
+            }
+            fn exit_event(&self, worker: usize) -> Option<EventFd> {
+                self.$read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .exit_event(worker)
+            }
+            fn handle_event(
+                &self,
+                event: DeviceEvent,
+                queues: &QueueSet<Self::Vring>,
+                worker: usize,
+            ) -> Result<(), BackendError> {
+                self.$write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .handle_event(event, queues, worker)
+            }
+            fn queue_started(&self, index: u16) {
+                self.$write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .queue_started(index)
+            }
+            fn queue_stopped(&self, index: u16) {
+                self.$write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .queue_stopped(index)
+            }
+            fn reset(&self) {
+                self.$write().unwrap_or_else(|e| e.into_inner()).reset()
+            }
+            fn set_config_notifier(&self, notifier: ConfigNotifier) {
+                self.$write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set_config_notifier(notifier)
+            }
+            fn save_state(&self) -> Result<Vec<u8>, BackendError> {
+                self.$read().unwrap_or_else(|e| e.into_inner()).save_state()
+            }
+            fn restore_state(&self, data: &[u8]) -> Result<(), BackendError> {
+                self.$write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .restore_state(data)
+            }
+        }
+    };
+}
+
+forward_backend!(Mutex, lock, lock);
+forward_backend!(RwLock, read, write);
+
+impl<T: DeviceBackend> DeviceBackend for Arc<T> {
+    type Vring = T::Vring;
+
+    fn device_type(&self) -> u32 {
+        (**self).device_type()
+    }
+    fn num_queues(&self) -> usize {
+        (**self).num_queues()
+    }
+    fn max_queue_size(&self) -> u16 {
+        (**self).max_queue_size()
+    }
+    fn features(&self) -> u64 {
+        (**self).features()
+    }
+    fn protocol_features(&self) -> u64 {
+        (**self).protocol_features()
+    }
+    fn acked_features(&self, features: u64) {
+        (**self).acked_features(features)
+    }
+    fn set_event_idx(&self, enabled: bool) {
+        (**self).set_event_idx(enabled)
+    }
+    fn config_size(&self) -> usize {
+        (**self).config_size()
+    }
+    fn read_config(&self, offset: u32, data: &mut [u8]) {
+        (**self).read_config(offset, data)
+    }
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), BackendError> {
+        (**self).write_config(offset, data)
+    }
+    fn update_memory(&self, mem: &GuestMemoryHandle) -> Result<(), BackendError> {
+        (**self).update_memory(mem)
+    }
+    fn queue_groups(&self) -> Vec<u64> {
+        (**self).queue_groups()
+    }
+    fn worker_fds(&self, worker: usize) -> Vec<(RawFd, u64)> {
+        (**self).worker_fds(worker)
+    }
+    fn exit_event(&self, worker: usize) -> Option<EventFd> {
+        (**self).exit_event(worker)
+    }
+    fn handle_event(
+        &self,
+        event: DeviceEvent,
+        queues: &QueueSet<Self::Vring>,
+        worker: usize,
+    ) -> Result<(), BackendError> {
+        (**self).handle_event(event, queues, worker)
+    }
+    fn queue_started(&self, index: u16) {
+        (**self).queue_started(index)
+    }
+    fn queue_stopped(&self, index: u16) {
+        (**self).queue_stopped(index)
+    }
+    fn reset(&self) {
+        (**self).reset()
+    }
+    fn set_config_notifier(&self, notifier: ConfigNotifier) {
+        (**self).set_config_notifier(notifier)
+    }
+    fn save_state(&self) -> Result<Vec<u8>, BackendError> {
+        (**self).save_state()
+    }
+    fn restore_state(&self, data: &[u8]) -> Result<(), BackendError> {
+        (**self).restore_state(data)
+    }
+}

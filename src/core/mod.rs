@@ -1,0 +1,475 @@
+//! The control core: one device's vrings, features, guest memory and
+//! workers, behind transport-neutral operations.
+//!
+//! Both homes drive a [`DeviceCore`]: the vhost-user dispatcher translates
+//! protocol messages into these calls, the in-process transport translates
+//! register writes. A queue runs (is handed to its worker) once guest memory
+//! exists, the queue is configured, it has a kick eventfd and it is enabled.
+
+mod queue;
+mod worker;
+
+use std::sync::Arc;
+
+use log::{debug, warn};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::backend::{ConfigNotifier, DeviceBackend};
+use crate::memory::{DirtyLog, GuestMemoryHandle, GuestMemoryLog, GuestRegionLog};
+use crate::vring::{Vring, VringError, VringState};
+use queue::QueueSlot;
+pub use worker::WorkerError;
+use worker::{WorkerCommand, WorkerHandle};
+
+/// `VIRTIO_RING_F_EVENT_IDX`.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Errors from control-core operations. Each maps to a refused request; none
+/// is fatal to the core.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The queue index is beyond the device's queues.
+    #[error("queue index {0} out of range")]
+    QueueIndex(u32),
+    /// The queue size is zero, not a power of two or above the maximum.
+    #[error("invalid queue size {size} (max {max})")]
+    QueueSize {
+        /// Requested size.
+        size: u32,
+        /// Device maximum.
+        max: u16,
+    },
+    /// The driver acked features the device did not offer.
+    #[error("features {0:#x} were not offered")]
+    UnofferedFeatures(u64),
+    /// Queue configuration change while the queue runs.
+    #[error("queue {0} is running")]
+    QueueRunning(u16),
+    /// The queue cannot start with its current configuration.
+    #[error("queue {index} cannot start")]
+    QueueStart {
+        /// Queue index.
+        index: u16,
+        /// Why.
+        #[source]
+        source: VringError,
+    },
+    /// A guest memory region was rejected.
+    #[error("invalid guest memory region: {0}")]
+    Memory(String),
+    /// The config space access is out of range.
+    #[error("config access out of range (offset {offset}, len {len})")]
+    ConfigRange {
+        /// Offset.
+        offset: u32,
+        /// Length.
+        len: usize,
+    },
+    /// The device refused the request.
+    #[error("device error: {0}")]
+    Device(#[source] crate::backend::BackendError),
+    /// A worker thread died.
+    #[error("worker thread for queue {0} is gone")]
+    WorkerGone(u16),
+    /// Worker setup failed.
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+}
+
+/// Result of a control-core operation.
+pub type Result<T> = std::result::Result<T, CoreError>;
+
+/// One device's control state. Not `Sync`: a single control thread drives it.
+pub struct DeviceCore<B: DeviceBackend> {
+    backend: Arc<B>,
+    mem: GuestMemoryHandle,
+    log: Arc<DirtyLog>,
+    acked_features: u64,
+    queues: Vec<QueueSlot>,
+    workers: Vec<WorkerHandle>,
+    worker_of_queue: Vec<usize>,
+}
+
+impl<B: DeviceBackend> DeviceCore<B> {
+    /// Create the core and spawn the device's worker threads.
+    pub fn new(backend: Arc<B>) -> Result<Self> {
+        let num_queues = backend.num_queues();
+        let mut worker_of_queue = vec![0usize; num_queues];
+        let groups = backend.queue_groups();
+        for (w, mask) in groups.iter().enumerate() {
+            for (q, slot) in worker_of_queue.iter_mut().enumerate().take(64) {
+                if mask & (1 << q) != 0 {
+                    *slot = w;
+                }
+            }
+        }
+        let workers = (0..groups.len().max(1))
+            .map(|id| WorkerHandle::spawn(id, backend.clone()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(DeviceCore {
+            mem: GuestMemoryHandle::new(GuestMemoryLog::default()),
+            log: DirtyLog::new(),
+            acked_features: 0,
+            queues: (0..num_queues).map(|_| QueueSlot::default()).collect(),
+            workers,
+            worker_of_queue,
+            backend,
+        })
+    }
+
+    /// The device.
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+
+    /// Number of queues.
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// The guest memory handle shared with vrings and device.
+    pub fn memory(&self) -> &GuestMemoryHandle {
+        &self.mem
+    }
+
+    /// The dirty log every region of this device writes into.
+    pub fn dirty_log(&self) -> &Arc<DirtyLog> {
+        &self.log
+    }
+
+    /// Virtio features the device offers.
+    pub fn device_features(&self) -> u64 {
+        self.backend.features()
+    }
+
+    /// The negotiated virtio features.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Accept the driver's features. `transport_bits` are bits the transport
+    /// offered on top of the device's own (they are accepted, then masked
+    /// off before the device sees them).
+    pub fn set_features(&mut self, features: u64, transport_bits: u64) -> Result<()> {
+        let offered = self.backend.features() | transport_bits;
+        if features & !offered != 0 {
+            return Err(CoreError::UnofferedFeatures(features & !offered));
+        }
+        self.acked_features = features;
+        let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
+        for q in &mut self.queues {
+            q.state.event_idx = event_idx;
+        }
+        self.backend.set_event_idx(event_idx);
+        self.backend.acked_features(features & !transport_bits);
+        Ok(())
+    }
+
+    /// Install a config-change notifier in the device.
+    pub fn set_config_notifier(&self, notifier: ConfigNotifier) {
+        self.backend.set_config_notifier(notifier);
+    }
+
+    /// Replace guest memory with `regions`.
+    pub fn set_memory(&mut self, regions: Vec<Arc<GuestRegionLog>>) -> Result<()> {
+        let mem = GuestMemoryLog::from_arc_regions(regions)
+            .map_err(|e| CoreError::Memory(e.to_string()))?;
+        self.install_memory(mem)
+    }
+
+    /// Add one region to guest memory.
+    pub fn add_region(&mut self, region: Arc<GuestRegionLog>) -> Result<()> {
+        let mem = self
+            .mem
+            .memory()
+            .insert_region(region)
+            .map_err(|e| CoreError::Memory(e.to_string()))?;
+        self.install_memory(mem)
+    }
+
+    /// Remove the region that starts at `gpa` with `size` bytes.
+    pub fn remove_region(&mut self, gpa: u64, size: u64) -> Result<()> {
+        let (mem, _removed) = self
+            .mem
+            .memory()
+            .remove_region(GuestAddress(gpa), size)
+            .map_err(|e| CoreError::Memory(e.to_string()))?;
+        self.install_memory(mem)
+    }
+
+    fn install_memory(&mut self, mem: GuestMemoryLog) -> Result<()> {
+        // Swapping the memory is seen by running vrings at their next batch.
+        self.mem
+            .lock()
+            .map_err(|_| CoreError::Memory("memory lock poisoned".into()))?
+            .replace(mem);
+        self.backend
+            .update_memory(&self.mem)
+            .map_err(CoreError::Device)?;
+        self.try_start_all();
+        Ok(())
+    }
+
+    /// Whether any guest memory is configured.
+    pub fn has_memory(&self) -> bool {
+        self.mem.memory().num_regions() > 0
+    }
+
+    /// Translate a guest physical address range check.
+    pub fn gpa_range_valid(&self, gpa: u64, len: u64) -> bool {
+        let mem = self.mem.memory();
+        let found = mem.iter().any(|r| {
+            let start = r.start_addr().0;
+            gpa >= start && gpa.saturating_add(len) <= start.saturating_add(r.len())
+        });
+        found
+    }
+
+    fn slot(&mut self, index: u32) -> Result<&mut QueueSlot> {
+        self.queues
+            .get_mut(index as usize)
+            .ok_or(CoreError::QueueIndex(index))
+    }
+
+    fn check_index(&self, index: u32) -> Result<u16> {
+        if (index as usize) < self.queues.len() {
+            Ok(index as u16)
+        } else {
+            Err(CoreError::QueueIndex(index))
+        }
+    }
+
+    /// Set the size of queue `index`.
+    pub fn set_queue_size(&mut self, index: u32, size: u32) -> Result<()> {
+        let max = self.backend.max_queue_size();
+        if size == 0 || size > u32::from(max) || !size.is_power_of_two() {
+            return Err(CoreError::QueueSize { size, max });
+        }
+        let slot = self.slot(index)?;
+        if slot.running {
+            return Err(CoreError::QueueRunning(index as u16));
+        }
+        slot.state.size = size as u16;
+        Ok(())
+    }
+
+    /// Set the guest physical addresses of queue `index`'s rings.
+    pub fn set_queue_addresses(&mut self, index: u32, desc: u64, avail: u64, used: u64) -> Result<()> {
+        let slot = self.slot(index)?;
+        if slot.running {
+            return Err(CoreError::QueueRunning(index as u16));
+        }
+        slot.state.desc_table = desc;
+        slot.state.avail_ring = avail;
+        slot.state.used_ring = used;
+        slot.addresses_set = true;
+        Ok(())
+    }
+
+    /// Set where queue `index` resumes (`next_avail`; `next_used` follows it
+    /// unless given).
+    pub fn set_queue_base(&mut self, index: u32, next_avail: u16, next_used: Option<u16>) -> Result<()> {
+        let slot = self.slot(index)?;
+        if slot.running {
+            return Err(CoreError::QueueRunning(index as u16));
+        }
+        slot.state.next_avail = next_avail;
+        slot.state.next_used = next_used.unwrap_or(next_avail);
+        Ok(())
+    }
+
+    /// Attach (or detach with `None`) the kick eventfd of queue `index`.
+    /// A queue with a kick fd is "started" and runs once enabled.
+    pub fn set_kick(&mut self, index: u32, kick: Option<EventFd>) -> Result<()> {
+        let q = self.check_index(index)?;
+        self.stop_running(q)?;
+        self.queues[q as usize].kick = kick;
+        self.try_start(q)
+    }
+
+    /// Attach (or detach) the call eventfd of queue `index`. Takes effect
+    /// immediately, even while the queue runs.
+    pub fn set_call(&mut self, index: u32, call: Option<EventFd>) -> Result<()> {
+        let slot = self.slot(index)?;
+        slot.call.store(call.map(Arc::new));
+        Ok(())
+    }
+
+    /// Attach (or detach) the err eventfd of queue `index`.
+    pub fn set_err(&mut self, index: u32, err: Option<EventFd>) -> Result<()> {
+        let slot = self.slot(index)?;
+        slot.err.store(err.map(Arc::new));
+        Ok(())
+    }
+
+    /// Enable or disable queue `index`.
+    pub fn set_queue_enabled(&mut self, index: u32, enabled: bool) -> Result<()> {
+        let q = self.check_index(index)?;
+        self.queues[q as usize].state.enabled = enabled;
+        if enabled {
+            self.try_start(q)
+        } else {
+            self.stop_running(q)
+        }
+    }
+
+    /// Mark queue `index` ready or not (in-process transports).
+    pub fn set_queue_ready(&mut self, index: u32, ready: bool) -> Result<()> {
+        let slot = self.slot(index)?;
+        slot.state.ready = ready;
+        Ok(())
+    }
+
+    /// Stop queue `index`, drop its kick fd and return its state (the
+    /// vhost-user `GET_VRING_BASE`).
+    pub fn stop_queue(&mut self, index: u32) -> Result<VringState> {
+        let q = self.check_index(index)?;
+        self.stop_running(q)?;
+        let slot = &mut self.queues[q as usize];
+        slot.kick = None;
+        Ok(slot.state)
+    }
+
+    /// The last known state of queue `index` (exact when it is not running).
+    pub fn queue_state(&self, index: u32) -> Result<VringState> {
+        let q = self.check_index(index)?;
+        Ok(self.queues[q as usize].state)
+    }
+
+    /// Whether queue `index` is handed to its worker.
+    pub fn is_queue_running(&self, index: u32) -> bool {
+        self.queues.get(index as usize).is_some_and(|s| s.running)
+    }
+
+    /// Restore a queue from saved state (validated first).
+    pub fn restore_queue(&mut self, index: u32, state: VringState) -> Result<()> {
+        let q = self.check_index(index)?;
+        state
+            .validate(self.backend.max_queue_size())
+            .map_err(|source| CoreError::QueueStart { index: q, source })?;
+        self.stop_running(q)?;
+        let slot = &mut self.queues[q as usize];
+        slot.state = state;
+        slot.addresses_set = true;
+        self.try_start(q)
+    }
+
+    /// Stop every queue, forget features and memory, and reset the device.
+    pub fn reset(&mut self) {
+        for q in 0..self.queues.len() as u16 {
+            if let Err(e) = self.stop_running(q) {
+                warn!("reset: {e}");
+            }
+        }
+        for slot in &mut self.queues {
+            *slot = QueueSlot::default();
+        }
+        self.acked_features = 0;
+        self.log.set_active(false);
+        self.log.clear_area();
+        self.backend.reset();
+    }
+
+    /// Forget guest memory (e.g. when a frontend disconnects).
+    pub fn clear_memory(&mut self) {
+        if let Ok(g) = self.mem.lock() {
+            g.replace(GuestMemoryLog::default());
+        }
+    }
+
+    /// Read the device config space. Bytes past its end read as zero (some
+    /// drivers read the whole config structure of their device type).
+    pub fn read_config(&self, offset: u32, data: &mut [u8]) -> Result<()> {
+        let size = self.backend.config_size();
+        let start = offset as usize;
+        data.fill(0);
+        if start < size {
+            let end = start.saturating_add(data.len()).min(size);
+            self.backend.read_config(offset, &mut data[..end - start]);
+        }
+        Ok(())
+    }
+
+    /// Write the device config space.
+    pub fn write_config(&self, offset: u32, data: &[u8]) -> Result<()> {
+        self.check_config_range(offset, data.len())?;
+        self.backend
+            .write_config(offset, data)
+            .map_err(CoreError::Device)
+    }
+
+    fn check_config_range(&self, offset: u32, len: usize) -> Result<()> {
+        let size = self.backend.config_size();
+        if (offset as usize).saturating_add(len) > size {
+            return Err(CoreError::ConfigRange { offset, len });
+        }
+        Ok(())
+    }
+
+    fn try_start_all(&mut self) {
+        for q in 0..self.queues.len() as u16 {
+            if let Err(e) = self.try_start(q) {
+                warn!("{e}");
+            }
+        }
+    }
+
+    fn try_start(&mut self, q: u16) -> Result<()> {
+        let has_memory = self.has_memory();
+        let slot = &mut self.queues[q as usize];
+        if slot.running
+            || !has_memory
+            || !slot.addresses_set
+            || slot.state.size == 0
+            || !slot.state.enabled
+        {
+            return Ok(());
+        }
+        let Some(kick) = slot.kick.as_ref() else {
+            return Ok(());
+        };
+        let kick = kick
+            .try_clone()
+            .map_err(|e| CoreError::Memory(format!("kick fd: {e}")))?;
+        let vring = Vring::new(
+            q,
+            self.backend.max_queue_size(),
+            &slot.state,
+            self.mem.clone(),
+            slot.call.clone(),
+            slot.err.clone(),
+        )
+        .map_err(|source| CoreError::QueueStart { index: q, source })?;
+        let worker = &self.workers[self.worker_of_queue[q as usize]];
+        if !worker.send(WorkerCommand::Start { vring, kick }) {
+            return Err(CoreError::WorkerGone(q));
+        }
+        debug!("queue {q} started: {:?}", slot.state);
+        slot.running = true;
+        Ok(())
+    }
+
+    fn stop_running(&mut self, q: u16) -> Result<()> {
+        let slot = &mut self.queues[q as usize];
+        if !slot.running {
+            return Ok(());
+        }
+        slot.running = false;
+        let worker = &self.workers[self.worker_of_queue[q as usize]];
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        if !worker.send(WorkerCommand::Stop { index: q, reply: tx }) || !worker.is_alive() {
+            return Err(CoreError::WorkerGone(q));
+        }
+        match rx.recv() {
+            Ok(Some(state)) => {
+                slot.state.next_avail = state.next_avail;
+                slot.state.next_used = state.next_used;
+                slot.state.signalled_used = state.signalled_used;
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(_) => Err(CoreError::WorkerGone(q)),
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The frontend's memory regions: mapping the fds it sends, and translating
+//! its virtual addresses (used for vring addresses) to guest physical ones.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress};
+
+use crate::memory::{DirtyLog, DirtyLogBitmap, GuestRegionLog};
+
+/// Why a region was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    /// Zero size or an address range that wraps around.
+    #[error("region at gpa {gpa:#x} with size {size:#x} is empty or overflows")]
+    BadRange {
+        /// Guest physical address.
+        gpa: u64,
+        /// Size.
+        size: u64,
+    },
+    /// The fd is shorter than the region claims: touching the tail would
+    /// fault.
+    #[error("region needs {needed} bytes of its file but the file has {actual}")]
+    FileTooSmall {
+        /// offset + size.
+        needed: u64,
+        /// Actual file size.
+        actual: u64,
+    },
+    /// fstat failed.
+    #[error("cannot inspect region fd")]
+    Stat(#[source] std::io::Error),
+    /// mmap failed.
+    #[error("cannot map region")]
+    Map(#[source] vm_memory::mmap::MmapRegionError),
+    /// vm-memory refused the region.
+    #[error("region rejected by vm-memory")]
+    Region,
+}
+
+/// One mapped region with the frontend's view of it.
+#[derive(Debug, Clone)]
+pub struct MappedRegion {
+    /// Guest physical address.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The frontend's virtual address of the region.
+    pub user_addr: u64,
+    /// The mapped region as vm-memory sees it.
+    pub region: Arc<GuestRegionLog>,
+}
+
+impl MappedRegion {
+    /// Map `size` bytes of `file` at `mmap_offset` as guest memory at `gpa`.
+    pub fn map(
+        file: File,
+        gpa: u64,
+        size: u64,
+        user_addr: u64,
+        mmap_offset: u64,
+        log: &Arc<DirtyLog>,
+    ) -> Result<Self, RegionError> {
+        let bad = RegionError::BadRange { gpa, size };
+        if size == 0
+            || gpa.checked_add(size).is_none()
+            || user_addr.checked_add(size).is_none()
+        {
+            return Err(bad);
+        }
+        let needed = mmap_offset.checked_add(size).ok_or(bad)?;
+        let len = usize::try_from(size).map_err(|_| RegionError::BadRange { gpa, size })?;
+        let actual = file.metadata().map_err(RegionError::Stat)?.len();
+        if actual < needed {
+            return Err(RegionError::FileTooSmall { needed, actual });
+        }
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, DirtyLogBitmap::new(log.clone(), gpa))
+            .with_file_offset(FileOffset::new(file, mmap_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(RegionError::Map)?;
+        let region = GuestRegionLog::new(mapping, GuestAddress(gpa)).ok_or(RegionError::Region)?;
+        Ok(MappedRegion {
+            gpa,
+            size,
+            user_addr,
+            region: Arc::new(region),
+        })
+    }
+}
+
+/// The set of regions of one session.
+#[derive(Debug, Default)]
+pub struct MemoryTable {
+    regions: Vec<MappedRegion>,
+}
+
+impl MemoryTable {
+    /// Replace all regions.
+    pub fn replace(&mut self, regions: Vec<MappedRegion>) {
+        self.regions = regions;
+    }
+
+    /// Add a region.
+    pub fn add(&mut self, region: MappedRegion) {
+        self.regions.push(region);
+    }
+
+    /// Remove the region matching `gpa` and `size`; returns whether found.
+    pub fn remove(&mut self, gpa: u64, size: u64) -> bool {
+        let before = self.regions.len();
+        self.regions.retain(|r| !(r.gpa == gpa && r.size == size));
+        self.regions.len() != before
+    }
+
+    /// Number of regions.
+    pub fn len(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// Whether there are no regions.
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+
+    /// The vm-memory regions.
+    pub fn vm_regions(&self) -> Vec<Arc<GuestRegionLog>> {
+        self.regions.iter().map(|r| r.region.clone()).collect()
+    }
+
+    /// Translate a frontend virtual address to a guest physical address.
+    pub fn vva_to_gpa(&self, vva: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| vva >= r.user_addr && vva - r.user_addr < r.size)
+            .map(|r| r.gpa + (vva - r.user_addr))
+    }
+
+    /// Forget every region.
+    pub fn clear(&mut self) {
+        self.regions.clear();
+    }
+}

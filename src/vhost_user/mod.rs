@@ -1,0 +1,15 @@
+//! The out-of-process home: serving a [`crate::DeviceBackend`] to any
+//! vhost-user frontend (QEMU, Cloud Hypervisor, crosvm, libblkio) over a
+//! unix socket.
+//!
+//! The kit owns the request dispatcher ([`session`]) and reuses the `vhost`
+//! crate's message definitions only.
+
+pub mod backend_channel;
+pub mod connection;
+pub mod daemon;
+pub mod memory_table;
+pub mod session;
+
+pub use daemon::{DaemonError, Endpoint, ServeMode, VhostUserDaemon};
+pub use session::{kit_protocol_features, RequestError, Session};

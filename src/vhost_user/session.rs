@@ -1,0 +1,532 @@
+//! The request dispatcher: one frontend connection, each message turned into
+//! control-core operations.
+//!
+//! Rules this dispatcher keeps, whatever the frontend does:
+//! - a request that fails is NACKed (when the frontend asked for an ack) and
+//!   logged; the session goes on. Only a broken socket ends it;
+//! - REPLY_ACK is always offered, and honoured as soon as the frontend acks
+//!   it with `SET_PROTOCOL_FEATURES`, whether or not it ever sent
+//!   `GET_FEATURES` or `GET_PROTOCOL_FEATURES` (a frontend restored from a
+//!   migration skips them);
+//! - requests that carry an explicit reply always get one, even on error
+//!   (an empty payload), so the frontend never waits forever.
+
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+
+use log::{debug, info, warn};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserConfig, VhostUserLog, VhostUserMemory, VhostUserMemoryRegion,
+    VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVringAddr,
+    VhostUserVringState, MAX_ATTACHED_FD_ENTRIES, VHOST_USER_CONFIG_SIZE,
+};
+use vm_memory::ByteValued;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend_channel::BackendChannel;
+use super::connection::{Connection, ConnectionError, Message};
+use super::memory_table::{MappedRegion, MemoryTable, RegionError};
+use crate::backend::{ConfigNotifier, DeviceBackend};
+use crate::core::{CoreError, DeviceCore};
+
+/// `VHOST_USER_F_PROTOCOL_FEATURES`.
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// `VHOST_F_LOG_ALL`.
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+/// Memory slots offered with CONFIGURE_MEM_SLOTS.
+pub const MAX_MEM_SLOTS: u64 = 64;
+const VRING_IDX_MASK: u64 = 0xff;
+const VRING_NOFD_MASK: u64 = 0x100;
+
+/// Why a request was refused. Sent back as a NACK and logged.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The header has a bad version or the reply flag.
+    #[error("invalid message header (flags {0:#x})")]
+    BadHeader(u32),
+    /// The request code is unknown or not supported.
+    #[error("unsupported request {0}")]
+    Unsupported(u32),
+    /// The payload has the wrong size or invalid contents.
+    #[error("malformed payload for {request:?} ({len} bytes)")]
+    BadPayload {
+        /// Request.
+        request: FrontendReq,
+        /// Payload size received.
+        len: usize,
+    },
+    /// The wrong number of fds came with the request.
+    #[error("{request:?} needs {expected} fd(s), got {got}")]
+    BadFds {
+        /// Request.
+        request: FrontendReq,
+        /// Expected fds.
+        expected: usize,
+        /// Received fds.
+        got: usize,
+    },
+    /// A vring message came before any guest memory.
+    #[error("{0:?} before SET_MEM_TABLE")]
+    NoMemory(FrontendReq),
+    /// A vring address is not inside any region.
+    #[error("vring address {0:#x} is outside the memory table")]
+    UnmappedAddress(u64),
+    /// Protocol features acked that were not offered.
+    #[error("protocol features {0:#x} were not offered")]
+    UnofferedProtocolFeatures(u64),
+    /// A region could not be mapped.
+    #[error(transparent)]
+    Region(#[from] RegionError),
+    /// The control core refused.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// Too many memory slots.
+    #[error("too many memory regions ({0})")]
+    TooManyRegions(usize),
+    /// REM_MEM_REG of a region we do not have.
+    #[error("no region at gpa {0:#x} to remove")]
+    NoSuchRegion(u64),
+    /// The dirty log could not be set up.
+    #[error(transparent)]
+    Log(#[from] crate::memory::DirtyLogError),
+    /// An fd could not be duplicated or converted.
+    #[error("bad file descriptor")]
+    Fd(#[source] std::io::Error),
+}
+
+/// What a successful request sends back.
+enum Outcome {
+    /// Nothing beyond an optional REPLY_ACK.
+    Ack,
+    /// An explicit reply payload.
+    Reply(Vec<u8>),
+}
+
+type RequestResult = Result<Outcome, RequestError>;
+
+fn parse<T: ByteValued + Default>(request: FrontendReq, payload: &[u8]) -> Result<T, RequestError> {
+    let mut value = T::default();
+    if payload.len() != std::mem::size_of::<T>() {
+        return Err(RequestError::BadPayload {
+            request,
+            len: payload.len(),
+        });
+    }
+    value.as_mut_slice().copy_from_slice(payload);
+    Ok(value)
+}
+
+fn u64_reply(v: u64) -> Outcome {
+    Outcome::Reply(VhostUserU64::new(v).as_slice().to_vec())
+}
+
+/// Whether a request carries an explicit reply (so an error reply is owed).
+fn has_reply(req: FrontendReq) -> bool {
+    matches!(
+        req,
+        FrontendReq::GET_FEATURES
+            | FrontendReq::GET_PROTOCOL_FEATURES
+            | FrontendReq::GET_VRING_BASE
+            | FrontendReq::GET_QUEUE_NUM
+            | FrontendReq::GET_CONFIG
+            | FrontendReq::GET_MAX_MEM_SLOTS
+            | FrontendReq::GET_STATUS
+            | FrontendReq::GET_INFLIGHT_FD
+            | FrontendReq::GET_SHARED_OBJECT
+            | FrontendReq::CHECK_DEVICE_STATE
+            | FrontendReq::GET_SHMEM_CONFIG
+    )
+}
+
+/// Protocol features the kit always offers.
+pub fn kit_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::STATUS
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::LOG_SHMFD
+}
+
+/// One frontend connection.
+pub struct Session<'a, B: DeviceBackend> {
+    core: &'a mut DeviceCore<B>,
+    conn: Connection,
+    regions: MemoryTable,
+    acked_protocol: u64,
+    protocol_set: bool,
+    status: u8,
+    channel: BackendChannel,
+}
+
+impl<'a, B: DeviceBackend> Session<'a, B> {
+    /// Start a session on a connected socket.
+    pub fn new(core: &'a mut DeviceCore<B>, sock: UnixStream) -> Self {
+        let channel = BackendChannel::default();
+        let notify = channel.clone();
+        core.set_config_notifier(ConfigNotifier::new(move || notify.notify_config_change()));
+        Session {
+            core,
+            conn: Connection::new(sock),
+            regions: MemoryTable::default(),
+            acked_protocol: 0,
+            protocol_set: false,
+            status: 0,
+            channel,
+        }
+    }
+
+    /// Serve requests until the socket breaks or closes. The device is
+    /// reset afterwards so the next session starts clean.
+    pub fn run(mut self) -> ConnectionError {
+        let end = loop {
+            let msg = match self.conn.recv() {
+                Ok(m) => m,
+                Err(e) => break e,
+            };
+            if let Err(e) = self.dispatch(msg) {
+                break e;
+            }
+        };
+        self.core.reset();
+        self.core.clear_memory();
+        self.channel.clear();
+        end
+    }
+
+    fn protocol_offered(&self) -> u64 {
+        kit_protocol_features().bits() | self.core.backend().protocol_features()
+    }
+
+    fn reply_ack_enabled(&self) -> bool {
+        self.acked_protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
+    }
+
+    fn protocol_negotiated(&self) -> bool {
+        self.protocol_set || self.core.acked_features() & VHOST_USER_F_PROTOCOL_FEATURES != 0
+    }
+
+    /// Handle one message; `Err` only when the socket broke.
+    fn dispatch(&mut self, mut msg: Message) -> Result<(), ConnectionError> {
+        let code = msg.request;
+        let need_reply = msg.need_reply();
+        let request = FrontendReq::try_from(code).ok();
+        let result = if !msg.header_valid() {
+            Err(RequestError::BadHeader(msg.flags))
+        } else {
+            match request {
+                Some(req) => self.handle(req, &mut msg),
+                None => Err(RequestError::Unsupported(code)),
+            }
+        };
+        let explicit = request.is_some_and(has_reply);
+        match result {
+            Ok(Outcome::Reply(payload)) => self.conn.send_reply(code, &payload),
+            Ok(Outcome::Ack) => {
+                if need_reply && self.reply_ack_enabled() {
+                    self.conn.send_reply(code, VhostUserU64::new(0).as_slice())
+                } else {
+                    Ok(())
+                }
+            }
+            Err(e) => {
+                warn!("refused {}: {e}", request.map_or_else(|| format!("request {code}"), |r| format!("{r:?}")));
+                if explicit {
+                    // An empty reply tells the frontend the request failed
+                    // without leaving it blocked on a read.
+                    self.conn.send_reply(code, &[])
+                } else if need_reply && self.reply_ack_enabled() {
+                    self.conn.send_reply(code, VhostUserU64::new(1).as_slice())
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, req: FrontendReq, msg: &mut Message) -> RequestResult {
+        debug!("{req:?} ({} bytes, {} fds)", msg.payload.len(), msg.files.len());
+        let p = &msg.payload;
+        match req {
+            FrontendReq::GET_FEATURES => Ok(u64_reply(
+                self.core.device_features() | VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL,
+            )),
+            FrontendReq::SET_FEATURES => {
+                let features = parse::<VhostUserU64>(req, p)?.value;
+                self.core
+                    .set_features(features, VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL)?;
+                let log_all = features & VHOST_F_LOG_ALL != 0;
+                self.core.dirty_log().set_active(log_all);
+                if !self.protocol_negotiated() {
+                    // Without protocol features, started rings are enabled.
+                    for q in 0..self.core.num_queues() as u32 {
+                        self.core.set_queue_enabled(q, true)?;
+                    }
+                }
+                Ok(Outcome::Ack)
+            }
+            FrontendReq::GET_PROTOCOL_FEATURES => Ok(u64_reply(self.protocol_offered())),
+            FrontendReq::SET_PROTOCOL_FEATURES => {
+                let features = parse::<VhostUserU64>(req, p)?.value;
+                let unoffered = features & !self.protocol_offered();
+                if unoffered != 0 {
+                    return Err(RequestError::UnofferedProtocolFeatures(unoffered));
+                }
+                self.acked_protocol = features;
+                self.protocol_set = true;
+                Ok(Outcome::Ack)
+            }
+            FrontendReq::SET_OWNER => Ok(Outcome::Ack),
+            FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE => {
+                self.core.reset();
+                self.status = 0;
+                Ok(Outcome::Ack)
+            }
+            FrontendReq::GET_QUEUE_NUM => Ok(u64_reply(self.core.num_queues() as u64)),
+            FrontendReq::GET_MAX_MEM_SLOTS => Ok(u64_reply(MAX_MEM_SLOTS)),
+            FrontendReq::SET_MEM_TABLE => self.set_mem_table(req, msg),
+            FrontendReq::ADD_MEM_REG => self.add_mem_reg(req, msg),
+            FrontendReq::REM_MEM_REG => {
+                let r = parse::<VhostUserSingleMemoryRegion>(req, p)?;
+                if !self.regions.remove(r.guest_phys_addr, r.memory_size) {
+                    return Err(RequestError::NoSuchRegion(r.guest_phys_addr));
+                }
+                self.core.remove_region(r.guest_phys_addr, r.memory_size)?;
+                Ok(Outcome::Ack)
+            }
+            FrontendReq::SET_LOG_BASE => self.set_log_base(req, msg),
+            FrontendReq::SET_LOG_FD => Ok(Outcome::Ack),
+            FrontendReq::SET_VRING_NUM => {
+                let s = parse::<VhostUserVringState>(req, p)?;
+                self.core.set_queue_size(s.index, s.num)?;
+                Ok(Outcome::Ack)
+            }
+            FrontendReq::SET_VRING_ADDR => {
+                let a = parse::<VhostUserVringAddr>(req, p)?;
+                if self.regions.is_empty() {
+                    return Err(RequestError::NoMemory(req));
+                }
+                let tr = |vva| self.regions.vva_to_gpa(vva).ok_or(RequestError::UnmappedAddress(vva));
+                let (desc, avail, used) = (tr(a.descriptor)?, tr(a.available)?, tr(a.used)?);
+                self.core.set_queue_addresses(a.index, desc, avail, used)?;
+                Ok(Outcome::Ack)
+            }
+            FrontendReq::SET_VRING_BASE => {
+                let s = parse::<VhostUserVringState>(req, p)?;
+                let base = u16::try_from(s.num).map_err(|_| RequestError::BadPayload {
+                    request: req,
+                    len: p.len(),
+                })?;
+                self.core.set_queue_base(s.index, base, None)?;
+                Ok(Outcome::Ack)
+            }
+            FrontendReq::GET_VRING_BASE => {
+                let s = parse::<VhostUserVringState>(req, p)?;
+                let state = self.core.stop_queue(s.index)?;
+                Ok(Outcome::Reply(
+                    VhostUserVringState::new(s.index, u32::from(state.next_avail))
+                        .as_slice()
+                        .to_vec(),
+                ))
+            }
+            FrontendReq::SET_VRING_KICK => {
+                let (index, fd) = self.vring_fd(req, msg)?;
+                if fd.is_none() {
+                    // Polling mode (no kick fd) is not supported.
+                    return Err(RequestError::BadFds {
+                        request: req,
+                        expected: 1,
+                        got: 0,
+                    });
+                }
+                if !self.protocol_negotiated() {
+                    self.core.set_queue_enabled(index, true)?;
+                }
+                self.core.set_kick(index, fd)?;
+                Ok(Outcome::Ack)
+            }
+            FrontendReq::SET_VRING_CALL => {
+                let (index, fd) = self.vring_fd(req, msg)?;
+                self.core.set_call(index, fd)?;
+                Ok(Outcome::Ack)
+            }
+            FrontendReq::SET_VRING_ERR => {
+                let (index, fd) = self.vring_fd(req, msg)?;
+                self.core.set_err(index, fd)?;
+                Ok(Outcome::Ack)
+            }
+            FrontendReq::SET_VRING_ENABLE => {
+                let s = parse::<VhostUserVringState>(req, p)?;
+                if s.num > 1 {
+                    return Err(RequestError::BadPayload {
+                        request: req,
+                        len: p.len(),
+                    });
+                }
+                self.core.set_queue_enabled(s.index, s.num == 1)?;
+                Ok(Outcome::Ack)
+            }
+            FrontendReq::GET_CONFIG => self.get_config(req, p),
+            FrontendReq::SET_CONFIG => {
+                let (offset, data) = self.config_request(req, p)?;
+                self.core.write_config(offset, data)?;
+                Ok(Outcome::Ack)
+            }
+            FrontendReq::SET_BACKEND_REQ_FD => {
+                let file = msg.take_single_file().ok_or(RequestError::BadFds {
+                    request: req,
+                    expected: 1,
+                    got: msg.files.len(),
+                })?;
+                self.channel.set(UnixStream::from(std::os::fd::OwnedFd::from(file)));
+                Ok(Outcome::Ack)
+            }
+            FrontendReq::SET_STATUS => {
+                let status = parse::<VhostUserU64>(req, p)?.value;
+                let status = u8::try_from(status).map_err(|_| RequestError::BadPayload {
+                    request: req,
+                    len: p.len(),
+                })?;
+                if status == 0 && self.status != 0 {
+                    info!("driver reset the device (status 0)");
+                    self.core.reset();
+                }
+                self.status = status;
+                Ok(Outcome::Ack)
+            }
+            FrontendReq::GET_STATUS => Ok(u64_reply(u64::from(self.status))),
+            other => Err(RequestError::Unsupported(other.into())),
+        }
+    }
+
+    /// Parse the u64 payload of SET_VRING_KICK/CALL/ERR and its optional fd.
+    fn vring_fd(&self, req: FrontendReq, msg: &mut Message) -> Result<(u32, Option<EventFd>), RequestError> {
+        let v = parse::<VhostUserU64>(req, &msg.payload)?.value;
+        let index = (v & VRING_IDX_MASK) as u32;
+        if index as usize >= self.core.num_queues() || v & !(VRING_IDX_MASK | VRING_NOFD_MASK) != 0 {
+            return Err(RequestError::Core(CoreError::QueueIndex(index)));
+        }
+        if v & VRING_NOFD_MASK != 0 {
+            return Ok((index, None));
+        }
+        let file = msg.take_single_file().ok_or(RequestError::BadFds {
+            request: req,
+            expected: 1,
+            got: msg.files.len(),
+        })?;
+        Ok((index, Some(file_to_eventfd(file))))
+    }
+
+    fn set_mem_table(&mut self, req: FrontendReq, msg: &mut Message) -> RequestResult {
+        let hdr_len = std::mem::size_of::<VhostUserMemory>();
+        let reg_len = std::mem::size_of::<VhostUserMemoryRegion>();
+        let p = &msg.payload;
+        if p.len() < hdr_len {
+            return Err(RequestError::BadPayload { request: req, len: p.len() });
+        }
+        let hdr = parse::<VhostUserMemory>(req, &p[..hdr_len])?;
+        let n = hdr.num_regions as usize;
+        if n == 0 || n > MAX_ATTACHED_FD_ENTRIES || p.len() != hdr_len + n * reg_len {
+            return Err(RequestError::BadPayload { request: req, len: p.len() });
+        }
+        if msg.files.len() != n {
+            return Err(RequestError::BadFds {
+                request: req,
+                expected: n,
+                got: msg.files.len(),
+            });
+        }
+        let mut mapped = Vec::with_capacity(n);
+        let files = std::mem::take(&mut msg.files);
+        for (i, file) in files.into_iter().enumerate() {
+            let off = hdr_len + i * reg_len;
+            let r = parse::<VhostUserMemoryRegion>(req, &msg.payload[off..off + reg_len])?;
+            mapped.push(MappedRegion::map(
+                file,
+                r.guest_phys_addr,
+                r.memory_size,
+                r.user_addr,
+                r.mmap_offset,
+                self.core.dirty_log(),
+            )?);
+        }
+        let vm_regions = mapped.iter().map(|m| m.region.clone()).collect();
+        self.core.set_memory(vm_regions)?;
+        self.regions.replace(mapped);
+        Ok(Outcome::Ack)
+    }
+
+    fn add_mem_reg(&mut self, req: FrontendReq, msg: &mut Message) -> RequestResult {
+        let r = parse::<VhostUserSingleMemoryRegion>(req, &msg.payload)?;
+        let file = msg.take_single_file().ok_or(RequestError::BadFds {
+            request: req,
+            expected: 1,
+            got: msg.files.len(),
+        })?;
+        if self.regions.len() as u64 >= MAX_MEM_SLOTS {
+            return Err(RequestError::TooManyRegions(self.regions.len() + 1));
+        }
+        let mapped = MappedRegion::map(
+            file,
+            r.guest_phys_addr,
+            r.memory_size,
+            r.user_addr,
+            r.mmap_offset,
+            self.core.dirty_log(),
+        )?;
+        self.core.add_region(mapped.region.clone())?;
+        self.regions.add(mapped);
+        Ok(Outcome::Ack)
+    }
+
+    fn set_log_base(&mut self, req: FrontendReq, msg: &mut Message) -> RequestResult {
+        let log = parse::<VhostUserLog>(req, &msg.payload)?;
+        let file = msg.take_single_file().ok_or(RequestError::BadFds {
+            request: req,
+            expected: 1,
+            got: msg.files.len(),
+        })?;
+        self.core
+            .dirty_log()
+            .set_area(&file, log.mmap_size, log.mmap_offset)?;
+        // With LOG_SHMFD the frontend waits for this reply.
+        Ok(u64_reply(0))
+    }
+
+    fn config_request<'p>(&self, req: FrontendReq, p: &'p [u8]) -> Result<(u32, &'p [u8]), RequestError> {
+        let hdr_len = std::mem::size_of::<VhostUserConfig>();
+        let bad = || RequestError::BadPayload { request: req, len: p.len() };
+        if p.len() < hdr_len {
+            return Err(bad());
+        }
+        let hdr = parse::<VhostUserConfig>(req, &p[..hdr_len])?;
+        let data = &p[hdr_len..];
+        if hdr.size as usize != data.len()
+            || hdr.size > VHOST_USER_CONFIG_SIZE
+            || hdr.offset.checked_add(hdr.size).is_none_or(|end| end > VHOST_USER_CONFIG_SIZE)
+        {
+            return Err(bad());
+        }
+        Ok((hdr.offset, data))
+    }
+
+    fn get_config(&mut self, req: FrontendReq, p: &[u8]) -> RequestResult {
+        let (offset, data) = self.config_request(req, p)?;
+        let hdr_len = std::mem::size_of::<VhostUserConfig>();
+        let mut reply = p[..hdr_len].to_vec();
+        let mut buf = vec![0u8; data.len()];
+        self.core.read_config(offset, &mut buf)?;
+        reply.extend_from_slice(&buf);
+        Ok(Outcome::Reply(reply))
+    }
+}
+
+fn file_to_eventfd(file: File) -> EventFd {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: `into_raw_fd` transfers ownership of a valid fd we received;
+    // `EventFd` takes it over and closes it on drop. If the fd is not an
+    // eventfd, reads and writes on it fail with an error, never UB.
+    unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
+}

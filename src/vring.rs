@@ -1,0 +1,386 @@
+//! Vring access for device code.
+//!
+//! [`Vring`] is one live virtqueue: a `virtio-queue` [`Queue`], the guest
+//! memory it lives in, and the call/err notifiers. Device code reaches it
+//! through the [`VringT`] trait, which hands out exclusive access with
+//! [`VringT::lock`]. Three implementations pick the sharing model:
+//!
+//! - [`VringOwned`]: owned by one worker thread, no lock at all (a `RefCell`
+//!   borrow flag). The default for the hot path.
+//! - [`VringMutex`] and [`VringRwLock`]: shareable between threads, for devices
+//!   that complete requests on threads of their own.
+//!
+//! A vring's plain, serializable state is [`VringState`]; it is untrusted and
+//! becomes a live queue only through validation.
+
+use std::cell::{RefCell, RefMut};
+use std::num::Wrapping;
+use std::ops::DerefMut;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
+
+use arc_swap::ArcSwapOption;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryLoadGuard};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::{GuestMemoryHandle, GuestMemoryLog};
+
+/// A descriptor chain popped from a [`Vring`].
+pub type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryLog>>;
+
+/// Errors from vring operations.
+#[derive(Debug, thiserror::Error)]
+pub enum VringError {
+    /// The queue rejected an operation (bad index, bad ring contents, ...).
+    #[error("virtqueue {index}: {source}")]
+    Queue {
+        /// Queue index.
+        index: u16,
+        /// What `virtio-queue` reported.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// Writing the call or err eventfd failed.
+    #[error("virtqueue {index}: cannot signal the frontend")]
+    Signal {
+        /// Queue index.
+        index: u16,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A saved state cannot be applied to a queue.
+    #[error("invalid vring state: {0}")]
+    InvalidState(&'static str),
+}
+
+/// The plain, serializable state of one vring.
+///
+/// It may come from a peer or a snapshot file: treat it as untrusted.
+/// [`VringState::validate`] checks it before it touches a live queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VringState {
+    /// Negotiated queue size (number of descriptors).
+    pub size: u16,
+    /// Whether the driver marked the queue ready (in-process transports).
+    #[serde(default)]
+    pub ready: bool,
+    /// Whether the queue is enabled for processing.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Guest physical address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest physical address of the available ring.
+    pub avail_ring: u64,
+    /// Guest physical address of the used ring.
+    pub used_ring: u64,
+    /// Index of the next available-ring entry the device will read.
+    pub next_avail: u16,
+    /// Index of the next used-ring entry the device will write.
+    pub next_used: u16,
+    /// Whether `VIRTIO_RING_F_EVENT_IDX` is in effect.
+    #[serde(default)]
+    pub event_idx: bool,
+    /// Used index at the last interrupt sent, if any.
+    #[serde(default)]
+    pub signalled_used: Option<u16>,
+}
+
+impl VringState {
+    /// Check the parts of the state that do not depend on guest memory.
+    pub fn validate(&self, max_size: u16) -> Result<(), VringError> {
+        if self.size == 0 || !self.size.is_power_of_two() || self.size > max_size {
+            return Err(VringError::InvalidState("queue size"));
+        }
+        if self.desc_table % 16 != 0 {
+            return Err(VringError::InvalidState("descriptor table alignment"));
+        }
+        if self.avail_ring % 2 != 0 {
+            return Err(VringError::InvalidState("available ring alignment"));
+        }
+        if self.used_ring % 4 != 0 {
+            return Err(VringError::InvalidState("used ring alignment"));
+        }
+        Ok(())
+    }
+}
+
+/// A shared, swappable eventfd slot (call or err notifier).
+pub type NotifierSlot = Arc<ArcSwapOption<EventFd>>;
+
+/// One live virtqueue with its memory and notifiers.
+#[derive(Debug)]
+pub struct Vring {
+    index: u16,
+    queue: Queue,
+    mem: GuestMemoryHandle,
+    call: NotifierSlot,
+    err: NotifierSlot,
+    enabled: bool,
+    signalled_used: Option<u16>,
+}
+
+impl Vring {
+    /// Build a live vring from validated state.
+    pub fn new(
+        index: u16,
+        max_size: u16,
+        state: &VringState,
+        mem: GuestMemoryHandle,
+        call: NotifierSlot,
+        err: NotifierSlot,
+    ) -> Result<Self, VringError> {
+        state.validate(max_size)?;
+        let mut queue = Queue::new(max_size).map_err(|source| VringError::Queue { index, source })?;
+        queue.set_size(state.size);
+        queue.set_desc_table_address(
+            Some(state.desc_table as u32),
+            Some((state.desc_table >> 32) as u32),
+        );
+        queue.set_avail_ring_address(
+            Some(state.avail_ring as u32),
+            Some((state.avail_ring >> 32) as u32),
+        );
+        queue.set_used_ring_address(
+            Some(state.used_ring as u32),
+            Some((state.used_ring >> 32) as u32),
+        );
+        queue.set_next_avail(state.next_avail);
+        queue.set_next_used(state.next_used);
+        queue.set_event_idx(state.event_idx);
+        queue.set_ready(true);
+        if !queue.is_valid(&*mem.memory()) {
+            return Err(VringError::InvalidState(
+                "rings outside guest memory or misaligned",
+            ));
+        }
+        Ok(Vring {
+            index,
+            queue,
+            mem,
+            call,
+            err,
+            enabled: state.enabled,
+            signalled_used: state.signalled_used,
+        })
+    }
+
+    /// The queue index.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// Whether the queue is enabled.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Enable or disable processing.
+    pub fn set_enabled(&mut self, enabled: bool) {
+        self.enabled = enabled;
+    }
+
+    /// The guest memory this vring lives in.
+    pub fn memory(&self) -> GuestMemoryLoadGuard<GuestMemoryLog> {
+        self.mem.memory()
+    }
+
+    /// Direct access to the `virtio-queue` queue.
+    pub fn queue_mut(&mut self) -> &mut Queue {
+        &mut self.queue
+    }
+
+    /// Pop the next available descriptor chain, if any.
+    ///
+    /// An available index that runs more than a queue size ahead is a
+    /// driver error reported as `Err`; the queue is then broken until reset.
+    pub fn pop_chain(&mut self) -> Result<Option<Chain>, VringError> {
+        let index = self.index;
+        let mem = self.mem.memory();
+        let mut iter = self
+            .queue
+            .iter(mem)
+            .map_err(|source| VringError::Queue { index, source })?;
+        Ok(iter.next())
+    }
+
+    /// Put chain `head` on the used ring with `len` bytes written.
+    pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), VringError> {
+        let index = self.index;
+        self.queue
+            .add_used(&*self.mem.memory(), head, len)
+            .map_err(|source| VringError::Queue { index, source })
+    }
+
+    /// Whether the driver wants an interrupt now (event_idx aware).
+    pub fn needs_notification(&mut self) -> Result<bool, VringError> {
+        let index = self.index;
+        self.queue
+            .needs_notification(&*self.mem.memory())
+            .map_err(|source| VringError::Queue { index, source })
+    }
+
+    /// Re-enable guest notifications (kicks); returns true if more buffers
+    /// arrived meanwhile and the caller should keep processing.
+    pub fn enable_notification(&mut self) -> Result<bool, VringError> {
+        let index = self.index;
+        self.queue
+            .enable_notification(&*self.mem.memory())
+            .map_err(|source| VringError::Queue { index, source })
+    }
+
+    /// Ask the driver not to kick while we are polling.
+    pub fn disable_notification(&mut self) -> Result<(), VringError> {
+        let index = self.index;
+        self.queue
+            .disable_notification(&*self.mem.memory())
+            .map_err(|source| VringError::Queue { index, source })
+    }
+
+    /// Signal the call eventfd unconditionally.
+    pub fn signal_used_queue(&mut self) -> Result<(), VringError> {
+        self.signalled_used = Some(self.queue.next_used());
+        if let Some(call) = self.call.load().as_ref() {
+            call.write(1).map_err(|source| VringError::Signal {
+                index: self.index,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Signal the call eventfd if event_idx (or its absence) says the driver
+    /// wants it. Returns whether a signal was sent.
+    pub fn notify_if_needed(&mut self) -> Result<bool, VringError> {
+        if self.needs_notification()? {
+            self.signal_used_queue()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Tell the frontend this queue hit an unrecoverable error.
+    pub fn signal_error(&self) {
+        if let Some(err) = self.err.load().as_ref() {
+            let _ = err.write(1);
+        }
+    }
+
+    /// Export the full state of the vring.
+    pub fn state(&self) -> VringState {
+        VringState {
+            size: self.queue.size(),
+            ready: self.queue.ready(),
+            enabled: self.enabled,
+            desc_table: self.queue.desc_table(),
+            avail_ring: self.queue.avail_ring(),
+            used_ring: self.queue.used_ring(),
+            next_avail: self.queue.next_avail(),
+            next_used: self.queue.next_used(),
+            event_idx: self.queue.event_idx_enabled(),
+            signalled_used: self.signalled_used,
+        }
+    }
+
+    /// Number of chains the driver has made available that we have not
+    /// popped yet.
+    pub fn pending(&self) -> Result<u16, VringError> {
+        let index = self.index;
+        let avail = self
+            .queue
+            .avail_idx(&*self.mem.memory(), Ordering::Acquire)
+            .map_err(|source| VringError::Queue { index, source })?;
+        Ok((avail - Wrapping(self.queue.next_avail())).0)
+    }
+}
+
+/// Exclusive access to a [`Vring`], whatever the sharing model.
+pub trait VringT: Send + 'static {
+    /// The guard [`VringT::lock`] returns.
+    type Guard<'a>: DerefMut<Target = Vring>
+    where
+        Self: 'a;
+
+    /// Wrap a live vring.
+    fn from_vring(vring: Vring) -> Self;
+
+    /// Get exclusive access for a batch of operations.
+    fn lock(&self) -> Self::Guard<'_>;
+
+    /// Convenience: export the state.
+    fn state(&self) -> VringState {
+        self.lock().state()
+    }
+
+    /// Convenience: put a chain on the used ring.
+    fn add_used(&self, head: u16, len: u32) -> Result<(), VringError> {
+        self.lock().add_used(head, len)
+    }
+
+    /// Convenience: signal the driver if it wants it.
+    fn notify_if_needed(&self) -> Result<bool, VringError> {
+        self.lock().notify_if_needed()
+    }
+
+    /// Convenience: signal the driver unconditionally.
+    fn signal_used_queue(&self) -> Result<(), VringError> {
+        self.lock().signal_used_queue()
+    }
+}
+
+/// A vring owned by a single worker thread: no lock, only a borrow flag.
+#[derive(Debug)]
+pub struct VringOwned(RefCell<Vring>);
+
+impl VringT for VringOwned {
+    type Guard<'a> = RefMut<'a, Vring>;
+
+    fn from_vring(vring: Vring) -> Self {
+        VringOwned(RefCell::new(vring))
+    }
+
+    fn lock(&self) -> RefMut<'_, Vring> {
+        self.0.borrow_mut()
+    }
+}
+
+/// A vring shareable between threads behind a mutex.
+#[derive(Clone, Debug)]
+pub struct VringMutex(Arc<Mutex<Vring>>);
+
+impl VringT for VringMutex {
+    type Guard<'a> = MutexGuard<'a, Vring>;
+
+    fn from_vring(vring: Vring) -> Self {
+        VringMutex(Arc::new(Mutex::new(vring)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vring> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A vring shareable between threads behind a read-write lock.
+#[derive(Clone, Debug)]
+pub struct VringRwLock(Arc<RwLock<Vring>>);
+
+impl VringRwLock {
+    /// Shared read access, e.g. to export state while workers run.
+    pub fn read_state(&self) -> VringState {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).state()
+    }
+}
+
+impl VringT for VringRwLock {
+    type Guard<'a> = RwLockWriteGuard<'a, Vring>;
+
+    fn from_vring(vring: Vring) -> Self {
+        VringRwLock(Arc::new(RwLock::new(vring)))
+    }
+
+    fn lock(&self) -> RwLockWriteGuard<'_, Vring> {
+        self.0.write().unwrap_or_else(|e| e.into_inner())
+    }
+}

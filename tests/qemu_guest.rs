@@ -1,0 +1,378 @@
+//! End-to-end tests with a real Linux guest: QEMU boots the Debian 6.1 cloud
+//! kernel with the busybox initramfs from `tests/guest/`, whose virtio-blk
+//! disk is served over vhost-user by
+//!
+//! * `vhost_user_blk_daemon_with_qemu_guest`: our `vhost-user-blk` daemon;
+//! * `qemu_storage_daemon_with_qemu_guest`: `qemu-storage-daemon`, the
+//!   interop baseline showing the guest image and scripts themselves work.
+//!
+//! The guest writes a deterministic pattern (`tests/guest/rootfs/vbk/pattern.awk`)
+//! at offset 0 and a marker block (`marker.awk`) at 32 MiB, verifies them, and
+//! prints `VBK-RESULT ...` / `VBK-DONE status=...` lines.  Afterwards the host
+//! checks the backing image file byte for byte.
+//!
+//! Needs root-level setup (apt) the first time: `tests/guest/install-deps.sh`
+//! and `tests/guest/build-image.sh` are run from here and are cached.
+//! Without qemu-system-x86_64 the tests FAIL, unless `VBK_ALLOW_SKIP_QEMU=1`.
+//! Our daemon must be built first: `cargo build --release --workspace`.
+//! Run: `cargo test --release --test qemu_guest -- --nocapture --test-threads=1`.
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+const IMAGE_SIZE: u64 = 64 << 20;
+/// Must match the guest defaults: vbk.mib=8, vbk.seed=1, marker at 32 MiB.
+const PATTERN_BYTES: usize = 8 << 20;
+const PATTERN_SEED: u64 = 1;
+const MARKER_OFFSET: usize = 32 << 20;
+const QUEUES: u32 = 2;
+
+fn guest_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest")
+}
+
+/// QEMU runs take both host cores: run one guest at a time.
+fn serialize() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Fails the test, or with VBK_ALLOW_SKIP_QEMU=1 prints a loud SKIPPED line.
+/// Returns true if the caller should return early (skipped).
+fn skip_or_fail(why: &str) -> bool {
+    if std::env::var("VBK_ALLOW_SKIP_QEMU").as_deref() == Ok("1") {
+        eprintln!("\n!!!!!!!! SKIPPED QEMU guest test (VBK_ALLOW_SKIP_QEMU=1): {why} !!!!!!!!\n");
+        return true;
+    }
+    panic!("{why}\n(set VBK_ALLOW_SKIP_QEMU=1 to skip this test instead of failing)");
+}
+
+fn run_script(name: &str) -> Result<(), String> {
+    let t = Instant::now();
+    let out = Command::new("bash")
+        .arg(guest_dir().join(name))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {name}: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("[{name} took {:.1}s] {}", t.elapsed().as_secs_f64(), text.trim_end());
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("tests/guest/{name} failed ({}):\n{text}", out.status))
+    }
+}
+
+/// install-deps.sh + build-image.sh, once per test process.
+fn prepare_guest() -> Result<(), String> {
+    static PREP: OnceLock<Result<(), String>> = OnceLock::new();
+    PREP.get_or_init(|| {
+        let deps = run_script("install-deps.sh");
+        if !have("qemu-system-x86_64") {
+            return Err(format!(
+                "qemu-system-x86_64 not found and tests/guest/install-deps.sh could not \
+                 install it: {}",
+                deps.err().unwrap_or_default()
+            ));
+        }
+        deps?;
+        run_script("build-image.sh")
+    })
+    .clone()
+}
+
+fn have(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        .unwrap_or(false)
+}
+
+/// Our daemon binary: CARGO_BIN_EXE_* (same package), VBK_BIN_DIR, then
+/// `<target>/<profile>/` derived from this test executable
+/// (`<target>/<profile>/deps/qemu_guest-*`), then the other profile.
+fn daemon_binary() -> Result<PathBuf, String> {
+    let mut candidates = Vec::new();
+    if let Some(p) = option_env!("CARGO_BIN_EXE_vhost-user-blk") {
+        candidates.push(PathBuf::from(p));
+    }
+    if let Some(d) = std::env::var_os("VBK_BIN_DIR") {
+        candidates.push(PathBuf::from(d).join("vhost-user-blk"));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(profile_dir) = exe.parent().and_then(Path::parent) {
+            candidates.push(profile_dir.join("vhost-user-blk"));
+            if let Some(target) = profile_dir.parent() {
+                candidates.push(target.join("release/vhost-user-blk"));
+                candidates.push(target.join("debug/vhost-user-blk"));
+            }
+        }
+    }
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+        format!(
+            "vhost-user-blk daemon binary not found (looked at {candidates:?}); \
+             run `cargo build --release --workspace` first, or set VBK_BIN_DIR"
+        )
+    })
+}
+
+/// A child process that is killed (SIGTERM, then SIGKILL) when dropped.
+struct Backend {
+    child: Child,
+    name: &'static str,
+    log: PathBuf,
+}
+
+impl Backend {
+    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Backend {
+        let f = File::create(&log).expect("create backend log");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Backend { child, name, log }
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_for_socket(&mut self, sock: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if fs::metadata(sock).map(|m| m.file_type().is_socket()).unwrap_or(false) {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("{} exited ({st}) before creating {sock:?}; log:\n{}", self.name, self.log_text());
+            }
+            if Instant::now() > deadline {
+                panic!("{} did not create {sock:?} within 15s; log:\n{}", self.name, self.log_text());
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits up to `grace` for the process to exit by itself, then stops it.
+    fn stop(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                println!("{} exited by itself: {st}", self.name);
+                return;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                println!("{} stopped with SIGTERM", self.name);
+                return;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        println!("{} killed", self.name);
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs tests/guest/run-qemu-blk.sh; returns (success, console text).
+fn run_guest(sock: &Path) -> (bool, String) {
+    let t = Instant::now();
+    let out = Command::new("bash")
+        .arg(guest_dir().join("run-qemu-blk.sh"))
+        .arg(sock)
+        .env("VBK_QUEUES", QUEUES.to_string())
+        .env("VBK_TEST", "blk")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tests/guest/run-qemu-blk.sh");
+    let console = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("QEMU run took {:.1}s ({})", t.elapsed().as_secs_f64(), out.status);
+    (out.status.success(), console)
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Checks the guest's VBK-RESULT / VBK-DONE lines.
+fn check_console(ok: bool, console: &str) {
+    let lines: Vec<&str> = console
+        .lines()
+        .filter_map(|l| l.find("VBK-").map(|i| l[i..].trim_end()))
+        .collect();
+    for l in &lines {
+        println!("guest: {l}");
+    }
+    let fail = |why: &str| -> ! { panic!("{why}\n---- guest console ----\n{console}\n----") };
+    let disks: Vec<&&str> =
+        lines.iter().filter(|l| l.starts_with("VBK-RESULT") && field(l, "disk").is_some()).collect();
+    if disks.is_empty() {
+        fail("guest printed no VBK-RESULT disk=... line");
+    }
+    for l in &disks {
+        for key in ["write", "read", "verify", "flush", "marker"] {
+            if field(l, key) != Some("ok") {
+                fail(&format!("guest reports {key} != ok: {l}"));
+            }
+        }
+    }
+    if field(disks[0], "disk") != Some("vda") {
+        fail("first disk is not vda");
+    }
+    if !lines.iter().any(|l| l.starts_with("VBK-DONE") && field(l, "status") == Some("ok")) {
+        fail("guest did not print VBK-DONE status=ok");
+    }
+    if !ok {
+        fail("run-qemu-blk.sh failed");
+    }
+}
+
+/// Regenerates what rootfs/vbk/pattern.awk writes (see the format there).
+fn expected_pattern(disk: &str, seed: u64, bytes: usize) -> Vec<u8> {
+    const AZ: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let mut v = Vec::with_capacity(bytes);
+    let mut x = seed;
+    for k in 0..bytes / 512 {
+        let hdr = format!(
+            "vbk seed={seed:08} disk={disk:<4} off={:012} {x:010}-{:07}\n",
+            k * 512,
+            k % 10_000_000
+        );
+        assert_eq!(hdr.len(), 64);
+        v.extend_from_slice(hdr.as_bytes());
+        let j = (x % 16) as usize;
+        for i in 0..7 {
+            v.extend(std::iter::repeat(AZ[(j * 7 + i) % 26]).take(63));
+            v.push(b'\n');
+        }
+        x = x * 48271 % 2_147_483_647;
+    }
+    v
+}
+
+/// Regenerates rootfs/vbk/marker.awk's 4 KiB block.
+fn expected_marker(disk: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4096);
+    for i in 0..64 {
+        let s = format!("VBK-MARKER v1 disk={disk:<4} line={i:02} ");
+        v.extend_from_slice(format!("{s:.<63}\n").as_bytes());
+    }
+    v
+}
+
+fn compare(what: &str, got: &[u8], want: &[u8], base: usize) {
+    if got != want {
+        let off = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+        let s = off / 64 * 64;
+        let e = (s + 64).min(got.len()).min(want.len());
+        panic!(
+            "image file: {what} differs at byte {:#x}:\n got: {:?}\nwant: {:?}",
+            base + off,
+            String::from_utf8_lossy(&got[s..e]),
+            String::from_utf8_lossy(&want[s..e])
+        );
+    }
+}
+
+/// Host-side check of what the guest left in the backing file.
+fn verify_image(img: &Path) {
+    let mut data = Vec::new();
+    File::open(img).and_then(|mut f| f.read_to_end(&mut data)).expect("read image");
+    assert_eq!(data.len() as u64, IMAGE_SIZE, "image size changed");
+    compare("pattern", &data[..PATTERN_BYTES], &expected_pattern("vda", PATTERN_SEED, PATTERN_BYTES), 0);
+    compare(
+        "marker",
+        &data[MARKER_OFFSET..MARKER_OFFSET + 4096],
+        &expected_marker("vda"),
+        MARKER_OFFSET,
+    );
+    println!("host: image pattern (8 MiB @0) and marker (4 KiB @32 MiB) verified");
+}
+
+/// Common part: prepare, make the image, start `make_backend`, run the guest.
+fn guest_test(name: &'static str, make_backend: impl FnOnce(&Path, &Path) -> Command) {
+    let _serial = serialize();
+    if let Err(e) = prepare_guest() {
+        if skip_or_fail(&e) {
+            return;
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.img");
+    let sock = dir.path().join("blk.sock");
+    File::create(&img).and_then(|f| f.set_len(IMAGE_SIZE)).expect("create image");
+
+    let mut backend = Backend::spawn(name, make_backend(&sock, &img), dir.path().join("backend.log"));
+    backend.wait_for_socket(&sock);
+    let (ok, console) = run_guest(&sock);
+    backend.stop(Duration::from_secs(5));
+    let log = backend.log_text();
+    if !log.trim().is_empty() {
+        println!("---- {name} log (last 40 lines) ----");
+        let lines: Vec<&str> = log.lines().collect();
+        for l in &lines[lines.len().saturating_sub(40)..] {
+            println!("{l}");
+        }
+    }
+    check_console(ok, &console);
+    verify_image(&img);
+}
+
+#[test]
+fn vhost_user_blk_daemon_with_qemu_guest() {
+    let bin = match daemon_binary() {
+        Ok(b) => b,
+        Err(e) => panic!("{e}"),
+    };
+    println!("daemon: {}", bin.display());
+    guest_test("vhost-user-blk", |sock, img| {
+        let mut c = Command::new(&bin);
+        c.arg("--socket").arg(sock).arg("--image").arg(img).arg("--queues").arg(QUEUES.to_string());
+        c.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        c
+    });
+}
+
+#[test]
+fn qemu_storage_daemon_with_qemu_guest() {
+    guest_test("qemu-storage-daemon", |sock, img| {
+        let mut c = Command::new("qemu-storage-daemon");
+        c.arg("--blockdev")
+            .arg(format!("driver=file,node-name=f,filename={}", img.display()))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},\
+                 writable=on,num-queues={QUEUES}",
+                sock.display()
+            ));
+        c
+    });
+}
