@@ -74,7 +74,9 @@ impl<V: VringT> QueueSet<V> {
     }
 
     pub(crate) fn take(&mut self, index: u16) -> Option<V> {
-        self.slots.get_mut(usize::from(index)).and_then(Option::take)
+        self.slots
+            .get_mut(usize::from(index))
+            .and_then(Option::take)
     }
 }
 
@@ -232,13 +234,17 @@ macro_rules! forward_backend {
             type Vring = T::Vring;
 
             fn device_type(&self) -> u32 {
-                self.$read().unwrap_or_else(|e| e.into_inner()).device_type()
+                self.$read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .device_type()
             }
             fn num_queues(&self) -> usize {
                 self.$read().unwrap_or_else(|e| e.into_inner()).num_queues()
             }
             fn max_queue_size(&self) -> u16 {
-                self.$read().unwrap_or_else(|e| e.into_inner()).max_queue_size()
+                self.$read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .max_queue_size()
             }
             fn features(&self) -> u64 {
                 self.$read().unwrap_or_else(|e| e.into_inner()).features()
@@ -259,7 +265,9 @@ macro_rules! forward_backend {
                     .set_event_idx(enabled)
             }
             fn config_size(&self) -> usize {
-                self.$read().unwrap_or_else(|e| e.into_inner()).config_size()
+                self.$read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .config_size()
             }
             fn read_config(&self, offset: u32, data: &mut [u8]) {
                 self.$read()
@@ -277,7 +285,9 @@ macro_rules! forward_backend {
                     .update_memory(mem)
             }
             fn queue_groups(&self) -> Vec<u64> {
-                self.$read().unwrap_or_else(|e| e.into_inner()).queue_groups()
+                self.$read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .queue_groups()
             }
             fn worker_fds(&self, worker: usize) -> Vec<(RawFd, u64)> {
                 self.$read()

@@ -248,10 +248,11 @@ mod tests {
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .build()
         .unwrap();
-        let mem = GuestMemoryLog::from_regions(vec![
-            GuestRegionLog::new(mapping, GuestAddress(base)).unwrap()
-        ])
-        .unwrap();
+        let mem =
+            GuestMemoryLog::from_regions(vec![
+                GuestRegionLog::new(mapping, GuestAddress(base)).unwrap()
+            ])
+            .unwrap();
         mem.write_obj(7u32, GuestAddress(base + 0x1000)).unwrap();
         let mut bytes = [0u8; 64];
         std::os::unix::fs::FileExt::read_at(&log_file, &mut bytes, 0).unwrap();

@@ -133,7 +133,8 @@ impl Vring {
         err: NotifierSlot,
     ) -> Result<Self, VringError> {
         state.validate(max_size)?;
-        let mut queue = Queue::new(max_size).map_err(|source| VringError::Queue { index, source })?;
+        let mut queue =
+            Queue::new(max_size).map_err(|source| VringError::Queue { index, source })?;
         queue.set_size(state.size);
         queue.set_desc_table_address(
             Some(state.desc_table as u32),

@@ -65,11 +65,18 @@ fn run_script(name: &str) -> Result<(), String> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    println!("[{name} took {:.1}s] {}", t.elapsed().as_secs_f64(), text.trim_end());
+    println!(
+        "[{name} took {:.1}s] {}",
+        t.elapsed().as_secs_f64(),
+        text.trim_end()
+    );
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("tests/guest/{name} failed ({}):\n{text}", out.status))
+        Err(format!(
+            "tests/guest/{name} failed ({}):\n{text}",
+            out.status
+        ))
     }
 }
 
@@ -117,12 +124,17 @@ fn daemon_binary() -> Result<PathBuf, String> {
             }
         }
     }
-    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
-        format!(
-            "vhost-user-blk daemon binary not found (looked at {candidates:?}); \
+    candidates.dedup();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+                "vhost-user-blk daemon binary not found (looked at {candidates:?}); \
              run `cargo build --release --workspace` first, or set VBK_BIN_DIR"
-        )
-    })
+            )
+        })
 }
 
 /// A child process that is killed (SIGTERM, then SIGKILL) when dropped.
@@ -151,14 +163,25 @@ impl Backend {
     fn wait_for_socket(&mut self, sock: &Path) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if fs::metadata(sock).map(|m| m.file_type().is_socket()).unwrap_or(false) {
+            if fs::metadata(sock)
+                .map(|m| m.file_type().is_socket())
+                .unwrap_or(false)
+            {
                 return;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("{} exited ({st}) before creating {sock:?}; log:\n{}", self.name, self.log_text());
+                panic!(
+                    "{} exited ({st}) before creating {sock:?}; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
             }
             if Instant::now() > deadline {
-                panic!("{} did not create {sock:?} within 15s; log:\n{}", self.name, self.log_text());
+                panic!(
+                    "{} did not create {sock:?} within 15s; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
             }
             sleep(Duration::from_millis(20));
         }
@@ -174,7 +197,9 @@ impl Backend {
             }
             sleep(Duration::from_millis(50));
         }
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -214,26 +239,34 @@ fn run_guest(sock: &Path) -> (bool, String) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    println!("QEMU run took {:.1}s ({})", t.elapsed().as_secs_f64(), out.status);
+    println!(
+        "QEMU run took {:.1}s ({})",
+        t.elapsed().as_secs_f64(),
+        out.status
+    );
     (out.status.success(), console)
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// Checks the guest's VBK-RESULT / VBK-DONE lines.
-fn check_console(ok: bool, console: &str) {
+fn check_console(backend: &str, ok: bool, console: &str) {
     let lines: Vec<&str> = console
         .lines()
         .filter_map(|l| l.find("VBK-").map(|i| l[i..].trim_end()))
         .collect();
+    println!("---- guest result lines (backend: {backend}) ----");
     for l in &lines {
-        println!("guest: {l}");
+        println!("{l}"); // raw, so `grep ^VBK-` on the test output finds them
     }
     let fail = |why: &str| -> ! { panic!("{why}\n---- guest console ----\n{console}\n----") };
-    let disks: Vec<&&str> =
-        lines.iter().filter(|l| l.starts_with("VBK-RESULT") && field(l, "disk").is_some()).collect();
+    let disks: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("VBK-RESULT") && field(l, "disk").is_some())
+        .collect();
     if disks.is_empty() {
         fail("guest printed no VBK-RESULT disk=... line");
     }
@@ -247,7 +280,10 @@ fn check_console(ok: bool, console: &str) {
     if field(disks[0], "disk") != Some("vda") {
         fail("first disk is not vda");
     }
-    if !lines.iter().any(|l| l.starts_with("VBK-DONE") && field(l, "status") == Some("ok")) {
+    if !lines
+        .iter()
+        .any(|l| l.starts_with("VBK-DONE") && field(l, "status") == Some("ok"))
+    {
         fail("guest did not print VBK-DONE status=ok");
     }
     if !ok {
@@ -270,7 +306,7 @@ fn expected_pattern(disk: &str, seed: u64, bytes: usize) -> Vec<u8> {
         v.extend_from_slice(hdr.as_bytes());
         let j = (x % 16) as usize;
         for i in 0..7 {
-            v.extend(std::iter::repeat(AZ[(j * 7 + i) % 26]).take(63));
+            v.resize(v.len() + 63, AZ[(j * 7 + i) % 26]);
             v.push(b'\n');
         }
         x = x * 48271 % 2_147_483_647;
@@ -290,7 +326,11 @@ fn expected_marker(disk: &str) -> Vec<u8> {
 
 fn compare(what: &str, got: &[u8], want: &[u8], base: usize) {
     if got != want {
-        let off = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+        let off = got
+            .iter()
+            .zip(want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(want.len()));
         let s = off / 64 * 64;
         let e = (s + 64).min(got.len()).min(want.len());
         panic!(
@@ -305,9 +345,16 @@ fn compare(what: &str, got: &[u8], want: &[u8], base: usize) {
 /// Host-side check of what the guest left in the backing file.
 fn verify_image(img: &Path) {
     let mut data = Vec::new();
-    File::open(img).and_then(|mut f| f.read_to_end(&mut data)).expect("read image");
+    File::open(img)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .expect("read image");
     assert_eq!(data.len() as u64, IMAGE_SIZE, "image size changed");
-    compare("pattern", &data[..PATTERN_BYTES], &expected_pattern("vda", PATTERN_SEED, PATTERN_BYTES), 0);
+    compare(
+        "pattern",
+        &data[..PATTERN_BYTES],
+        &expected_pattern("vda", PATTERN_SEED, PATTERN_BYTES),
+        0,
+    );
     compare(
         "marker",
         &data[MARKER_OFFSET..MARKER_OFFSET + 4096],
@@ -317,8 +364,14 @@ fn verify_image(img: &Path) {
     println!("host: image pattern (8 MiB @0) and marker (4 KiB @32 MiB) verified");
 }
 
-/// Common part: prepare, make the image, start `make_backend`, run the guest.
-fn guest_test(name: &'static str, make_backend: impl FnOnce(&Path, &Path) -> Command) {
+/// Common part: prepare (skip/fail), make the image, start the backend
+/// built by `make_backend(socket, image)`, run the guest, check everything.
+/// `exit_grace`: how long the backend gets to exit by itself after QEMU quit.
+fn guest_test(
+    name: &'static str,
+    exit_grace: Duration,
+    make_backend: impl FnOnce(&Path, &Path) -> Command,
+) {
     let _serial = serialize();
     if let Err(e) = prepare_guest() {
         if skip_or_fail(&e) {
@@ -328,12 +381,18 @@ fn guest_test(name: &'static str, make_backend: impl FnOnce(&Path, &Path) -> Com
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("disk.img");
     let sock = dir.path().join("blk.sock");
-    File::create(&img).and_then(|f| f.set_len(IMAGE_SIZE)).expect("create image");
+    File::create(&img)
+        .and_then(|f| f.set_len(IMAGE_SIZE))
+        .expect("create image");
 
-    let mut backend = Backend::spawn(name, make_backend(&sock, &img), dir.path().join("backend.log"));
+    let mut backend = Backend::spawn(
+        name,
+        make_backend(&sock, &img),
+        dir.path().join("backend.log"),
+    );
     backend.wait_for_socket(&sock);
     let (ok, console) = run_guest(&sock);
-    backend.stop(Duration::from_secs(5));
+    backend.stop(exit_grace);
     let log = backend.log_text();
     if !log.trim().is_empty() {
         println!("---- {name} log (last 40 lines) ----");
@@ -342,31 +401,41 @@ fn guest_test(name: &'static str, make_backend: impl FnOnce(&Path, &Path) -> Com
             println!("{l}");
         }
     }
-    check_console(ok, &console);
+    check_console(name, ok, &console);
     verify_image(&img);
 }
 
 #[test]
 fn vhost_user_blk_daemon_with_qemu_guest() {
-    let bin = match daemon_binary() {
-        Ok(b) => b,
-        Err(e) => panic!("{e}"),
-    };
-    println!("daemon: {}", bin.display());
-    guest_test("vhost-user-blk", |sock, img| {
+    // The daemon exits by itself when its frontend disconnects.
+    guest_test("vhost-user-blk", Duration::from_secs(5), |sock, img| {
+        let bin = daemon_binary().unwrap_or_else(|e| panic!("{e}"));
+        println!("daemon: {}", bin.display());
         let mut c = Command::new(&bin);
-        c.arg("--socket").arg(sock).arg("--image").arg(img).arg("--queues").arg(QUEUES.to_string());
-        c.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        c.arg("--socket")
+            .arg(sock)
+            .arg("--image")
+            .arg(img)
+            .arg("--queues")
+            .arg(QUEUES.to_string());
+        c.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
         c
     });
 }
 
 #[test]
 fn qemu_storage_daemon_with_qemu_guest() {
-    guest_test("qemu-storage-daemon", |sock, img| {
+    // qemu-storage-daemon keeps serving: stop it right away.
+    guest_test("qemu-storage-daemon", Duration::ZERO, |sock, img| {
         let mut c = Command::new("qemu-storage-daemon");
         c.arg("--blockdev")
-            .arg(format!("driver=file,node-name=f,filename={}", img.display()))
+            .arg(format!(
+                "driver=file,node-name=f,filename={}",
+                img.display()
+            ))
             .arg("--export")
             .arg(format!(
                 "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},\

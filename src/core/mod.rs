@@ -255,7 +255,13 @@ impl<B: DeviceBackend> DeviceCore<B> {
     }
 
     /// Set the guest physical addresses of queue `index`'s rings.
-    pub fn set_queue_addresses(&mut self, index: u32, desc: u64, avail: u64, used: u64) -> Result<()> {
+    pub fn set_queue_addresses(
+        &mut self,
+        index: u32,
+        desc: u64,
+        avail: u64,
+        used: u64,
+    ) -> Result<()> {
         let slot = self.slot(index)?;
         if slot.running {
             return Err(CoreError::QueueRunning(index as u16));
@@ -269,7 +275,12 @@ impl<B: DeviceBackend> DeviceCore<B> {
 
     /// Set where queue `index` resumes (`next_avail`; `next_used` follows it
     /// unless given).
-    pub fn set_queue_base(&mut self, index: u32, next_avail: u16, next_used: Option<u16>) -> Result<()> {
+    pub fn set_queue_base(
+        &mut self,
+        index: u32,
+        next_avail: u16,
+        next_used: Option<u16>,
+    ) -> Result<()> {
         let slot = self.slot(index)?;
         if slot.running {
             return Err(CoreError::QueueRunning(index as u16));
@@ -458,7 +469,11 @@ impl<B: DeviceBackend> DeviceCore<B> {
         slot.running = false;
         let worker = &self.workers[self.worker_of_queue[q as usize]];
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        if !worker.send(WorkerCommand::Stop { index: q, reply: tx }) || !worker.is_alive() {
+        if !worker.send(WorkerCommand::Stop {
+            index: q,
+            reply: tx,
+        }) || !worker.is_alive()
+        {
             return Err(CoreError::WorkerGone(q));
         }
         match rx.recv() {

@@ -39,10 +39,7 @@ pub enum WorkerError {
 /// What the control core asks of a worker.
 pub(crate) enum WorkerCommand {
     /// Take ownership of a vring and start serving it.
-    Start {
-        vring: Vring,
-        kick: EventFd,
-    },
+    Start { vring: Vring, kick: EventFd },
     /// Stop serving a vring and send its state back.
     Stop {
         index: u16,
@@ -60,10 +57,7 @@ pub(crate) struct WorkerHandle {
 
 impl WorkerHandle {
     /// Spawn worker `id` for `backend`.
-    pub(crate) fn spawn<B: DeviceBackend>(
-        id: usize,
-        backend: Arc<B>,
-    ) -> Result<Self, WorkerError> {
+    pub(crate) fn spawn<B: DeviceBackend>(id: usize, backend: Arc<B>) -> Result<Self, WorkerError> {
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(WorkerError::Setup)?;
         let exit = EventFd::new(libc::EFD_NONBLOCK).map_err(WorkerError::Setup)?;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -218,7 +212,10 @@ impl<B: DeviceBackend> Worker<B> {
             kick.as_raw_fd(),
             EpollEvent::new(EventSet::IN, token),
         ) {
-            error!("worker {}: cannot poll kick fd of queue {index}: {e}", self.id);
+            error!(
+                "worker {}: cannot poll kick fd of queue {index}: {e}",
+                self.id
+            );
             return;
         }
         self.kicks.insert(index, kick);

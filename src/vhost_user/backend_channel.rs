@@ -28,10 +28,7 @@ impl BackendChannel {
 
     /// Whether a channel is installed.
     pub fn is_set(&self) -> bool {
-        self.conn
-            .lock()
-            .map(|c| c.is_some())
-            .unwrap_or(false)
+        self.conn.lock().map(|c| c.is_some()).unwrap_or(false)
     }
 
     /// Send `CONFIG_CHANGE_MSG`. Failures are logged: the device keeps

@@ -88,7 +88,11 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
     }
 
     /// Serve frontends on `listener`.
-    pub fn serve_listener(&mut self, listener: &UnixListener, mode: ServeMode) -> Result<(), DaemonError> {
+    pub fn serve_listener(
+        &mut self,
+        listener: &UnixListener,
+        mode: ServeMode,
+    ) -> Result<(), DaemonError> {
         loop {
             let (stream, _) = listener.accept().map_err(DaemonError::Accept)?;
             info!("frontend connected");

@@ -64,10 +64,7 @@ impl MappedRegion {
         log: &Arc<DirtyLog>,
     ) -> Result<Self, RegionError> {
         let bad = RegionError::BadRange { gpa, size };
-        if size == 0
-            || gpa.checked_add(size).is_none()
-            || user_addr.checked_add(size).is_none()
-        {
+        if size == 0 || gpa.checked_add(size).is_none() || user_addr.checked_add(size).is_none() {
             return Err(bad);
         }
         let needed = mmap_offset.checked_add(size).ok_or(bad)?;
@@ -76,12 +73,13 @@ impl MappedRegion {
         if actual < needed {
             return Err(RegionError::FileTooSmall { needed, actual });
         }
-        let mapping = MmapRegionBuilder::new_with_bitmap(len, DirtyLogBitmap::new(log.clone(), gpa))
-            .with_file_offset(FileOffset::new(file, mmap_offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
-            .build()
-            .map_err(RegionError::Map)?;
+        let mapping =
+            MmapRegionBuilder::new_with_bitmap(len, DirtyLogBitmap::new(log.clone(), gpa))
+                .with_file_offset(FileOffset::new(file, mmap_offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                .build()
+                .map_err(RegionError::Map)?;
         let region = GuestRegionLog::new(mapping, GuestAddress(gpa)).ok_or(RegionError::Region)?;
         Ok(MappedRegion {
             gpa,

@@ -232,7 +232,10 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                 }
             }
             Err(e) => {
-                warn!("refused {}: {e}", request.map_or_else(|| format!("request {code}"), |r| format!("{r:?}")));
+                warn!(
+                    "refused {}: {e}",
+                    request.map_or_else(|| format!("request {code}"), |r| format!("{r:?}"))
+                );
                 if explicit {
                     // An empty reply tells the frontend the request failed
                     // without leaving it blocked on a read.
@@ -247,7 +250,11 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
     }
 
     fn handle(&mut self, req: FrontendReq, msg: &mut Message) -> RequestResult {
-        debug!("{req:?} ({} bytes, {} fds)", msg.payload.len(), msg.files.len());
+        debug!(
+            "{req:?} ({} bytes, {} fds)",
+            msg.payload.len(),
+            msg.files.len()
+        );
         let p = &msg.payload;
         match req {
             FrontendReq::GET_FEATURES => Ok(u64_reply(
@@ -308,7 +315,11 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                 if self.regions.is_empty() {
                     return Err(RequestError::NoMemory(req));
                 }
-                let tr = |vva| self.regions.vva_to_gpa(vva).ok_or(RequestError::UnmappedAddress(vva));
+                let tr = |vva| {
+                    self.regions
+                        .vva_to_gpa(vva)
+                        .ok_or(RequestError::UnmappedAddress(vva))
+                };
                 let (desc, avail, used) = (tr(a.descriptor)?, tr(a.available)?, tr(a.used)?);
                 self.core.set_queue_addresses(a.index, desc, avail, used)?;
                 Ok(Outcome::Ack)
@@ -380,7 +391,8 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                     expected: 1,
                     got: msg.files.len(),
                 })?;
-                self.channel.set(UnixStream::from(std::os::fd::OwnedFd::from(file)));
+                self.channel
+                    .set(UnixStream::from(std::os::fd::OwnedFd::from(file)));
                 Ok(Outcome::Ack)
             }
             FrontendReq::SET_STATUS => {
@@ -402,10 +414,15 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
     }
 
     /// Parse the u64 payload of SET_VRING_KICK/CALL/ERR and its optional fd.
-    fn vring_fd(&self, req: FrontendReq, msg: &mut Message) -> Result<(u32, Option<EventFd>), RequestError> {
+    fn vring_fd(
+        &self,
+        req: FrontendReq,
+        msg: &mut Message,
+    ) -> Result<(u32, Option<EventFd>), RequestError> {
         let v = parse::<VhostUserU64>(req, &msg.payload)?.value;
         let index = (v & VRING_IDX_MASK) as u32;
-        if index as usize >= self.core.num_queues() || v & !(VRING_IDX_MASK | VRING_NOFD_MASK) != 0 {
+        if index as usize >= self.core.num_queues() || v & !(VRING_IDX_MASK | VRING_NOFD_MASK) != 0
+        {
             return Err(RequestError::Core(CoreError::QueueIndex(index)));
         }
         if v & VRING_NOFD_MASK != 0 {
@@ -424,12 +441,18 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
         let reg_len = std::mem::size_of::<VhostUserMemoryRegion>();
         let p = &msg.payload;
         if p.len() < hdr_len {
-            return Err(RequestError::BadPayload { request: req, len: p.len() });
+            return Err(RequestError::BadPayload {
+                request: req,
+                len: p.len(),
+            });
         }
         let hdr = parse::<VhostUserMemory>(req, &p[..hdr_len])?;
         let n = hdr.num_regions as usize;
         if n == 0 || n > MAX_ATTACHED_FD_ENTRIES || p.len() != hdr_len + n * reg_len {
-            return Err(RequestError::BadPayload { request: req, len: p.len() });
+            return Err(RequestError::BadPayload {
+                request: req,
+                len: p.len(),
+            });
         }
         if msg.files.len() != n {
             return Err(RequestError::BadFds {
@@ -495,9 +518,16 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
         Ok(u64_reply(0))
     }
 
-    fn config_request<'p>(&self, req: FrontendReq, p: &'p [u8]) -> Result<(u32, &'p [u8]), RequestError> {
+    fn config_request<'p>(
+        &self,
+        req: FrontendReq,
+        p: &'p [u8],
+    ) -> Result<(u32, &'p [u8]), RequestError> {
         let hdr_len = std::mem::size_of::<VhostUserConfig>();
-        let bad = || RequestError::BadPayload { request: req, len: p.len() };
+        let bad = || RequestError::BadPayload {
+            request: req,
+            len: p.len(),
+        };
         if p.len() < hdr_len {
             return Err(bad());
         }
@@ -505,7 +535,10 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
         let data = &p[hdr_len..];
         if hdr.size as usize != data.len()
             || hdr.size > VHOST_USER_CONFIG_SIZE
-            || hdr.offset.checked_add(hdr.size).is_none_or(|end| end > VHOST_USER_CONFIG_SIZE)
+            || hdr
+                .offset
+                .checked_add(hdr.size)
+                .is_none_or(|end| end > VHOST_USER_CONFIG_SIZE)
         {
             return Err(bad());
         }

@@ -29,18 +29,22 @@ fi
 # 1. The kernel package (downloaded once, kept in OUTDIR/kernel).
 kdir=$out/kernel
 if [ ! -f "$kdir/.pkg" ] || { [ -n "${VBK_KERNEL_PKG:-}" ] && [ "$(cat "$kdir/.pkg")" != "$VBK_KERNEL_PKG" ]; }; then
-    pkg=${VBK_KERNEL_PKG:-}
-    if [ -z "$pkg" ]; then # what bookworm's linux-image-cloud-amd64 points to
-        pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-              awk '/Depends: linux-image-6\.1\./ {print $2; exit}')
-        [ -n "$pkg" ] || pkg=$(apt-cache pkgnames linux-image-6.1.0- 2>/dev/null |
-              grep -E '^linux-image-6\.1\.0-[0-9]+-cloud-amd64$' | sort -V | tail -n1)
+    resolve() { # what bookworm's linux-image-cloud-amd64 points to
+        [ -n "${VBK_KERNEL_PKG:-}" ] && { echo "$VBK_KERNEL_PKG"; return; }
+        apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+            awk '/Depends: linux-image-6\.1\./ {print $2; exit}'
+    }
+    download() { rm -rf "$out/dl"; mkdir -p "$out/dl"; chmod 777 "$out/dl" # 777: for apt's _apt user
+                 [ -n "$pkg" ] && (cd "$out/dl" && apt-get download -q "$pkg"); }
+    pkg=$(resolve)
+    if ! download; then # stale or missing apt lists: refresh once and retry
+        echo "build-image: retrying after apt-get update" >&2
+        apt-get update -q >/dev/null || true
+        pkg=$(resolve); download ||
+            die "cannot download the kernel package '${pkg:-linux-image-6.1.0-*-cloud-amd64}'"
     fi
-    [ -n "$pkg" ] || die "no linux-image-6.1.0-*-cloud-amd64 known to apt (run apt-get update?)"
-    echo "build-image: downloading $pkg"
-    rm -rf "$kdir" "$out/dl"; mkdir -p "$out/dl"
-    chmod 777 "$out/dl" # lets apt's _apt user write there (avoids a warning)
-    (cd "$out/dl" && apt-get download -q "$pkg") || die "apt-get download $pkg failed"
+    echo "build-image: downloaded $pkg"
+    rm -rf "$kdir"
     dpkg -x "$out"/dl/"$pkg"_*.deb "$kdir" || die "dpkg -x failed"
     rm -rf "$out/dl"
     echo "$pkg" >"$kdir/.pkg"

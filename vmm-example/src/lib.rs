@@ -4,4 +4,5 @@
 //! [`virtio_backend_kit::DeviceBackend`] once and can therefore run either as
 //! a vhost-user daemon or inside a VMM process.
 
+pub mod blkio_client;
 pub mod devices;

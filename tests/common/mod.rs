@@ -1,0 +1,1039 @@
+//! Shared support for the integration tests.
+//!
+//! * memfd-backed guest memory, mapped on the test (driver) side as a
+//!   `vm-memory` collection so the test can read and write rings and buffers;
+//! * [`TestDevice`], a small but real [`DeviceBackend`] that answers every
+//!   chain with the bitwise complement of its readable bytes and records its
+//!   lifecycle calls;
+//! * [`spawn_daemon`], serving a device on a real unix socket in a thread;
+//! * [`RawClient`], a byte-level vhost-user client for messages the `vhost`
+//!   crate's `Frontend` cannot send (or cannot send malformed);
+//! * [`SplitQueue`], a minimal split-virtqueue driver that can also build
+//!   malicious chains.
+//!
+//! Everything waits with a timeout so a bug fails a test instead of hanging it.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use virtio_backend_kit::vhost::vhost_user::message::{
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use virtio_backend_kit::vhost::vhost_user::{Frontend, VhostUserFrontend};
+use virtio_backend_kit::vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_backend_kit::vhost_user::{DaemonError, ServeMode, VhostUserDaemon};
+use virtio_backend_kit::vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+};
+use virtio_backend_kit::vmm_sys_util::eventfd::EventFd;
+use virtio_backend_kit::vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use virtio_backend_kit::{
+    BackendError, ConfigNotifier, DeviceBackend, DeviceEvent, QueueSet, VringOwned, VringT,
+};
+
+/// How long any single wait in a test may take.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `VIRTIO_F_VERSION_1`.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_RING_F_EVENT_IDX`.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// `VIRTIO_RING_F_INDIRECT_DESC`.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VHOST_F_LOG_ALL`.
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+/// `VHOST_USER_F_PROTOCOL_FEATURES`.
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// Header flag bits of a vhost-user message.
+pub const FLAG_VERSION_1: u32 = 0x1;
+/// The message is a reply.
+pub const FLAG_REPLY: u32 = 0x4;
+/// The sender wants a REPLY_ACK.
+pub const FLAG_NEED_REPLY: u32 = 0x8;
+
+/// Split-ring descriptor flags.
+pub const VRING_DESC_F_NEXT: u16 = 1;
+/// The device writes this buffer.
+pub const VRING_DESC_F_WRITE: u16 = 2;
+/// The buffer is an indirect descriptor table.
+pub const VRING_DESC_F_INDIRECT: u16 = 4;
+
+// ---------------------------------------------------------------------------
+// Guest memory
+// ---------------------------------------------------------------------------
+
+/// Create an anonymous memfd of `size` bytes.
+pub fn memfd(name: &str, size: u64) -> File {
+    let cname = std::ffi::CString::new(name).unwrap();
+    // SAFETY: `cname` is a valid NUL-terminated string; the result is checked.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).expect("ftruncate memfd");
+    file
+}
+
+/// One memfd-backed region of guest memory, also mapped on the driver side.
+pub struct GuestMem {
+    /// The memfd (sent to the backend).
+    pub file: File,
+    /// Guest physical address of the region.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The driver's shared mapping of the same file.
+    pub mem: GuestMemoryMmap<()>,
+}
+
+impl GuestMem {
+    /// Create `size` bytes of guest memory at `gpa`.
+    pub fn new(gpa: u64, size: u64) -> Self {
+        let file = memfd("vbk-guest", size);
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(gpa),
+            size as usize,
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+        )])
+        .expect("map guest memory");
+        GuestMem {
+            file,
+            gpa,
+            size,
+            mem,
+        }
+    }
+
+    /// The driver's virtual address of guest physical address `gpa`; it is
+    /// also the "frontend virtual address" given to the backend.
+    pub fn host_addr(&self, gpa: u64) -> u64 {
+        self.mem.get_host_address(GuestAddress(gpa)).unwrap() as u64
+    }
+
+    /// The region as `SET_MEM_TABLE` / `ADD_MEM_REG` describe it.
+    pub fn region_info(&self) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: self.gpa,
+            memory_size: self.size,
+            userspace_addr: self.host_addr(self.gpa),
+            mmap_offset: 0,
+            mmap_handle: self.file.as_raw_fd(),
+        }
+    }
+
+    /// Write `data` at `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        self.mem.write_slice(data, GuestAddress(gpa)).unwrap();
+    }
+
+    /// Read `len` bytes at `gpa`.
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.mem.read_slice(&mut buf, GuestAddress(gpa)).unwrap();
+        buf
+    }
+}
+
+/// A dirty-log area (`SET_LOG_BASE` with `LOG_SHMFD`).
+pub struct LogArea {
+    /// The memfd holding the bitmap.
+    pub file: File,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+impl LogArea {
+    /// A zeroed log of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        LogArea {
+            file: memfd("vbk-log", size),
+            size,
+        }
+    }
+
+    /// The whole bitmap.
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut buf = vec![0u8; self.size as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, &mut buf, 0).unwrap();
+        buf
+    }
+
+    /// Whether the page holding `gpa` is marked dirty.
+    pub fn is_dirty(&self, gpa: u64) -> bool {
+        let page = gpa / 4096;
+        self.bytes()[(page / 8) as usize] & (1 << (page % 8)) != 0
+    }
+
+    /// Clear every bit.
+    pub fn clear(&self) {
+        let zero = vec![0u8; self.size as usize];
+        std::os::unix::fs::FileExt::write_all_at(&self.file, &zero, 0).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The test device
+// ---------------------------------------------------------------------------
+
+/// Device type of [`TestDevice`] (outside the range the virtio spec assigns).
+pub const TEST_DEVICE_TYPE: u32 = 0xfff0;
+/// Size of [`TestDevice`]'s config space.
+pub const TEST_CONFIG_SIZE: usize = 16;
+/// Features [`TestDevice`] offers.
+pub const TEST_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
+/// Readable bytes a chain may carry before the device stops reading.
+const MAX_CHAIN_BYTES: usize = 1 << 20;
+
+/// A lifecycle call [`TestDevice`] received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceCall {
+    /// `acked_features`.
+    AckedFeatures(u64),
+    /// `set_event_idx`.
+    EventIdx(bool),
+    /// `update_memory`.
+    MemoryUpdated,
+    /// `queue_started`.
+    QueueStarted(u16),
+    /// `queue_stopped`.
+    QueueStopped(u16),
+    /// `reset`.
+    Reset,
+    /// `write_config`.
+    ConfigWritten {
+        /// Offset written.
+        offset: u32,
+        /// Bytes written.
+        len: usize,
+    },
+}
+
+/// The bytes [`TestDevice`] writes back for `input`.
+pub fn transform(input: &[u8]) -> Vec<u8> {
+    input.iter().map(|b| b ^ 0xff).collect()
+}
+
+/// A device with `num_queues` queues: for each chain it reads the readable
+/// bytes and writes their complement (XOR 0xff) into the writable
+/// descriptors, puts the chain on the used ring with the length written and
+/// signals the driver if it wants it. A chain touching memory outside guest
+/// memory is returned with length 0. Its 16-byte config space is writable;
+/// each write announces a config change.
+pub struct TestDevice {
+    num_queues: usize,
+    max_queue_size: u16,
+    config: Mutex<[u8; TEST_CONFIG_SIZE]>,
+    notifier: Mutex<Option<ConfigNotifier>>,
+    calls: Mutex<Vec<DeviceCall>>,
+    /// Chains completed.
+    pub chains: AtomicU64,
+    /// Chains that touched memory outside the guest.
+    pub bad_chains: AtomicU64,
+}
+
+impl TestDevice {
+    /// A device with `num_queues` queues of at most 256 entries.
+    pub fn new(num_queues: usize) -> Arc<Self> {
+        let mut config = [0u8; TEST_CONFIG_SIZE];
+        for (i, b) in config.iter_mut().enumerate() {
+            *b = 0xa0 + i as u8;
+        }
+        Arc::new(TestDevice {
+            num_queues,
+            max_queue_size: 256,
+            config: Mutex::new(config),
+            notifier: Mutex::new(None),
+            calls: Mutex::new(Vec::new()),
+            chains: AtomicU64::new(0),
+            bad_chains: AtomicU64::new(0),
+        })
+    }
+
+    /// The initial config space contents.
+    pub fn initial_config() -> Vec<u8> {
+        (0..TEST_CONFIG_SIZE as u8).map(|i| 0xa0 + i).collect()
+    }
+
+    fn record(&self, call: DeviceCall) {
+        self.calls.lock().unwrap().push(call);
+    }
+
+    /// Every call recorded so far.
+    pub fn calls(&self) -> Vec<DeviceCall> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// Forget the recorded calls.
+    pub fn clear_calls(&self) {
+        self.calls.lock().unwrap().clear();
+    }
+
+    /// Whether `call` was recorded.
+    pub fn has_call(&self, call: &DeviceCall) -> bool {
+        self.calls.lock().unwrap().contains(call)
+    }
+
+    /// Wait until `call` is recorded (worker calls arrive asynchronously).
+    pub fn wait_for_call(&self, call: &DeviceCall) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !self.has_call(call) {
+            assert!(
+                Instant::now() < deadline,
+                "device never saw {call:?}; calls: {:?}",
+                self.calls()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn process_chain(chain: virtio_backend_kit::Chain) -> (u16, u32, bool) {
+        let head = chain.head_index();
+        let mem = chain.memory();
+        let descs: Vec<_> = chain.clone().collect();
+        let mut input = Vec::new();
+        for d in descs.iter().filter(|d| !d.is_write_only()) {
+            let len = d.len() as usize;
+            if input.len() + len > MAX_CHAIN_BYTES {
+                return (head, 0, true);
+            }
+            let start = input.len();
+            input.resize(start + len, 0);
+            if mem.read_slice(&mut input[start..], d.addr()).is_err() {
+                return (head, 0, true);
+            }
+        }
+        let output = transform(&input);
+        let mut written = 0usize;
+        for d in descs.iter().filter(|d| d.is_write_only()) {
+            let n = (d.len() as usize).min(output.len() - written);
+            if mem.write_slice(&output[written..written + n], d.addr()).is_err() {
+                return (head, 0, true);
+            }
+            written += n;
+        }
+        (head, written as u32, false)
+    }
+}
+
+impl DeviceBackend for TestDevice {
+    type Vring = VringOwned;
+
+    fn device_type(&self) -> u32 {
+        TEST_DEVICE_TYPE
+    }
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.max_queue_size
+    }
+
+    fn features(&self) -> u64 {
+        TEST_FEATURES
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.record(DeviceCall::AckedFeatures(features));
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.record(DeviceCall::EventIdx(enabled));
+    }
+
+    fn config_size(&self) -> usize {
+        TEST_CONFIG_SIZE
+    }
+
+    fn read_config(&self, offset: u32, data: &mut [u8]) {
+        let config = self.config.lock().unwrap();
+        data.fill(0);
+        let start = (offset as usize).min(TEST_CONFIG_SIZE);
+        let n = data.len().min(TEST_CONFIG_SIZE - start);
+        data[..n].copy_from_slice(&config[start..start + n]);
+    }
+
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), BackendError> {
+        let start = offset as usize;
+        let end = start
+            .checked_add(data.len())
+            .filter(|e| *e <= TEST_CONFIG_SIZE)
+            .ok_or("config write out of range")?;
+        self.config.lock().unwrap()[start..end].copy_from_slice(data);
+        self.record(DeviceCall::ConfigWritten {
+            offset,
+            len: data.len(),
+        });
+        if let Some(n) = self.notifier.lock().unwrap().as_ref() {
+            n.notify();
+        }
+        Ok(())
+    }
+
+    fn update_memory(
+        &self,
+        _mem: &virtio_backend_kit::GuestMemoryHandle,
+    ) -> Result<(), BackendError> {
+        self.record(DeviceCall::MemoryUpdated);
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        event: DeviceEvent,
+        queues: &QueueSet<VringOwned>,
+        _worker: usize,
+    ) -> Result<(), BackendError> {
+        let DeviceEvent::Queue(index) = event else {
+            return Ok(());
+        };
+        let Some(vring) = queues.get(index) else {
+            return Ok(());
+        };
+        let mut vring = vring.lock();
+        let mut done = 0;
+        while let Some(chain) = vring.pop_chain()? {
+            let (head, len, bad) = Self::process_chain(chain);
+            if bad {
+                self.bad_chains.fetch_add(1, Ordering::SeqCst);
+            }
+            vring.add_used(head, len)?;
+            self.chains.fetch_add(1, Ordering::SeqCst);
+            done += 1;
+        }
+        if done > 0 {
+            vring.notify_if_needed()?;
+        }
+        Ok(())
+    }
+
+    fn queue_started(&self, index: u16) {
+        self.record(DeviceCall::QueueStarted(index));
+    }
+
+    fn queue_stopped(&self, index: u16) {
+        self.record(DeviceCall::QueueStopped(index));
+    }
+
+    fn reset(&self) {
+        self.record(DeviceCall::Reset);
+    }
+
+    fn set_config_notifier(&self, notifier: ConfigNotifier) {
+        *self.notifier.lock().unwrap() = Some(notifier);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The daemon
+// ---------------------------------------------------------------------------
+
+/// A daemon serving a device on a socket in a temporary directory.
+pub struct Daemon<D: DeviceBackend> {
+    /// Keeps the socket directory alive.
+    pub dir: tempfile::TempDir,
+    /// The socket path.
+    pub path: PathBuf,
+    /// The device, shared with the daemon.
+    pub device: Arc<D>,
+    thread: Option<JoinHandle<Result<(), DaemonError>>>,
+}
+
+/// Serve `device` on a fresh socket in a thread.
+pub fn spawn_daemon<D: DeviceBackend>(device: Arc<D>, mode: ServeMode) -> Daemon<D> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vhost-user.sock");
+    // Bound before the thread starts, so a client can connect at once.
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut daemon = VhostUserDaemon::new(device.clone()).expect("create daemon");
+    let thread = std::thread::Builder::new()
+        .name("vbk-test-daemon".into())
+        .spawn(move || daemon.serve_listener(&listener, mode))
+        .unwrap();
+    Daemon {
+        dir,
+        path,
+        device,
+        thread: Some(thread),
+    }
+}
+
+impl<D: DeviceBackend> Daemon<D> {
+    /// Connect a raw socket with read and write timeouts.
+    pub fn connect(&self) -> UnixStream {
+        let sock = UnixStream::connect(&self.path).unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        sock.set_write_timeout(Some(TIMEOUT)).unwrap();
+        sock
+    }
+
+    /// Connect a raw client.
+    pub fn raw(&self) -> RawClient {
+        RawClient::new(self.connect())
+    }
+
+    /// Connect a `vhost` frontend (plus a raw handle on the same socket).
+    pub fn frontend(&self, num_queues: u64) -> Client {
+        Client::new(self.connect(), num_queues)
+    }
+
+    /// Whether the daemon thread has returned.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Wait (bounded) for the daemon thread to return, and return its result.
+    pub fn join(&mut self, timeout: Duration) -> Option<Result<(), DaemonError>> {
+        let deadline = Instant::now() + timeout;
+        while !self.is_finished() {
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t = self.thread.take()?;
+        Some(t.join().expect("daemon thread panicked"))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------
+
+/// A reply read off the socket.
+#[derive(Debug)]
+pub struct Reply {
+    /// Request code.
+    pub request: u32,
+    /// Header flags.
+    pub flags: u32,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+impl Reply {
+    /// The payload as a u64 (REPLY_ACK and u64 replies).
+    pub fn u64(&self) -> u64 {
+        assert_eq!(self.payload.len(), 8, "not a u64 reply: {self:?}");
+        u64::from_le_bytes(self.payload[..8].try_into().unwrap())
+    }
+}
+
+/// Build a vhost-user message.
+pub fn message(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(12 + payload.len());
+    buf.extend_from_slice(&request.to_le_bytes());
+    buf.extend_from_slice(&flags.to_le_bytes());
+    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    buf.extend_from_slice(payload);
+    buf
+}
+
+/// Concatenate little-endian u64 words.
+pub fn u64s(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// A `VhostUserVringState` payload.
+pub fn vring_state(index: u32, num: u32) -> Vec<u8> {
+    let mut p = index.to_le_bytes().to_vec();
+    p.extend_from_slice(&num.to_le_bytes());
+    p
+}
+
+/// A byte-level vhost-user client.
+pub struct RawClient {
+    /// The socket (with timeouts).
+    pub sock: UnixStream,
+}
+
+impl RawClient {
+    /// Wrap a connected socket (timeouts are set here too).
+    pub fn new(sock: UnixStream) -> Self {
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        sock.set_write_timeout(Some(TIMEOUT)).unwrap();
+        RawClient { sock }
+    }
+
+    /// Send raw bytes with `fds` attached to the first byte.
+    pub fn send_bytes(&self, bytes: &[u8], fds: &[RawFd]) {
+        if fds.is_empty() {
+            (&self.sock).write_all(bytes).unwrap();
+            return;
+        }
+        let sent = self.sock.send_with_fds(&[bytes], fds).unwrap();
+        if sent < bytes.len() {
+            (&self.sock).write_all(&bytes[sent..]).unwrap();
+        }
+    }
+
+    /// Send a message with explicit header flags.
+    pub fn send(&self, request: u32, flags: u32, payload: &[u8], fds: &[RawFd]) {
+        self.send_bytes(&message(request, flags, payload), fds);
+    }
+
+    /// Read one message; `Err` on timeout or a closed socket.
+    pub fn recv(&self) -> std::io::Result<Reply> {
+        let mut hdr = [0u8; 12];
+        (&self.sock).read_exact(&mut hdr)?;
+        let word = |i: usize| u32::from_le_bytes(hdr[i..i + 4].try_into().unwrap());
+        let mut payload = vec![0u8; word(8) as usize];
+        (&self.sock).read_exact(&mut payload)?;
+        Ok(Reply {
+            request: word(0),
+            flags: word(4),
+            payload,
+        })
+    }
+
+    /// Read the reply to `request`, checking its header.
+    pub fn reply_to(&self, request: u32) -> Reply {
+        let r = self
+            .recv()
+            .unwrap_or_else(|e| panic!("no reply to request {request}: {e}"));
+        assert_eq!(r.request, request, "reply to the wrong request: {r:?}");
+        assert_eq!(r.flags & 0x3, FLAG_VERSION_1, "bad reply version: {r:?}");
+        assert_ne!(r.flags & FLAG_REPLY, 0, "reply flag missing: {r:?}");
+        r
+    }
+
+    /// Send with NEED_REPLY and return the REPLY_ACK value (0 = success).
+    pub fn ack(&self, request: u32, payload: &[u8], fds: &[RawFd]) -> u64 {
+        self.send(request, FLAG_VERSION_1 | FLAG_NEED_REPLY, payload, fds);
+        self.reply_to(request).u64()
+    }
+
+    /// Send a request that has an explicit reply and return the reply.
+    pub fn call(&self, request: u32, payload: &[u8], fds: &[RawFd]) -> Reply {
+        self.send(request, FLAG_VERSION_1, payload, fds);
+        self.reply_to(request)
+    }
+
+    /// Assert nothing arrives within `wait`.
+    pub fn expect_silence(&self, wait: Duration) {
+        self.sock.set_read_timeout(Some(wait)).unwrap();
+        let mut byte = [0u8; 1];
+        let res = (&self.sock).read(&mut byte);
+        self.sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        match res {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            other => panic!("unexpected data or error on the socket: {other:?}"),
+        }
+    }
+
+    /// A request that must succeed: `GET_QUEUE_NUM` gets its answer.
+    pub fn get_queue_num(&self) -> u64 {
+        self.call(17, &[], &[]).u64()
+    }
+}
+
+/// The `vhost` crate's frontend plus a raw handle on the same socket.
+pub struct Client {
+    /// The frontend.
+    pub frontend: Frontend,
+    /// A raw handle to the same connection (do not interleave half-messages).
+    pub raw: RawClient,
+}
+
+impl Client {
+    /// Wrap a connected socket.
+    pub fn new(sock: UnixStream, num_queues: u64) -> Self {
+        let raw = RawClient::new(sock.try_clone().unwrap());
+        Client {
+            frontend: Frontend::from_stream(sock, num_queues),
+            raw,
+        }
+    }
+
+    /// Negotiate: SET_OWNER, GET/SET_FEATURES (`virtio` plus bit 30),
+    /// GET/SET_PROTOCOL_FEATURES (`protocol`), and from then on ask for an
+    /// ack on every request so each step is checked.
+    pub fn negotiate(&mut self, virtio: u64, protocol: VhostUserProtocolFeatures) {
+        use virtio_backend_kit::vhost::vhost_user::message::VhostUserHeaderFlag;
+        let fe = &mut self.frontend;
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        assert_eq!(offered & virtio, virtio, "features {virtio:#x} not offered");
+        fe.set_features(virtio | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+            .unwrap();
+        let offered_proto = fe.get_protocol_features().unwrap();
+        assert!(offered_proto.contains(protocol));
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        fe.set_protocol_features(protocol).unwrap();
+    }
+
+    /// The protocol features the tests use by default.
+    pub fn default_protocol() -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::STATUS
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
+    }
+
+    /// Configure and start `q`: NUM, ADDR, BASE, CALL, ERR, KICK, ENABLE.
+    pub fn start_queue(&mut self, q: &SplitQueue, base: u16) {
+        let i = q.index as usize;
+        let fe = &mut self.frontend;
+        fe.set_vring_num(i, q.size).unwrap();
+        fe.set_vring_addr(i, &q.config_data()).unwrap();
+        fe.set_vring_base(i, base).unwrap();
+        fe.set_vring_call(i, &q.call).unwrap();
+        fe.set_vring_err(i, &q.err).unwrap();
+        fe.set_vring_kick(i, &q.kick).unwrap();
+        fe.set_vring_enable(i, true).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The split-virtqueue driver
+// ---------------------------------------------------------------------------
+
+/// A buffer in a chain.
+#[derive(Clone, Copy, Debug)]
+pub struct Buf {
+    /// Guest physical address.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Whether the device writes it.
+    pub writable: bool,
+}
+
+/// A raw split-ring descriptor.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Desc {
+    /// Buffer address.
+    pub addr: u64,
+    /// Buffer length.
+    pub len: u32,
+    /// `VRING_DESC_F_*`.
+    pub flags: u16,
+    /// Next descriptor index.
+    pub next: u16,
+}
+
+/// Bytes one queue's [`SplitQueue::new`] area takes.
+pub const QUEUE_AREA: u64 = 0x10000;
+const RINGS_SIZE: u64 = 0x3000;
+
+/// A driver-side split virtqueue living in a [`GuestMem`].
+///
+/// Its area of [`QUEUE_AREA`] bytes holds the descriptor table, the
+/// available ring and (on its own page) the used ring, then a data area
+/// handed out by [`SplitQueue::alloc`].
+pub struct SplitQueue {
+    mem: GuestMemoryMmap<()>,
+    /// Queue index.
+    pub index: u16,
+    /// Queue size.
+    pub size: u16,
+    /// Descriptor table gpa.
+    pub desc: u64,
+    /// Available ring gpa.
+    pub avail: u64,
+    /// Used ring gpa.
+    pub used: u64,
+    /// Driver → device notification.
+    pub kick: EventFd,
+    /// Device → driver notification.
+    pub call: EventFd,
+    /// Device error notification.
+    pub err: EventFd,
+    next_desc: u16,
+    avail_idx: u16,
+    last_used: u16,
+    data_start: u64,
+    data_end: u64,
+    data_next: u64,
+}
+
+impl SplitQueue {
+    /// A queue of `size` entries (≤ 256) whose rings and data live in the
+    /// [`QUEUE_AREA`] bytes at `area` inside `guest`. The rings are zeroed.
+    pub fn new(guest: &GuestMem, index: u16, size: u16, area: u64) -> Self {
+        assert!(size <= 256 && size.is_power_of_two());
+        assert!(area >= guest.gpa && area + QUEUE_AREA <= guest.gpa + guest.size);
+        let desc = area;
+        let avail = area + 0x1000;
+        let used = area + 0x2000;
+        guest.write(area, &vec![0u8; RINGS_SIZE as usize]);
+        SplitQueue {
+            mem: guest.mem.clone(),
+            index,
+            size,
+            desc,
+            avail,
+            used,
+            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            err: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            next_desc: 0,
+            avail_idx: 0,
+            last_used: 0,
+            data_start: area + RINGS_SIZE,
+            data_end: area + QUEUE_AREA,
+            data_next: area + RINGS_SIZE,
+        }
+    }
+
+    /// The ring addresses as `SET_VRING_ADDR` carries them (the frontend's
+    /// virtual addresses).
+    pub fn config_data(&self) -> VringConfigData {
+        let host = |gpa: u64| self.mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+        VringConfigData {
+            queue_max_size: self.size,
+            queue_size: self.size,
+            flags: 0,
+            desc_table_addr: host(self.desc),
+            used_ring_addr: host(self.used),
+            avail_ring_addr: host(self.avail),
+            log_addr: None,
+        }
+    }
+
+    /// Allocate `len` bytes (16-byte aligned) in the data area, wrapping
+    /// around when it is exhausted.
+    pub fn alloc(&mut self, len: u64) -> u64 {
+        let len = (len + 15) & !15;
+        assert!(len <= self.data_end - self.data_start);
+        if self.data_next + len > self.data_end {
+            self.data_next = self.data_start;
+        }
+        let gpa = self.data_next;
+        self.data_next += len;
+        gpa
+    }
+
+    /// Allocate a page-aligned buffer of `len` bytes on pages of its own.
+    pub fn alloc_page_aligned(&mut self, len: u64) -> u64 {
+        let start = (self.data_next + 0xfff) & !0xfff;
+        let end = (start + len + 0xfff) & !0xfff;
+        assert!(end <= self.data_end, "data area exhausted");
+        self.data_next = end;
+        start
+    }
+
+    /// Write `data` into guest memory.
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        self.mem.write_slice(data, GuestAddress(gpa)).unwrap();
+    }
+
+    /// Read guest memory.
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.mem.read_slice(&mut buf, GuestAddress(gpa)).unwrap();
+        buf
+    }
+
+    /// Reserve `n` consecutive descriptor slots and return the first.
+    pub fn alloc_descs(&mut self, n: u16) -> u16 {
+        assert!(n <= self.size);
+        if self.next_desc + n > self.size {
+            self.next_desc = 0;
+        }
+        let first = self.next_desc;
+        self.next_desc += n;
+        first
+    }
+
+    /// Write descriptor `slot` of the table at `table` (the queue's own
+    /// table unless building an indirect one).
+    pub fn write_desc_at(&self, table: u64, slot: u16, d: Desc) {
+        let mut raw = [0u8; 16];
+        raw[..8].copy_from_slice(&d.addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&d.len.to_le_bytes());
+        raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&d.next.to_le_bytes());
+        self.write(table + 16 * u64::from(slot), &raw);
+    }
+
+    /// Write descriptor `slot` of the queue's table.
+    pub fn write_desc(&self, slot: u16, d: Desc) {
+        self.write_desc_at(self.desc, slot, d);
+    }
+
+    /// Write `descs` as a chain into consecutive slots, linking them with
+    /// NEXT; returns the head. Flags other than NEXT are taken as given.
+    pub fn write_chain(&mut self, descs: &[Desc]) -> u16 {
+        let n = u16::try_from(descs.len()).unwrap();
+        let first = self.alloc_descs(n);
+        for (i, d) in descs.iter().enumerate() {
+            let slot = first + i as u16;
+            let mut d = *d;
+            if i + 1 < descs.len() {
+                d.flags |= VRING_DESC_F_NEXT;
+                d.next = slot + 1;
+            }
+            self.write_desc(slot, d);
+        }
+        first
+    }
+
+    /// Put `head` on the available ring and publish the new index.
+    pub fn publish(&mut self, head: u16) {
+        let slot = u64::from(self.avail_idx % self.size);
+        self.mem
+            .write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        fence(Ordering::SeqCst);
+        self.mem
+            .store(self.avail_idx, GuestAddress(self.avail + 2), Ordering::Release)
+            .unwrap();
+    }
+
+    /// Overwrite the published available index (for malformed rings).
+    pub fn set_avail_idx(&mut self, idx: u16) {
+        self.avail_idx = idx;
+        self.mem
+            .store(idx, GuestAddress(self.avail + 2), Ordering::Release)
+            .unwrap();
+    }
+
+    /// The driver's available index.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// Build a chain of `bufs`, publish it and return its head.
+    pub fn add_chain(&mut self, bufs: &[Buf]) -> u16 {
+        let descs: Vec<Desc> = bufs
+            .iter()
+            .map(|b| Desc {
+                addr: b.gpa,
+                len: b.len,
+                flags: if b.writable { VRING_DESC_F_WRITE } else { 0 },
+                next: 0,
+            })
+            .collect();
+        let head = self.write_chain(&descs);
+        self.publish(head);
+        head
+    }
+
+    /// Allocate a readable buffer holding `data` and a writable buffer of
+    /// `out_len` bytes, chain them and publish; returns (head, out gpa).
+    pub fn add_request(&mut self, data: &[u8], out_len: u32) -> (u16, u64) {
+        let input = self.alloc(data.len() as u64);
+        self.write(input, data);
+        let output = self.alloc(u64::from(out_len));
+        self.write(output, &vec![0u8; out_len as usize]);
+        let head = self.add_chain(&[
+            Buf {
+                gpa: input,
+                len: data.len() as u32,
+                writable: false,
+            },
+            Buf {
+                gpa: output,
+                len: out_len,
+                writable: true,
+            },
+        ]);
+        (head, output)
+    }
+
+    /// Notify the device.
+    pub fn kick(&self) {
+        self.kick.write(1).unwrap();
+    }
+
+    /// `used_event` (in the available ring, used with EVENT_IDX).
+    pub fn set_used_event(&self, value: u16) {
+        let at = self.avail + 4 + 2 * u64::from(self.size);
+        self.mem.store(value, GuestAddress(at), Ordering::Release).unwrap();
+    }
+
+    /// The device's used index.
+    pub fn used_idx(&self) -> u16 {
+        self.mem
+            .load(GuestAddress(self.used + 2), Ordering::Acquire)
+            .unwrap()
+    }
+
+    /// Used ring entry `i` (modulo the size): (id, len).
+    pub fn used_elem(&self, i: u16) -> (u32, u32) {
+        let at = self.used + 4 + 8 * u64::from(i % self.size);
+        let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+        (id, len)
+    }
+
+    /// The used index the driver has consumed up to.
+    pub fn last_used(&self) -> u16 {
+        self.last_used
+    }
+
+    /// Wait until `n` more chains are used and return their (id, len).
+    pub fn wait_used(&mut self, n: u16) -> Vec<(u32, u32)> {
+        let target = self.last_used.wrapping_add(n);
+        let deadline = Instant::now() + TIMEOUT;
+        while self.used_idx().wrapping_sub(self.last_used) < n {
+            assert!(
+                Instant::now() < deadline,
+                "queue {}: used idx stuck at {} (want {target})",
+                self.index,
+                self.used_idx()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        fence(Ordering::SeqCst);
+        let out = (0..n)
+            .map(|k| self.used_elem(self.last_used.wrapping_add(k)))
+            .collect();
+        self.last_used = target;
+        out
+    }
+
+    /// Wait up to `timeout` for the call eventfd; consumes the signal.
+    pub fn wait_call(&self, timeout: Duration) -> bool {
+        poll_eventfd(&self.call, timeout)
+    }
+
+    /// Wait up to `timeout` for the err eventfd; consumes the signal.
+    pub fn wait_err(&self, timeout: Duration) -> bool {
+        poll_eventfd(&self.err, timeout)
+    }
+}
+
+/// Poll an eventfd for up to `timeout`; reads it (resetting it) if ready.
+pub fn poll_eventfd(evt: &EventFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: evt.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n == 1 && pfd.revents & libc::POLLIN != 0 {
+        let _ = evt.read();
+        true
+    } else {
+        false
+    }
+}
+
+/// A deterministic test pattern of `len` bytes.
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}

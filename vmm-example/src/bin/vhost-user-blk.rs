@@ -1,0 +1,105 @@
+//! `vhost-user-blk`: the reference virtio-blk device served over vhost-user.
+//!
+//! ```text
+//! vhost-user-blk --socket /tmp/blk.sock --image disk.raw [--queues 2] [--read-only]
+//! vhost-user-blk --socket /tmp/blk.sock --null --size 1073741824
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{ArgGroup, Parser};
+use log::{error, info};
+use virtio_backend_kit::vhost_user::{Endpoint, ServeMode, VhostUserDaemon};
+use vmm_example::devices::{BlkConfig, BlkDevice, Target};
+
+/// Serve a virtio-blk device to a vhost-user frontend (QEMU, Cloud
+/// Hypervisor, crosvm, libblkio, ...).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+#[command(group(ArgGroup::new("target").required(true).args(["image", "null"])))]
+struct Args {
+    /// Unix socket path: listened on, or connected to with --client.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Connect to a frontend listening on --socket instead of listening.
+    #[arg(long)]
+    client: bool,
+    /// Raw disk image to serve.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Serve a null device that completes requests without touching data.
+    #[arg(long, requires = "size")]
+    null: bool,
+    /// Size in bytes of the --null device.
+    #[arg(long)]
+    size: Option<u64>,
+    /// Number of virtqueues.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: u16,
+    /// Queue size offered to the driver (power of two).
+    #[arg(long, default_value_t = 256)]
+    queue_size: u16,
+    /// Refuse writes.
+    #[arg(long)]
+    read_only: bool,
+    /// After a frontend disconnects, serve the next one instead of exiting.
+    #[arg(long)]
+    keep_serving: bool,
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let target = match (&args.image, args.null, args.size) {
+        (Some(path), _, _) => Target::open_image(path, args.read_only)?,
+        (None, true, Some(size)) => Target::null(size),
+        _ => return Err("give --image FILE or --null --size BYTES".into()),
+    };
+    let cfg = BlkConfig {
+        queues: args.queues,
+        queue_size: args.queue_size,
+        read_only: args.read_only,
+        ..BlkConfig::default()
+    };
+    let device = BlkDevice::new(target, cfg)?;
+    info!(
+        "virtio-blk: {} sectors, {} queue(s), {}",
+        device.capacity_sectors(),
+        args.queues,
+        if device.is_read_only() {
+            "read-only"
+        } else {
+            "read-write"
+        }
+    );
+    let mut daemon = VhostUserDaemon::new(Arc::new(device))?;
+    let endpoint = if args.client {
+        Endpoint::Connect(args.socket.clone())
+    } else {
+        Endpoint::Listen(args.socket.clone())
+    };
+    let mode = if args.keep_serving {
+        ServeMode::KeepServing
+    } else {
+        ServeMode::Once
+    };
+    daemon.run(&endpoint, mode)?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = e.source();
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            error!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! A small safe wrapper around the `blkio` crate's `virtio-blk-vhost-user`
+//! driver (the library QEMU's `blkio` block driver uses), used by the demo,
+//! the tests and the benchmark as a real third-party vhost-user frontend.
+
+use std::mem::MaybeUninit;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+/// Errors from the blkio frontend.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// libblkio reported an error.
+    #[error("blkio {op}: {message}")]
+    Blkio {
+        /// What we were doing.
+        op: &'static str,
+        /// libblkio's message.
+        message: String,
+    },
+    /// A request completed with an error.
+    #[error("{op} at offset {offset} failed with {ret}")]
+    Request {
+        /// Request kind.
+        op: &'static str,
+        /// Byte offset.
+        offset: u64,
+        /// Negative errno.
+        ret: i32,
+    },
+    /// Data read back differs from what was written.
+    #[error("data mismatch at offset {0}")]
+    Mismatch(u64),
+    /// A parameter is out of range.
+    #[error("invalid parameter: {0}")]
+    Invalid(&'static str),
+}
+
+fn wrap<T>(op: &'static str, r: blkio::Result<T>) -> Result<T, ClientError> {
+    r.map_err(|e| ClientError::Blkio {
+        op,
+        message: e.message().to_string(),
+    })
+}
+
+/// Figures from one random-read run.
+#[derive(Clone, Debug, Default)]
+pub struct RunStats {
+    /// Completed requests.
+    pub requests: u64,
+    /// Wall-clock duration.
+    pub elapsed: Duration,
+    /// Per-request latencies in nanoseconds (sampled).
+    pub latencies_ns: Vec<u64>,
+}
+
+impl RunStats {
+    /// Requests per second.
+    pub fn iops(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Latency percentile `p` (0..=100) in microseconds.
+    pub fn latency_us(&mut self, p: f64) -> f64 {
+        if self.latencies_ns.is_empty() {
+            return 0.0;
+        }
+        self.latencies_ns.sort_unstable();
+        let idx = ((p / 100.0) * (self.latencies_ns.len() - 1) as f64).round() as usize;
+        self.latencies_ns[idx.min(self.latencies_ns.len() - 1)] as f64 / 1000.0
+    }
+}
+
+/// A connected, started `virtio-blk-vhost-user` frontend with one shared
+/// buffer region.
+pub struct BlkioClient {
+    queues: Vec<Blkioq>,
+    region: MemoryRegion,
+    capacity: u64,
+    // Keep last: the driver must outlive the queues and the region.
+    blkio: Blkio,
+}
+
+impl BlkioClient {
+    /// Connect to a vhost-user-blk backend at `socket` with `num_queues`
+    /// queues and a `buf_len`-byte buffer region.
+    pub fn connect(socket: &Path, num_queues: usize, buf_len: usize) -> Result<Self, ClientError> {
+        let mut blkio = wrap("new", Blkio::new("virtio-blk-vhost-user"))?;
+        let path = socket.to_str().ok_or(ClientError::Invalid("socket path"))?;
+        wrap("set path", blkio.set_str("path", path))?;
+        wrap(
+            "set num-queues",
+            blkio.set_i32("num-queues", num_queues as i32),
+        )?;
+        wrap("connect", blkio.connect())?;
+        let capacity = wrap("get capacity", blkio.get_u64("capacity"))?;
+        let started = wrap("start", blkio.start())?;
+        let align = wrap(
+            "get mem-region-alignment",
+            blkio.get_u64("mem-region-alignment"),
+        )? as usize;
+        let len = buf_len.div_ceil(align.max(1)) * align.max(1);
+        let region = wrap("alloc_mem_region", blkio.alloc_mem_region(len))?;
+        wrap("map_mem_region", blkio.map_mem_region(&region))?;
+        Ok(BlkioClient {
+            queues: started.queues,
+            region,
+            capacity,
+            blkio,
+        })
+    }
+
+    /// Device capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Number of queues.
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// The shared buffer.
+    pub fn buffer(&mut self) -> &mut [u8] {
+        // SAFETY: the region was allocated and mapped by libblkio with
+        // `len` bytes at `addr`, stays mapped until `self` drops, and
+        // `&mut self` makes this the only live reference to it.
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
+    }
+
+    fn wait(&mut self, q: usize, want: usize) -> Result<Vec<Completion>, ClientError> {
+        let mut done = Vec::with_capacity(want);
+        let mut slots: Vec<MaybeUninit<Completion>> =
+            (0..want).map(|_| MaybeUninit::uninit()).collect();
+        while done.len() < want {
+            let n = wrap(
+                "do_io",
+                self.queues[q].do_io(&mut slots[..want - done.len()], 1, None, None),
+            )?;
+            for s in &slots[..n] {
+                // SAFETY: do_io initialised the first `n` entries.
+                done.push(unsafe { s.assume_init_read() });
+            }
+        }
+        Ok(done)
+    }
+
+    fn check(op: &'static str, offset: u64, c: &Completion) -> Result<(), ClientError> {
+        if c.ret < 0 {
+            return Err(ClientError::Request {
+                op,
+                offset,
+                ret: c.ret,
+            });
+        }
+        Ok(())
+    }
+
+    /// Write `len` bytes from the buffer start to `offset` on queue `q`.
+    pub fn write(&mut self, q: usize, offset: u64, len: usize) -> Result<(), ClientError> {
+        if len > self.region.len {
+            return Err(ClientError::Invalid("write larger than the buffer"));
+        }
+        let buf = self.region.addr as *const u8;
+        self.queues[q].write(offset, buf, len, 0, ReqFlags::empty());
+        let c = self.wait(q, 1)?;
+        Self::check("write", offset, &c[0])
+    }
+
+    /// Read `len` bytes at `offset` into the buffer start on queue `q`.
+    pub fn read(&mut self, q: usize, offset: u64, len: usize) -> Result<(), ClientError> {
+        if len > self.region.len {
+            return Err(ClientError::Invalid("read larger than the buffer"));
+        }
+        let buf = self.region.addr as *mut u8;
+        self.queues[q].read(offset, buf, len, 0, ReqFlags::empty());
+        let c = self.wait(q, 1)?;
+        Self::check("read", offset, &c[0])
+    }
+
+    /// Flush on queue `q`.
+    pub fn flush(&mut self, q: usize) -> Result<(), ClientError> {
+        self.queues[q].flush(0, ReqFlags::empty());
+        let c = self.wait(q, 1)?;
+        Self::check("flush", 0, &c[0])
+    }
+
+    /// Write-zeroes `len` bytes at `offset` on queue `q`.
+    pub fn write_zeroes(&mut self, q: usize, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.queues[q].write_zeroes(offset, len, 0, ReqFlags::empty());
+        let c = self.wait(q, 1)?;
+        Self::check("write_zeroes", offset, &c[0])
+    }
+
+    /// Discard `len` bytes at `offset` on queue `q`.
+    pub fn discard(&mut self, q: usize, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.queues[q].discard(offset, len, 0, ReqFlags::empty());
+        let c = self.wait(q, 1)?;
+        Self::check("discard", offset, &c[0])
+    }
+
+    /// Write a pattern over `total` bytes in `chunk`-byte requests, read it
+    /// back and compare; returns (write, read) throughput in bytes/s.
+    pub fn verified_io(
+        &mut self,
+        q: usize,
+        total: u64,
+        chunk: usize,
+        seed: u8,
+    ) -> Result<(f64, f64), ClientError> {
+        if chunk == 0 || chunk > self.region.len || total > self.capacity {
+            return Err(ClientError::Invalid("chunk or total size"));
+        }
+        let pattern = |off: u64, i: usize| (off as usize / 512 + i).wrapping_mul(31) as u8 ^ seed;
+        let start = Instant::now();
+        let mut off = 0;
+        while off < total {
+            let n = chunk.min((total - off) as usize);
+            for (i, b) in self.buffer()[..n].iter_mut().enumerate() {
+                *b = pattern(off, i);
+            }
+            self.write(q, off, n)?;
+            off += n as u64;
+        }
+        self.flush(q)?;
+        let wrote = start.elapsed();
+        let start = Instant::now();
+        off = 0;
+        while off < total {
+            let n = chunk.min((total - off) as usize);
+            self.buffer()[..n].fill(0);
+            self.read(q, off, n)?;
+            let mismatch = self.buffer()[..n]
+                .iter()
+                .enumerate()
+                .any(|(i, b)| *b != pattern(off, i));
+            if mismatch {
+                return Err(ClientError::Mismatch(off));
+            }
+            off += n as u64;
+        }
+        let read = start.elapsed();
+        Ok((
+            total as f64 / wrote.as_secs_f64().max(1e-9),
+            total as f64 / read.as_secs_f64().max(1e-9),
+        ))
+    }
+
+    /// Random `block`-byte reads at queue depth `depth` on queue `q` for
+    /// `duration`. Each in-flight request reads into its own buffer slot.
+    pub fn random_reads(
+        &mut self,
+        q: usize,
+        depth: usize,
+        block: usize,
+        duration: Duration,
+    ) -> Result<RunStats, ClientError> {
+        if depth == 0 || depth * block > self.region.len || self.capacity < block as u64 {
+            return Err(ClientError::Invalid("depth * block exceeds the buffer"));
+        }
+        let blocks = self.capacity / block as u64;
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next_offset = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % blocks) * block as u64
+        };
+        let base = self.region.addr as *mut u8;
+        let mut issued_at = vec![Instant::now(); depth];
+        let mut stats = RunStats::default();
+        for slot in 0..depth {
+            // SAFETY: slot * block + block <= region.len, checked above.
+            let buf = unsafe { base.add(slot * block) };
+            issued_at[slot] = Instant::now();
+            self.queues[q].read(next_offset(), buf, block, slot, ReqFlags::empty());
+        }
+        let mut slots: Vec<MaybeUninit<Completion>> =
+            (0..depth).map(|_| MaybeUninit::uninit()).collect();
+        let start = Instant::now();
+        let mut in_flight = depth;
+        let mut draining = false;
+        while in_flight > 0 {
+            let n = wrap("do_io", self.queues[q].do_io(&mut slots, 1, None, None))?;
+            let now = Instant::now();
+            if !draining && now.duration_since(start) >= duration {
+                draining = true;
+            }
+            for s in &slots[..n] {
+                // SAFETY: do_io initialised the first `n` entries.
+                let c = unsafe { s.assume_init_read() };
+                Self::check("read", 0, &c)?;
+                let slot = c.user_data;
+                stats.requests += 1;
+                if stats.requests % 16 == 0 || stats.latencies_ns.len() < 4096 {
+                    stats
+                        .latencies_ns
+                        .push(now.duration_since(issued_at[slot]).as_nanos() as u64);
+                }
+                if draining {
+                    in_flight -= 1;
+                } else {
+                    // SAFETY: `slot < depth`, see above.
+                    let buf = unsafe { base.add(slot * block) };
+                    issued_at[slot] = Instant::now();
+                    self.queues[q].read(next_offset(), buf, block, slot, ReqFlags::empty());
+                }
+            }
+        }
+        stats.elapsed = start.elapsed();
+        Ok(stats)
+    }
+}
+
+impl Drop for BlkioClient {
+    fn drop(&mut self) {
+        self.queues.clear();
+        self.blkio.unmap_mem_region(&self.region);
+        self.blkio.free_mem_region(&self.region);
+    }
+}
