@@ -17,13 +17,14 @@
 //! Our daemon must be built first: `cargo build --release --workspace`.
 //! Run: `cargo test --release --test qemu_guest -- --nocapture --test-threads=1`.
 
-use std::fs::{self, File};
+mod process;
+
+use process::{have, Backend};
+use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 const IMAGE_SIZE: u64 = 64 << 20;
@@ -96,131 +97,6 @@ fn prepare_guest() -> Result<(), String> {
         run_script("build-image.sh")
     })
     .clone()
-}
-
-fn have(cmd: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
-        .unwrap_or(false)
-}
-
-/// Our daemon binary: CARGO_BIN_EXE_* (same package), VBK_BIN_DIR, then
-/// `<target>/<profile>/` derived from this test executable
-/// (`<target>/<profile>/deps/qemu_guest-*`), then the other profile.
-fn daemon_binary() -> Result<PathBuf, String> {
-    let mut candidates = Vec::new();
-    if let Some(p) = option_env!("CARGO_BIN_EXE_vhost-user-blk") {
-        candidates.push(PathBuf::from(p));
-    }
-    if let Some(d) = std::env::var_os("VBK_BIN_DIR") {
-        candidates.push(PathBuf::from(d).join("vhost-user-blk"));
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(profile_dir) = exe.parent().and_then(Path::parent) {
-            candidates.push(profile_dir.join("vhost-user-blk"));
-            if let Some(target) = profile_dir.parent() {
-                candidates.push(target.join("release/vhost-user-blk"));
-                candidates.push(target.join("debug/vhost-user-blk"));
-            }
-        }
-    }
-    candidates.dedup();
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .ok_or_else(|| {
-            format!(
-                "vhost-user-blk daemon binary not found (looked at {candidates:?}); \
-             run `cargo build --release --workspace` first, or set VBK_BIN_DIR"
-            )
-        })
-}
-
-/// A child process that is killed (SIGTERM, then SIGKILL) when dropped.
-struct Backend {
-    child: Child,
-    name: &'static str,
-    log: PathBuf,
-}
-
-impl Backend {
-    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Backend {
-        let f = File::create(&log).expect("create backend log");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        Backend { child, name, log }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_for_socket(&mut self, sock: &Path) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if fs::metadata(sock)
-                .map(|m| m.file_type().is_socket())
-                .unwrap_or(false)
-            {
-                return;
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!(
-                    "{} exited ({st}) before creating {sock:?}; log:\n{}",
-                    self.name,
-                    self.log_text()
-                );
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "{} did not create {sock:?} within 15s; log:\n{}",
-                    self.name,
-                    self.log_text()
-                );
-            }
-            sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits up to `grace` for the process to exit by itself, then stops it.
-    fn stop(&mut self, grace: Duration) {
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                println!("{} exited by itself: {st}", self.name);
-                return;
-            }
-            sleep(Duration::from_millis(50));
-        }
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                println!("{} stopped with SIGTERM", self.name);
-                return;
-            }
-            sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        println!("{} killed", self.name);
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// Runs tests/guest/run-qemu-blk.sh; returns (success, console text).
@@ -409,7 +285,7 @@ fn guest_test(
 fn vhost_user_blk_daemon_with_qemu_guest() {
     // The daemon exits by itself when its frontend disconnects.
     guest_test("vhost-user-blk", Duration::from_secs(5), |sock, img| {
-        let bin = daemon_binary().unwrap_or_else(|e| panic!("{e}"));
+        let bin = process::binary("vhost-user-blk").unwrap_or_else(|e| panic!("{e}"));
         println!("daemon: {}", bin.display());
         let mut c = Command::new(&bin);
         c.arg("--socket")

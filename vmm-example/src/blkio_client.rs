@@ -86,14 +86,27 @@ impl BlkioClient {
     /// Connect to a vhost-user-blk backend at `socket` with `num_queues`
     /// queues and a `buf_len`-byte buffer region.
     pub fn connect(socket: &Path, num_queues: usize, buf_len: usize) -> Result<Self, ClientError> {
+        Self::connect_with(socket, num_queues, buf_len, false)
+    }
+
+    /// Like [`BlkioClient::connect`], for a read-only device when
+    /// `read_only` is set (libblkio refuses to start a read-only device
+    /// otherwise).
+    pub fn connect_with(
+        socket: &Path,
+        num_queues: usize,
+        buf_len: usize,
+        read_only: bool,
+    ) -> Result<Self, ClientError> {
         let mut blkio = wrap("new", Blkio::new("virtio-blk-vhost-user"))?;
         let path = socket.to_str().ok_or(ClientError::Invalid("socket path"))?;
         wrap("set path", blkio.set_str("path", path))?;
+        wrap("set read-only", blkio.set_bool("read-only", read_only))?;
+        wrap("connect", blkio.connect())?;
         wrap(
             "set num-queues",
             blkio.set_i32("num-queues", num_queues as i32),
         )?;
-        wrap("connect", blkio.connect())?;
         let capacity = wrap("get capacity", blkio.get_u64("capacity"))?;
         let started = wrap("start", blkio.start())?;
         let align = wrap(

@@ -1,0 +1,133 @@
+//! Support for tests that run the workspace's binaries and peer programs as
+//! real processes.
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+pub fn have(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        .unwrap_or(false)
+}
+
+/// A workspace binary: VBK_BIN_DIR, then
+/// `<target>/<profile>/` derived from this test executable
+/// (`<target>/<profile>/deps/qemu_guest-*`), then the other profile.
+pub fn binary(name: &str) -> Result<PathBuf, String> {
+    let mut candidates = Vec::new();
+    if let Some(d) = std::env::var_os("VBK_BIN_DIR") {
+        candidates.push(PathBuf::from(d).join(name));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(profile_dir) = exe.parent().and_then(Path::parent) {
+            candidates.push(profile_dir.join(name));
+            if let Some(target) = profile_dir.parent() {
+                candidates.push(target.join("release").join(name));
+                candidates.push(target.join("debug").join(name));
+            }
+        }
+    }
+    candidates.dedup();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+                "{name} binary not found (looked at {candidates:?}); \
+             run `cargo build --release --workspace` first, or set VBK_BIN_DIR"
+            )
+        })
+}
+
+/// A child process that is killed (SIGTERM, then SIGKILL) when dropped.
+pub struct Backend {
+    /// The process.
+    pub child: Child,
+    name: &'static str,
+    log: PathBuf,
+}
+
+impl Backend {
+    pub fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Backend {
+        let f = File::create(&log).expect("create backend log");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Backend { child, name, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_for_socket(&mut self, sock: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if fs::metadata(sock)
+                .map(|m| m.file_type().is_socket())
+                .unwrap_or(false)
+            {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!(
+                    "{} exited ({st}) before creating {sock:?}; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} did not create {sock:?} within 15s; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits up to `grace` for the process to exit by itself, then stops it.
+    pub fn stop(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                println!("{} exited by itself: {st}", self.name);
+                return;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                println!("{} stopped with SIGTERM", self.name);
+                return;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        println!("{} killed", self.name);
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
