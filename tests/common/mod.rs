@@ -190,7 +190,8 @@ pub const TEST_DEVICE_TYPE: u32 = 0xfff0;
 /// Size of [`TestDevice`]'s config space.
 pub const TEST_CONFIG_SIZE: usize = 16;
 /// Features [`TestDevice`] offers.
-pub const TEST_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
+pub const TEST_FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
 /// Readable bytes a chain may carry before the device stops reading.
 const MAX_CHAIN_BYTES: usize = 1 << 20;
 
@@ -316,7 +317,10 @@ impl TestDevice {
         let mut written = 0usize;
         for d in descs.iter().filter(|d| d.is_write_only()) {
             let n = (d.len() as usize).min(output.len() - written);
-            if mem.write_slice(&output[written..written + n], d.addr()).is_err() {
+            if mem
+                .write_slice(&output[written..written + n], d.addr())
+                .is_err()
+            {
                 return (head, 0, true);
             }
             written += n;
@@ -895,7 +899,11 @@ impl SplitQueue {
         self.avail_idx = self.avail_idx.wrapping_add(1);
         fence(Ordering::SeqCst);
         self.mem
-            .store(self.avail_idx, GuestAddress(self.avail + 2), Ordering::Release)
+            .store(
+                self.avail_idx,
+                GuestAddress(self.avail + 2),
+                Ordering::Release,
+            )
             .unwrap();
     }
 
@@ -958,7 +966,9 @@ impl SplitQueue {
     /// `used_event` (in the available ring, used with EVENT_IDX).
     pub fn set_used_event(&self, value: u16) {
         let at = self.avail + 4 + 2 * u64::from(self.size);
-        self.mem.store(value, GuestAddress(at), Ordering::Release).unwrap();
+        self.mem
+            .store(value, GuestAddress(at), Ordering::Release)
+            .unwrap();
     }
 
     /// The device's used index.

@@ -44,6 +44,12 @@ fn wrap<T>(op: &'static str, r: blkio::Result<T>) -> Result<T, ClientError> {
     })
 }
 
+/// The byte [`BlkioClient::verified_io`] writes at disk offset `pos` for
+/// `seed`, so a host can check an image file afterwards.
+pub fn pattern_byte(seed: u8, pos: u64) -> u8 {
+    ((pos / 512) as usize + (pos % 512) as usize).wrapping_mul(31) as u8 ^ seed
+}
+
 /// Figures from one random-read run.
 #[derive(Clone, Debug, Default)]
 pub struct RunStats {
@@ -222,10 +228,23 @@ impl BlkioClient {
         chunk: usize,
         seed: u8,
     ) -> Result<(f64, f64), ClientError> {
-        if chunk == 0 || chunk > self.region.len || total > self.capacity {
+        self.verified_io_at(q, 0, total, chunk, seed)
+    }
+
+    /// [`BlkioClient::verified_io`] over `total` bytes starting at `base`.
+    /// The pattern depends on the offset relative to `base`.
+    pub fn verified_io_at(
+        &mut self,
+        q: usize,
+        base: u64,
+        total: u64,
+        chunk: usize,
+        seed: u8,
+    ) -> Result<(f64, f64), ClientError> {
+        if chunk == 0 || chunk > self.region.len || base.saturating_add(total) > self.capacity {
             return Err(ClientError::Invalid("chunk or total size"));
         }
-        let pattern = |off: u64, i: usize| (off as usize / 512 + i).wrapping_mul(31) as u8 ^ seed;
+        let pattern = |off: u64, i: usize| pattern_byte(seed, off + i as u64);
         let start = Instant::now();
         let mut off = 0;
         while off < total {
@@ -233,7 +252,7 @@ impl BlkioClient {
             for (i, b) in self.buffer()[..n].iter_mut().enumerate() {
                 *b = pattern(off, i);
             }
-            self.write(q, off, n)?;
+            self.write(q, base + off, n)?;
             off += n as u64;
         }
         self.flush(q)?;
@@ -243,13 +262,13 @@ impl BlkioClient {
         while off < total {
             let n = chunk.min((total - off) as usize);
             self.buffer()[..n].fill(0);
-            self.read(q, off, n)?;
+            self.read(q, base + off, n)?;
             let mismatch = self.buffer()[..n]
                 .iter()
                 .enumerate()
                 .any(|(i, b)| *b != pattern(off, i));
             if mismatch {
-                return Err(ClientError::Mismatch(off));
+                return Err(ClientError::Mismatch(base + off));
             }
             off += n as u64;
         }
