@@ -48,7 +48,9 @@ pub struct QueueSet<V> {
 }
 
 impl<V: VringT> QueueSet<V> {
-    pub(crate) fn new(num_queues: usize) -> Self {
+    /// An empty set for a device with `num_queues` queues (workers build
+    /// these; device unit tests can too).
+    pub fn new(num_queues: usize) -> Self {
         QueueSet {
             slots: (0..num_queues).map(|_| None).collect(),
         }
@@ -67,13 +69,15 @@ impl<V: VringT> QueueSet<V> {
             .filter_map(|(i, v)| v.as_ref().map(|v| (i as u16, v)))
     }
 
-    pub(crate) fn insert(&mut self, index: u16, vring: V) {
+    /// Put a running vring in slot `index` (ignored if out of range).
+    pub fn insert(&mut self, index: u16, vring: V) {
         if let Some(slot) = self.slots.get_mut(usize::from(index)) {
             *slot = Some(vring);
         }
     }
 
-    pub(crate) fn take(&mut self, index: u16) -> Option<V> {
+    /// Take the vring out of slot `index`.
+    pub fn take(&mut self, index: u16) -> Option<V> {
         self.slots
             .get_mut(usize::from(index))
             .and_then(Option::take)

@@ -204,6 +204,12 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
         self.acked_protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
     }
 
+    /// With LOG_SHMFD, SET_LOG_BASE carries an explicit reply the frontend
+    /// waits for, also when the request fails.
+    fn log_shmfd_enabled(&self) -> bool {
+        self.acked_protocol & VhostUserProtocolFeatures::LOG_SHMFD.bits() != 0
+    }
+
     fn protocol_negotiated(&self) -> bool {
         self.protocol_set || self.core.acked_features() & VHOST_USER_F_PROTOCOL_FEATURES != 0
     }
@@ -221,7 +227,8 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                 None => Err(RequestError::Unsupported(code)),
             }
         };
-        let explicit = request.is_some_and(has_reply);
+        let explicit = request.is_some_and(has_reply)
+            || (request == Some(FrontendReq::SET_LOG_BASE) && self.log_shmfd_enabled());
         match result {
             Ok(Outcome::Reply(payload)) => self.conn.send_reply(code, &payload),
             Ok(Outcome::Ack) => {
@@ -514,8 +521,11 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
         self.core
             .dirty_log()
             .set_area(&file, log.mmap_size, log.mmap_offset)?;
-        // With LOG_SHMFD the frontend waits for this reply.
-        Ok(u64_reply(0))
+        // With LOG_SHMFD the frontend waits for this reply. Echo the log
+        // description: the `vhost` crate's frontend reads exactly a
+        // `VhostUserLog` back (a u64 left it blocked on the missing bytes),
+        // and QEMU accepts any payload.
+        Ok(Outcome::Reply(log.as_slice().to_vec()))
     }
 
     fn config_request<'p>(

@@ -443,6 +443,50 @@ impl DeviceBackend for TestDevice {
 // The daemon
 // ---------------------------------------------------------------------------
 
+/// Aborts the test process if a test is still running after `limit`: a
+/// `vhost::Frontend` call waiting for a reply that never comes retries its
+/// read forever, whatever the socket timeout, and must not hang the suite.
+pub struct Watchdog {
+    done: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Watchdog {
+    /// Arm a watchdog for the current test.
+    pub fn new(limit: Duration) -> Self {
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("unnamed test")
+            .to_owned();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                eprintln!("{name}: still running after {limit:?}, aborting (hung?)");
+                std::process::abort();
+            }
+        });
+        Watchdog { done: Some(tx) }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Run `f` on its own thread and panic if it does not finish within
+/// [`TIMEOUT`] (for steps that may block forever if the backend is wrong).
+pub fn within_timeout<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(TIMEOUT)
+        .unwrap_or_else(|_| panic!("{what} did not complete within {TIMEOUT:?}"))
+}
+
 /// A daemon serving a device on a socket in a temporary directory.
 pub struct Daemon<D: DeviceBackend> {
     /// Keeps the socket directory alive.
@@ -452,10 +496,12 @@ pub struct Daemon<D: DeviceBackend> {
     /// The device, shared with the daemon.
     pub device: Arc<D>,
     thread: Option<JoinHandle<Result<(), DaemonError>>>,
+    _watchdog: Watchdog,
 }
 
 /// Serve `device` on a fresh socket in a thread.
 pub fn spawn_daemon<D: DeviceBackend>(device: Arc<D>, mode: ServeMode) -> Daemon<D> {
+    let watchdog = Watchdog::new(Duration::from_secs(120));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vhost-user.sock");
     // Bound before the thread starts, so a client can connect at once.
@@ -470,6 +516,7 @@ pub fn spawn_daemon<D: DeviceBackend>(device: Arc<D>, mode: ServeMode) -> Daemon
         path,
         device,
         thread: Some(thread),
+        _watchdog: watchdog,
     }
 }
 

@@ -302,10 +302,10 @@ impl BlkioClient {
         let base = self.region.addr as *mut u8;
         let mut issued_at = vec![Instant::now(); depth];
         let mut stats = RunStats::default();
-        for slot in 0..depth {
+        for (slot, at) in issued_at.iter_mut().enumerate() {
             // SAFETY: slot * block + block <= region.len, checked above.
             let buf = unsafe { base.add(slot * block) };
-            issued_at[slot] = Instant::now();
+            *at = Instant::now();
             self.queues[q].read(next_offset(), buf, block, slot, ReqFlags::empty());
         }
         let mut slots: Vec<MaybeUninit<Completion>> =

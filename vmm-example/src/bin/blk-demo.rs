@@ -149,7 +149,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     println!(
         "host: image file verified byte for byte ({} MiB)",
-        2 * per_queue >> 20
+        (2 * per_queue) >> 20
     );
 
     println!("== vhost-user-blk --null, 4 KiB random reads, 1 queue");
