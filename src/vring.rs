@@ -107,8 +107,50 @@ impl VringState {
     }
 }
 
-/// A shared, swappable eventfd slot (call or err notifier).
-pub type NotifierSlot = Arc<ArcSwapOption<EventFd>>;
+/// Interrupt-status bit for "used buffer" (virtio-mmio `InterruptStatus`).
+pub const INTERRUPT_USED_BUFFER: u32 = 0x1;
+/// Interrupt-status bit for "configuration change".
+pub const INTERRUPT_CONFIG_CHANGE: u32 = 0x2;
+
+/// Where a notification goes: an eventfd (a vhost-user call or err fd, or
+/// a KVM irqfd) and, for transports with an interrupt status register, the
+/// status word whose bit is set before the eventfd fires.
+#[derive(Debug)]
+pub struct Notifier {
+    fd: EventFd,
+    status: Option<(Arc<std::sync::atomic::AtomicU32>, u32)>,
+}
+
+impl Notifier {
+    /// A plain eventfd notifier.
+    pub fn new(fd: EventFd) -> Self {
+        Notifier { fd, status: None }
+    }
+
+    /// A notifier that sets `bit` in `status` before signalling `fd`.
+    pub fn with_status(fd: EventFd, status: Arc<std::sync::atomic::AtomicU32>, bit: u32) -> Self {
+        Notifier {
+            fd,
+            status: Some((status, bit)),
+        }
+    }
+
+    /// The eventfd.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.fd
+    }
+
+    /// Raise the notification.
+    pub fn notify(&self) -> std::io::Result<()> {
+        if let Some((status, bit)) = &self.status {
+            status.fetch_or(*bit, Ordering::SeqCst);
+        }
+        self.fd.write(1)
+    }
+}
+
+/// A shared, swappable notifier slot (call or err).
+pub type NotifierSlot = Arc<ArcSwapOption<Notifier>>;
 
 /// One live virtqueue with its memory and notifiers.
 #[derive(Debug)]
@@ -244,7 +286,7 @@ impl Vring {
     pub fn signal_used_queue(&mut self) -> Result<(), VringError> {
         self.signalled_used = Some(self.queue.next_used());
         if let Some(call) = self.call.load().as_ref() {
-            call.write(1).map_err(|source| VringError::Signal {
+            call.notify().map_err(|source| VringError::Signal {
                 index: self.index,
                 source,
             })?;
@@ -265,7 +307,7 @@ impl Vring {
     /// Tell the frontend this queue hit an unrecoverable error.
     pub fn signal_error(&self) {
         if let Some(err) = self.err.load().as_ref() {
-            let _ = err.write(1);
+            let _ = err.notify();
         }
     }
 

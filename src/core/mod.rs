@@ -6,6 +6,8 @@
 //! register writes. A queue runs (is handed to its worker) once guest memory
 //! exists, the queue is configured, it has a kick eventfd and it is enabled.
 
+mod control;
+mod event_loop;
 mod queue;
 mod worker;
 
@@ -17,7 +19,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{ConfigNotifier, DeviceBackend};
 use crate::memory::{DirtyLog, GuestMemoryHandle, GuestMemoryLog, GuestRegionLog};
-use crate::vring::{Vring, VringError, VringState};
+use crate::vring::{Notifier, Vring, VringError, VringState};
+pub use control::{Activation, ControlError, DeviceControl, QueueActivation};
+pub use event_loop::DataPlaneSubscriber;
 use queue::QueueSlot;
 pub use worker::WorkerError;
 use worker::{WorkerCommand, WorkerHandle};
@@ -94,6 +98,29 @@ pub struct DeviceCore<B: DeviceBackend> {
 impl<B: DeviceBackend> DeviceCore<B> {
     /// Create the core and spawn the device's worker threads.
     pub fn new(backend: Arc<B>) -> Result<Self> {
+        let groups = backend.queue_groups().len().max(1);
+        let workers = (0..groups)
+            .map(|id| WorkerHandle::spawn(id, backend.clone()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Self::with_workers(backend, workers))
+    }
+
+    /// Create the core with its data plane as `event-manager` subscribers
+    /// (one per queue group) instead of threads. Add the subscribers to the
+    /// VMM's `EventManager`; drive the core from another thread.
+    pub fn with_event_loop(backend: Arc<B>) -> Result<(Self, Vec<DataPlaneSubscriber<B>>)> {
+        let groups = backend.queue_groups().len().max(1);
+        let mut handles = Vec::with_capacity(groups);
+        let mut subscribers = Vec::with_capacity(groups);
+        for id in 0..groups {
+            let (handle, worker) = WorkerHandle::new_loop(id, backend.clone())?;
+            handles.push(handle);
+            subscribers.push(DataPlaneSubscriber::new(worker));
+        }
+        Ok((Self::with_workers(backend, handles), subscribers))
+    }
+
+    fn with_workers(backend: Arc<B>, workers: Vec<WorkerHandle>) -> Self {
         let num_queues = backend.num_queues();
         let mut worker_of_queue = vec![0usize; num_queues];
         let groups = backend.queue_groups();
@@ -104,10 +131,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
                 }
             }
         }
-        let workers = (0..groups.len().max(1))
-            .map(|id| WorkerHandle::spawn(id, backend.clone()))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(DeviceCore {
+        DeviceCore {
             mem: GuestMemoryHandle::new(GuestMemoryLog::default()),
             log: DirtyLog::new(),
             acked_features: 0,
@@ -115,7 +139,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
             workers,
             worker_of_queue,
             backend,
-        })
+        }
     }
 
     /// The device.
@@ -195,6 +219,11 @@ impl<B: DeviceBackend> DeviceCore<B> {
             .memory()
             .remove_region(GuestAddress(gpa), size)
             .map_err(|e| CoreError::Memory(e.to_string()))?;
+        self.install_memory(mem)
+    }
+
+    /// Replace guest memory with `mem` (an in-process VMM's own memory).
+    pub fn set_guest_memory(&mut self, mem: GuestMemoryLog) -> Result<()> {
         self.install_memory(mem)
     }
 
@@ -302,6 +331,12 @@ impl<B: DeviceBackend> DeviceCore<B> {
     /// Attach (or detach) the call eventfd of queue `index`. Takes effect
     /// immediately, even while the queue runs.
     pub fn set_call(&mut self, index: u32, call: Option<EventFd>) -> Result<()> {
+        self.set_call_notifier(index, call.map(Notifier::new))
+    }
+
+    /// Attach (or detach) the call notifier of queue `index` (e.g. an irqfd
+    /// with an interrupt status bit).
+    pub fn set_call_notifier(&mut self, index: u32, call: Option<Notifier>) -> Result<()> {
         let slot = self.slot(index)?;
         slot.call.store(call.map(Arc::new));
         Ok(())
@@ -310,7 +345,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
     /// Attach (or detach) the err eventfd of queue `index`.
     pub fn set_err(&mut self, index: u32, err: Option<EventFd>) -> Result<()> {
         let slot = self.slot(index)?;
-        slot.err.store(err.map(Arc::new));
+        slot.err.store(err.map(|fd| Arc::new(Notifier::new(fd))));
         Ok(())
     }
 

@@ -1,10 +1,15 @@
-//! Data-plane worker threads.
+//! The data plane: the loop that owns a queue group's vrings.
 //!
-//! Each worker owns the vrings of its queue group and epoll-waits on their
-//! kick eventfds, the device's own fds, its control eventfd and the exit
-//! events. The control core hands a vring over with [`WorkerCommand::Start`]
-//! and takes it back with [`WorkerCommand::Stop`]; between the two, only the
-//! worker touches it, so the hot path takes no lock.
+//! A [`WorkerLoop`] owns the vrings of its queue group and reacts to their
+//! kick eventfds, the device's own fds, its control eventfd and exit events.
+//! The control core hands a vring over with [`WorkerCommand::Start`] and
+//! takes it back with [`WorkerCommand::Stop`]; between the two, only the
+//! loop touches it, so the hot path takes no lock.
+//!
+//! The same loop runs in two flavours: on a thread of its own, epoll-waiting
+//! ([`WorkerHandle::spawn`]), or as an `event-manager` subscriber on a VMM's
+//! event loop ([`super::event_loop::DataPlaneSubscriber`]). Only the
+//! [`FdRegistry`] differs.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
@@ -19,11 +24,11 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::backend::{DeviceBackend, DeviceEvent, QueueSet};
 use crate::vring::{Vring, VringState, VringT};
 
-const TOKEN_CONTROL: u64 = 0;
-const TOKEN_EXIT: u64 = 1;
-const TOKEN_DEVICE_EXIT: u64 = 2;
-const TOKEN_KICK_BASE: u64 = 0x1000;
-const TOKEN_DEVICE_BASE: u64 = 1 << 32;
+pub(crate) const TOKEN_CONTROL: u64 = 0;
+pub(crate) const TOKEN_EXIT: u64 = 1;
+pub(crate) const TOKEN_DEVICE_EXIT: u64 = 2;
+pub(crate) const TOKEN_KICK_BASE: u64 = 0x1000;
+pub(crate) const TOKEN_DEVICE_BASE: u64 = 1 << 32;
 
 /// Errors starting a worker.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +52,36 @@ pub(crate) enum WorkerCommand {
     },
 }
 
-/// The control core's handle to one worker thread.
+/// Registration of fds with whatever waits on them.
+pub(crate) trait FdRegistry {
+    /// Watch `fd` for input; events come back with `token`.
+    fn add(&mut self, fd: RawFd, token: u64) -> std::io::Result<()>;
+    /// Stop watching `fd`.
+    fn remove(&mut self, fd: RawFd, token: u64) -> std::io::Result<()>;
+}
+
+impl FdRegistry for Epoll {
+    fn add(&mut self, fd: RawFd, token: u64) -> std::io::Result<()> {
+        self.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )
+    }
+
+    fn remove(&mut self, fd: RawFd, _token: u64) -> std::io::Result<()> {
+        self.ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+}
+
+/// Whether the loop goes on after an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flow {
+    Continue,
+    Exit,
+}
+
+/// The control core's handle to one data-plane loop.
 pub(crate) struct WorkerHandle {
     commands: Sender<WorkerCommand>,
     wake: EventFd,
@@ -56,48 +90,45 @@ pub(crate) struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Spawn worker `id` for `backend`.
-    pub(crate) fn spawn<B: DeviceBackend>(id: usize, backend: Arc<B>) -> Result<Self, WorkerError> {
+    /// Create the loop for worker `id` of `backend`, without running it.
+    pub(crate) fn new_loop<B: DeviceBackend>(
+        id: usize,
+        backend: Arc<B>,
+    ) -> Result<(Self, WorkerLoop<B>), WorkerError> {
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(WorkerError::Setup)?;
         let exit = EventFd::new(libc::EFD_NONBLOCK).map_err(WorkerError::Setup)?;
         let (tx, rx) = std::sync::mpsc::channel();
-        let epoll = Epoll::new().map_err(WorkerError::Setup)?;
-        let add = |fd: RawFd, token: u64| {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-        };
-        add(wake.as_raw_fd(), TOKEN_CONTROL).map_err(WorkerError::Setup)?;
-        add(exit.as_raw_fd(), TOKEN_EXIT).map_err(WorkerError::Setup)?;
-        let device_exit = backend.exit_event(id);
-        if let Some(evt) = &device_exit {
-            add(evt.as_raw_fd(), TOKEN_DEVICE_EXIT).map_err(WorkerError::Setup)?;
-        }
-        for (fd, token) in backend.worker_fds(id) {
-            add(fd, TOKEN_DEVICE_BASE + token).map_err(WorkerError::Setup)?;
-        }
-        let worker = Worker {
+        let worker = WorkerLoop {
             id,
             queues: QueueSet::new(backend.num_queues()),
+            device_exit: backend.exit_event(id),
+            device_fds: backend.worker_fds(id),
             backend,
-            epoll,
             commands: rx,
             wake: wake.try_clone().map_err(WorkerError::Setup)?,
+            exit: exit.try_clone().map_err(WorkerError::Setup)?,
             kicks: HashMap::new(),
-            _device_exit: device_exit,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("vbk-worker-{id}"))
-            .spawn(move || worker.run())
-            .map_err(WorkerError::Spawn)?;
-        Ok(WorkerHandle {
+        let handle = WorkerHandle {
             commands: tx,
             wake,
             exit,
-            thread: Some(thread),
-        })
+            thread: None,
+        };
+        Ok((handle, worker))
+    }
+
+    /// Spawn worker `id` for `backend` on a thread of its own.
+    pub(crate) fn spawn<B: DeviceBackend>(id: usize, backend: Arc<B>) -> Result<Self, WorkerError> {
+        let (mut handle, worker) = Self::new_loop(id, backend)?;
+        let mut epoll = Epoll::new().map_err(WorkerError::Setup)?;
+        worker.register(&mut epoll).map_err(WorkerError::Setup)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("vbk-worker-{id}"))
+            .spawn(move || worker.run(epoll))
+            .map_err(WorkerError::Spawn)?;
+        handle.thread = Some(thread);
+        Ok(handle)
     }
 
     /// Send a command and wake the worker. Returns false if the worker is gone.
@@ -108,9 +139,14 @@ impl WorkerHandle {
         self.wake.write(1).is_ok()
     }
 
-    /// Whether the worker thread is still running.
+    /// Whether the worker is still running.
     pub(crate) fn is_alive(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+        match &self.thread {
+            Some(t) => !t.is_finished(),
+            // On an event loop: alive as long as it holds the receiver,
+            // which `send` detects.
+            None => true,
+        }
     }
 }
 
@@ -125,22 +161,42 @@ impl Drop for WorkerHandle {
     }
 }
 
-struct Worker<B: DeviceBackend> {
+/// One queue group's data plane.
+pub(crate) struct WorkerLoop<B: DeviceBackend> {
     id: usize,
     backend: Arc<B>,
     queues: QueueSet<B::Vring>,
-    epoll: Epoll,
     commands: Receiver<WorkerCommand>,
     wake: EventFd,
+    exit: EventFd,
     kicks: HashMap<u16, EventFd>,
-    _device_exit: Option<EventFd>,
+    device_exit: Option<EventFd>,
+    device_fds: Vec<(RawFd, u64)>,
 }
 
-impl<B: DeviceBackend> Worker<B> {
-    fn run(mut self) {
+impl<B: DeviceBackend> WorkerLoop<B> {
+    /// Register the loop's fixed fds.
+    pub(crate) fn register(&self, reg: &mut dyn FdRegistry) -> std::io::Result<()> {
+        reg.add(self.wake.as_raw_fd(), TOKEN_CONTROL)?;
+        reg.add(self.exit.as_raw_fd(), TOKEN_EXIT)?;
+        if let Some(evt) = &self.device_exit {
+            reg.add(evt.as_raw_fd(), TOKEN_DEVICE_EXIT)?;
+        }
+        for (fd, token) in &self.device_fds {
+            reg.add(*fd, TOKEN_DEVICE_BASE + token)?;
+        }
+        Ok(())
+    }
+
+    /// The device fds and their tokens.
+    pub(crate) fn device_fds(&self) -> &[(RawFd, u64)] {
+        &self.device_fds
+    }
+
+    fn run(mut self, mut epoll: Epoll) {
         let mut events = vec![EpollEvent::default(); 64];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+            let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -149,32 +205,40 @@ impl<B: DeviceBackend> Worker<B> {
                 }
             };
             for ev in &events[..n] {
-                match ev.data() {
-                    TOKEN_CONTROL => {
-                        let _ = self.wake.read();
-                        self.drain_commands();
-                    }
-                    TOKEN_EXIT => {
-                        self.stop_all();
-                        return;
-                    }
-                    TOKEN_DEVICE_EXIT => {
-                        debug!("worker {}: device asked to exit", self.id);
-                        self.stop_all();
-                        return;
-                    }
-                    t if (TOKEN_KICK_BASE..TOKEN_DEVICE_BASE).contains(&t) => {
-                        let index = (t - TOKEN_KICK_BASE) as u16;
-                        if let Some(kick) = self.kicks.get(&index) {
-                            // Consume the counter; the device drains the ring.
-                            let _ = kick.read();
-                            self.dispatch(DeviceEvent::Queue(index));
-                        }
-                    }
-                    t => self.dispatch(DeviceEvent::Fd(t - TOKEN_DEVICE_BASE)),
+                if self.on_event(ev.data(), &mut epoll) == Flow::Exit {
+                    return;
                 }
             }
         }
+    }
+
+    /// React to the event carrying `token`.
+    pub(crate) fn on_event(&mut self, token: u64, reg: &mut dyn FdRegistry) -> Flow {
+        match token {
+            TOKEN_CONTROL => {
+                let _ = self.wake.read();
+                self.drain_commands(reg);
+            }
+            TOKEN_EXIT => {
+                self.stop_all(reg);
+                return Flow::Exit;
+            }
+            TOKEN_DEVICE_EXIT => {
+                debug!("worker {}: device asked to exit", self.id);
+                self.stop_all(reg);
+                return Flow::Exit;
+            }
+            t if (TOKEN_KICK_BASE..TOKEN_DEVICE_BASE).contains(&t) => {
+                let index = (t - TOKEN_KICK_BASE) as u16;
+                if let Some(kick) = self.kicks.get(&index) {
+                    // Consume the counter; the device drains the ring.
+                    let _ = kick.read();
+                    self.dispatch(DeviceEvent::Queue(index));
+                }
+            }
+            t => self.dispatch(DeviceEvent::Fd(t - TOKEN_DEVICE_BASE)),
+        }
+        Flow::Continue
     }
 
     fn dispatch(&mut self, event: DeviceEvent) {
@@ -188,30 +252,26 @@ impl<B: DeviceBackend> Worker<B> {
         }
     }
 
-    fn drain_commands(&mut self) {
+    fn drain_commands(&mut self, reg: &mut dyn FdRegistry) {
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
-                WorkerCommand::Start { vring, kick } => self.start(vring, kick),
+                WorkerCommand::Start { vring, kick } => self.start(vring, kick, reg),
                 WorkerCommand::Stop { index, reply } => {
-                    let state = self.stop(index);
+                    let state = self.stop(index, reg);
                     let _ = reply.send(state);
                 }
             }
         }
     }
 
-    fn start(&mut self, vring: Vring, kick: EventFd) {
+    fn start(&mut self, vring: Vring, kick: EventFd, reg: &mut dyn FdRegistry) {
         let index = vring.index();
         if self.kicks.contains_key(&index) {
-            // Restarting a running queue: hand back the old one first.
-            self.stop(index);
+            // Restarting a running queue: retire the old one first.
+            self.stop(index, reg);
         }
         let token = TOKEN_KICK_BASE + u64::from(index);
-        if let Err(e) = self.epoll.ctl(
-            ControlOperation::Add,
-            kick.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, token),
-        ) {
+        if let Err(e) = reg.add(kick.as_raw_fd(), token) {
             error!(
                 "worker {}: cannot poll kick fd of queue {index}: {e}",
                 self.id
@@ -226,24 +286,19 @@ impl<B: DeviceBackend> Worker<B> {
         self.dispatch(DeviceEvent::Queue(index));
     }
 
-    fn stop(&mut self, index: u16) -> Option<VringState> {
+    fn stop(&mut self, index: u16, reg: &mut dyn FdRegistry) -> Option<VringState> {
         if let Some(kick) = self.kicks.remove(&index) {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                kick.as_raw_fd(),
-                EpollEvent::default(),
-            );
+            let _ = reg.remove(kick.as_raw_fd(), TOKEN_KICK_BASE + u64::from(index));
         }
         let vring = self.queues.take(index)?;
         self.backend.queue_stopped(index);
-        let state = vring.state();
-        Some(state)
+        Some(vring.state())
     }
 
-    fn stop_all(&mut self) {
+    fn stop_all(&mut self, reg: &mut dyn FdRegistry) {
         let running: Vec<u16> = self.kicks.keys().copied().collect();
         for index in running {
-            self.stop(index);
+            self.stop(index, reg);
         }
     }
 }

@@ -345,6 +345,161 @@ impl BlkioClient {
     }
 }
 
+impl BlkioClient {
+    /// Random `block`-byte reads on queues `0..num_queues` at queue depth
+    /// `depth` on each, for `duration`, from this one thread.
+    ///
+    /// Completions are interrupt driven, as with [`BlkioClient::random_reads`]:
+    /// every queue is drained without blocking, and only when none has
+    /// anything does the thread arm the queues' completion eventfds and sleep
+    /// in `poll(2)` on all of them. With one queue this is
+    /// [`BlkioClient::random_reads`].
+    pub fn random_reads_multi(
+        &mut self,
+        num_queues: usize,
+        depth: usize,
+        block: usize,
+        duration: Duration,
+    ) -> Result<RunStats, ClientError> {
+        if num_queues == 1 {
+            return self.random_reads(0, depth, block, duration);
+        }
+        if num_queues == 0 || num_queues > self.queues.len() {
+            return Err(ClientError::Invalid("num_queues"));
+        }
+        let slots_total = num_queues * depth;
+        if depth == 0 || slots_total * block > self.region.len || self.capacity < block as u64 {
+            return Err(ClientError::Invalid(
+                "num_queues * depth * block exceeds the buffer",
+            ));
+        }
+        let mut fds = Vec::with_capacity(num_queues);
+        for q in &self.queues[..num_queues] {
+            let fd = q
+                .get_completion_fd()
+                .ok_or(ClientError::Invalid("queue has no completion fd"))?;
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let blocks = self.capacity / block as u64;
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next_offset = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % blocks) * block as u64
+        };
+        let base = self.region.addr as *mut u8;
+        let mut issued_at = vec![Instant::now(); slots_total];
+        let mut stats = RunStats::default();
+        for slot in 0..slots_total {
+            // SAFETY: slot * block + block <= region.len, checked above.
+            let buf = unsafe { base.add(slot * block) };
+            issued_at[slot] = Instant::now();
+            self.queues[slot / depth].read(next_offset(), buf, block, slot, ReqFlags::empty());
+        }
+        let mut completions: Vec<MaybeUninit<Completion>> =
+            (0..depth).map(|_| MaybeUninit::uninit()).collect();
+        let mut in_flight = vec![depth; num_queues];
+        let mut total_in_flight = slots_total;
+        let start = Instant::now();
+        let mut draining = false;
+        let mut armed = false;
+        while total_in_flight > 0 {
+            let mut got = 0usize;
+            for q in 0..num_queues {
+                if in_flight[q] == 0 {
+                    continue;
+                }
+                let n = wrap(
+                    "do_io",
+                    self.queues[q].do_io(&mut completions, 0, None, None),
+                )?;
+                got += n;
+                let now = Instant::now();
+                if !draining && now.duration_since(start) >= duration {
+                    draining = true;
+                }
+                for c in &completions[..n] {
+                    // SAFETY: do_io initialised the first `n` entries.
+                    let c = unsafe { c.assume_init_read() };
+                    Self::check("read", 0, &c)?;
+                    let slot = c.user_data;
+                    stats.requests += 1;
+                    if stats.requests % 16 == 0 || stats.latencies_ns.len() < 4096 {
+                        stats
+                            .latencies_ns
+                            .push(now.duration_since(issued_at[slot]).as_nanos() as u64);
+                    }
+                    if draining {
+                        in_flight[q] -= 1;
+                        total_in_flight -= 1;
+                    } else {
+                        // SAFETY: `slot < slots_total`, see above.
+                        let buf = unsafe { base.add(slot * block) };
+                        issued_at[slot] = Instant::now();
+                        self.queues[q].read(next_offset(), buf, block, slot, ReqFlags::empty());
+                    }
+                }
+            }
+            if got > 0 {
+                if armed {
+                    for q in &mut self.queues[..num_queues] {
+                        q.set_completion_fd_enabled(false);
+                    }
+                    armed = false;
+                }
+                continue;
+            }
+            if total_in_flight == 0 {
+                break;
+            }
+            if !armed {
+                // Arm the completion eventfds, then look once more before
+                // sleeping so a completion that raced with arming is seen.
+                for q in &mut self.queues[..num_queues] {
+                    q.set_completion_fd_enabled(true);
+                }
+                armed = true;
+                continue;
+            }
+            for p in &mut fds {
+                p.revents = 0;
+            }
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs
+            // that outlives the call.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(ClientError::Blkio {
+                        op: "poll",
+                        message: e.to_string(),
+                    });
+                }
+            }
+            for p in &fds {
+                if p.revents & libc::POLLIN != 0 {
+                    let mut val = [0u8; 8];
+                    // SAFETY: reads 8 bytes into a local 8-byte buffer from
+                    // an eventfd libblkio keeps open while the queue lives.
+                    let _ = unsafe { libc::read(p.fd, val.as_mut_ptr().cast(), 8) };
+                }
+            }
+        }
+        if armed {
+            for q in &mut self.queues[..num_queues] {
+                q.set_completion_fd_enabled(false);
+            }
+        }
+        stats.elapsed = start.elapsed();
+        Ok(stats)
+    }
+}
+
 impl Drop for BlkioClient {
     fn drop(&mut self) {
         self.queues.clear();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tempfile::NamedTempFile;
 use virtio_backend_kit::vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use virtio_backend_kit::vmm_sys_util::eventfd::EventFd;
-use virtio_backend_kit::vring::NotifierSlot;
+use virtio_backend_kit::vring::{Notifier, NotifierSlot};
 use virtio_backend_kit::{GuestMemoryHandle, GuestMemoryLog, VringState};
 use virtio_bindings::virtio_blk::virtio_blk_config;
 
@@ -55,7 +55,7 @@ impl Harness {
         };
         let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let call_slot = NotifierSlot::default();
-        call_slot.store(Some(Arc::new(call.try_clone().unwrap())));
+        call_slot.store(Some(Arc::new(Notifier::new(call.try_clone().unwrap()))));
         let vring = Vring::new(
             0,
             QSIZE,

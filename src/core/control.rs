@@ -1,0 +1,132 @@
+//! The transport-facing view of a device: what an in-process transport
+//! (virtio-mmio) needs from whatever implements the device, be it a
+//! [`DeviceCore`] in this process or a vhost-user backend in another one.
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{CoreError, DeviceCore};
+use crate::backend::{BackendError, ConfigNotifier, DeviceBackend};
+use crate::memory::GuestMemoryLog;
+use crate::vring::Notifier;
+
+/// Why a transport-level operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The in-process control core refused.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// The external backend (or the link to it) failed.
+    #[error("external backend: {0}")]
+    External(#[source] BackendError),
+    /// The activation asked for something impossible.
+    #[error("invalid activation: {0}")]
+    Invalid(&'static str),
+}
+
+/// One queue as the driver set it up.
+#[derive(Debug)]
+pub struct QueueActivation {
+    /// Queue index.
+    pub index: u16,
+    /// Negotiated size.
+    pub size: u16,
+    /// Guest physical address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest physical address of the available (driver) ring.
+    pub avail_ring: u64,
+    /// Guest physical address of the used (device) ring.
+    pub used_ring: u64,
+    /// The eventfd the driver's notifications arrive on (a KVM ioeventfd).
+    pub kick: EventFd,
+    /// Where used-buffer notifications go (a KVM irqfd plus status bit).
+    pub call: Notifier,
+}
+
+/// Everything a device needs when the driver sets DRIVER_OK.
+#[derive(Debug)]
+pub struct Activation {
+    /// The features the driver accepted.
+    pub features: u64,
+    /// Guest memory. Regions must be file-backed (memfd) for an external
+    /// backend to map them.
+    pub memory: GuestMemoryLog,
+    /// The queues the driver made ready.
+    pub queues: Vec<QueueActivation>,
+}
+
+/// A device as a transport drives it.
+pub trait DeviceControl: Send {
+    /// Virtio device ID.
+    fn device_type(&self) -> u32;
+    /// Number of queues.
+    fn num_queues(&self) -> usize;
+    /// Largest queue size.
+    fn max_queue_size(&self) -> u16;
+    /// Offered virtio features.
+    fn device_features(&self) -> u64;
+    /// Read the config space (bytes past its end read as zero).
+    fn read_config(&self, offset: u32, data: &mut [u8]);
+    /// Write the config space.
+    fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<(), ControlError>;
+    /// Where config-change notices go.
+    fn set_config_notifier(&mut self, notifier: ConfigNotifier);
+    /// Start the device with the driver's setup.
+    fn activate(&mut self, activation: Activation) -> Result<(), ControlError>;
+    /// Stop all queues and return to the initial state.
+    fn reset(&mut self) -> Result<(), ControlError>;
+}
+
+impl<B: DeviceBackend> DeviceControl for DeviceCore<B> {
+    fn device_type(&self) -> u32 {
+        self.backend.device_type()
+    }
+
+    fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.backend.max_queue_size()
+    }
+
+    fn device_features(&self) -> u64 {
+        self.backend.features()
+    }
+
+    fn read_config(&self, offset: u32, data: &mut [u8]) {
+        // `DeviceCore::read_config` zero-fills and cannot fail.
+        let _ = DeviceCore::read_config(self, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<(), ControlError> {
+        Ok(DeviceCore::write_config(self, offset, data)?)
+    }
+
+    fn set_config_notifier(&mut self, notifier: ConfigNotifier) {
+        DeviceCore::set_config_notifier(self, notifier)
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ControlError> {
+        self.set_features(activation.features, 0)?;
+        self.set_guest_memory(activation.memory)?;
+        for q in activation.queues {
+            let i = u32::from(q.index);
+            self.set_queue_size(i, u32::from(q.size))?;
+            self.set_queue_addresses(i, q.desc_table, q.avail_ring, q.used_ring)?;
+            self.set_queue_base(i, 0, None)?;
+            self.set_call_notifier(i, Some(q.call))?;
+            self.set_queue_enabled(i, true)?;
+            self.set_kick(i, Some(q.kick))?;
+            if !self.is_queue_running(i) {
+                return Err(ControlError::Invalid("queue did not start"));
+            }
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<(), ControlError> {
+        DeviceCore::reset(self);
+        self.clear_memory();
+        Ok(())
+    }
+}
