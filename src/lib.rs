@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod core;
 pub mod memory;
+pub mod mmio;
 pub mod vhost_user;
 pub mod vring;
 
