@@ -1,0 +1,304 @@
+//! A guest-side virtio-mmio driver for tests: programs the transport's
+//! registers, lays out split virtqueues and virtio-blk requests in memfd
+//! guest memory, notifies through the kick eventfds (as a KVM ioeventfd
+//! would) and waits for the interrupt eventfd (a KVM irqfd).
+#![allow(dead_code)]
+
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::time::{Duration, Instant};
+
+use virtio_backend_kit::memory::{DirtyLogBitmap, GuestMemoryLog, GuestRegionLog};
+use virtio_backend_kit::mmio::*;
+use virtio_backend_kit::vm_memory::mmap::MmapRegionBuilder;
+use virtio_backend_kit::vm_memory::{Bytes, FileOffset, GuestAddress};
+
+/// Guest RAM size used by the driver.
+pub const MEM_SIZE: usize = 16 << 20;
+const QUEUE_AREA: u64 = 0x10_0000;
+const DATA_BASE: u64 = 0x80_0000;
+
+/// Memfd-backed guest RAM at gpa 0, shareable with an external backend.
+pub fn guest_memory() -> GuestMemoryLog {
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is
+    // checked and owned by the File below.
+    let fd = unsafe { libc::memfd_create(c"vbk-test-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create failed");
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(MEM_SIZE as u64).unwrap();
+    let map = MmapRegionBuilder::new_with_bitmap(MEM_SIZE, DirtyLogBitmap::default())
+        .with_file_offset(FileOffset::new(file, 0))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED)
+        .build()
+        .unwrap();
+    GuestMemoryLog::from_regions(vec![GuestRegionLog::new(map, GuestAddress(0)).unwrap()]).unwrap()
+}
+
+struct Queue {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    avail_idx: u16,
+    last_used: u16,
+}
+
+/// The driver.
+pub struct Driver {
+    /// The transport under test.
+    pub t: MmioTransport,
+    mem: GuestMemoryLog,
+    queues: Vec<Queue>,
+    interrupts: usize,
+    data_next: u64,
+}
+
+impl Driver {
+    /// Drive `t` whose guest RAM is `mem`.
+    pub fn new(t: MmioTransport, mem: GuestMemoryLog) -> Self {
+        Driver {
+            t,
+            mem,
+            queues: Vec::new(),
+            interrupts: 0,
+            data_next: DATA_BASE,
+        }
+    }
+
+    fn rd(&mut self, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(&mut self, off: u64, v: u32) {
+        self.t.write(off, &v.to_le_bytes());
+    }
+
+    /// DeviceID.
+    pub fn device_id(&mut self) -> u32 {
+        self.rd(DEVICE_ID)
+    }
+
+    /// Status.
+    pub fn status(&mut self) -> u32 {
+        self.rd(STATUS)
+    }
+
+    /// Interrupts received so far.
+    pub fn interrupts(&self) -> usize {
+        self.interrupts
+    }
+
+    /// A little-endian u64 from the config space.
+    pub fn config_u64(&mut self, off: u64) -> u64 {
+        let mut b = [0u8; 8];
+        self.t.read(CONFIG_OFFSET + off, &mut b);
+        u64::from_le_bytes(b)
+    }
+
+    /// A little-endian u16 from the config space.
+    pub fn config_u16(&mut self, off: u64) -> u16 {
+        let mut b = [0u8; 2];
+        self.t.read(CONFIG_OFFSET + off, &mut b);
+        u16::from_le_bytes(b)
+    }
+
+    /// Negotiate VERSION_1 (+ the device's other features) and start
+    /// `queues` queues of `size`.
+    pub fn negotiate_and_start(&mut self, queues: u16, size: u16) {
+        self.wr(STATUS, 0);
+        self.wr(STATUS, STATUS_ACKNOWLEDGE);
+        self.wr(STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        self.wr(DEVICE_FEATURES_SEL, 1);
+        let high = self.rd(DEVICE_FEATURES);
+        self.wr(DEVICE_FEATURES_SEL, 0);
+        // Accept everything but EVENT_IDX (bit 29), so every used buffer
+        // interrupts and the test can count on it.
+        let low = self.rd(DEVICE_FEATURES) & !(1 << 29);
+        self.wr(DRIVER_FEATURES_SEL, 0);
+        self.wr(DRIVER_FEATURES, low);
+        self.wr(DRIVER_FEATURES_SEL, 1);
+        self.wr(DRIVER_FEATURES, high);
+        self.wr(
+            STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_ne!(
+            self.rd(STATUS) & STATUS_FEATURES_OK,
+            0,
+            "FEATURES_OK refused"
+        );
+        self.queues.clear();
+        for q in 0..queues {
+            let area = QUEUE_AREA * (1 + u64::from(q));
+            let (desc, avail, used) = (area, area + 0x1000, area + 0x2000);
+            self.mem
+                .write_slice(&[0u8; 0x3000], GuestAddress(area))
+                .unwrap();
+            self.wr(QUEUE_SEL, u32::from(q));
+            assert!(self.rd(QUEUE_NUM_MAX) >= u32::from(size));
+            self.wr(QUEUE_NUM, u32::from(size));
+            self.wr(QUEUE_DESC_LOW, desc as u32);
+            self.wr(QUEUE_DESC_HIGH, 0);
+            self.wr(QUEUE_DRIVER_LOW, avail as u32);
+            self.wr(QUEUE_DRIVER_HIGH, 0);
+            self.wr(QUEUE_DEVICE_LOW, used as u32);
+            self.wr(QUEUE_DEVICE_HIGH, 0);
+            self.wr(QUEUE_READY, 1);
+            assert_eq!(self.rd(QUEUE_READY), 1, "queue {q} not ready");
+            self.queues.push(Queue {
+                size,
+                desc,
+                avail,
+                used,
+                avail_idx: 0,
+                last_used: 0,
+            });
+        }
+        self.wr(
+            STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert_eq!(
+            self.rd(STATUS) & STATUS_DEVICE_NEEDS_RESET,
+            0,
+            "activation failed"
+        );
+    }
+
+    /// Reset the device.
+    pub fn reset(&mut self) {
+        self.wr(STATUS, 0);
+        self.queues.clear();
+    }
+
+    fn alloc(&mut self, len: usize) -> u64 {
+        let len = (len as u64 + 15) & !15;
+        if self.data_next + len > MEM_SIZE as u64 {
+            self.data_next = DATA_BASE;
+        }
+        let at = self.data_next;
+        self.data_next += len;
+        at
+    }
+
+    /// Submit a chain of (gpa, len, writable) and wait for its completion;
+    /// returns the used length.
+    pub fn submit(&mut self, q: u16, bufs: &[(u64, u32, bool)]) -> u32 {
+        let qi = usize::from(q);
+        let (size, desc, avail) = {
+            let queue = &self.queues[qi];
+            (queue.size, queue.desc, queue.avail)
+        };
+        assert!(bufs.len() <= usize::from(size));
+        for (i, (addr, len, writable)) in bufs.iter().enumerate() {
+            let mut flags = if *writable { 2u16 } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= 1;
+            }
+            let at = desc + 16 * i as u64;
+            self.mem.write_obj(*addr, GuestAddress(at)).unwrap();
+            self.mem.write_obj(*len, GuestAddress(at + 8)).unwrap();
+            self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+            self.mem
+                .write_obj(i as u16 + 1, GuestAddress(at + 14))
+                .unwrap();
+        }
+        let queue = &mut self.queues[qi];
+        let slot = queue.avail_idx % size;
+        self.mem
+            .write_obj(0u16, GuestAddress(avail + 4 + 2 * u64::from(slot)))
+            .unwrap();
+        queue.avail_idx = queue.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem
+            .write_obj(queue.avail_idx, GuestAddress(avail + 2))
+            .unwrap();
+        // What a KVM ioeventfd does for a QueueNotify write.
+        self.t.queue_kicks()[qi].1.write(1).unwrap();
+        self.wait_used(q)
+    }
+
+    fn wait_used(&mut self, q: u16) -> u32 {
+        let qi = usize::from(q);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.t.irq_eventfd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is valid for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            if pfd.revents & libc::POLLIN != 0 {
+                let _ = self.t.irq_eventfd().read();
+                let status = self.rd(INTERRUPT_STATUS);
+                if status != 0 {
+                    self.interrupts += 1;
+                    self.wr(INTERRUPT_ACK, status);
+                }
+            }
+            let queue = &self.queues[qi];
+            let used_idx: u16 = self.mem.read_obj(GuestAddress(queue.used + 2)).unwrap();
+            if used_idx != queue.last_used {
+                let slot = u64::from(queue.last_used % queue.size);
+                let len: u32 = self
+                    .mem
+                    .read_obj(GuestAddress(queue.used + 4 + 8 * slot + 4))
+                    .unwrap();
+                self.queues[qi].last_used = queue.last_used.wrapping_add(1);
+                return len;
+            }
+            assert!(Instant::now() < deadline, "queue {q}: no completion");
+        }
+    }
+
+    fn blk(&mut self, q: u16, kind: u32, sector: u64, data: Option<(&[u8], bool)>) -> (u8, u64) {
+        let hdr = self.alloc(16);
+        self.mem.write_obj(kind, GuestAddress(hdr)).unwrap();
+        self.mem.write_obj(0u32, GuestAddress(hdr + 4)).unwrap();
+        self.mem.write_obj(sector, GuestAddress(hdr + 8)).unwrap();
+        let mut bufs = vec![(hdr, 16, false)];
+        let mut data_at = 0;
+        if let Some((bytes, writable)) = data {
+            data_at = self.alloc(bytes.len());
+            self.mem.write_slice(bytes, GuestAddress(data_at)).unwrap();
+            bufs.push((data_at, bytes.len() as u32, writable));
+        }
+        let st = self.alloc(1);
+        self.mem.write_obj(0xeeu8, GuestAddress(st)).unwrap();
+        bufs.push((st, 1, true));
+        self.submit(q, &bufs);
+        (self.mem.read_obj(GuestAddress(st)).unwrap(), data_at)
+    }
+
+    /// T_OUT; returns the status byte.
+    pub fn blk_write(&mut self, q: u16, sector: u64, data: &[u8]) -> u8 {
+        self.blk(q, 1, sector, Some((data, false))).0
+    }
+
+    /// T_IN; returns (status, data).
+    pub fn blk_read(&mut self, q: u16, sector: u64, len: usize) -> (u8, Vec<u8>) {
+        let zeros = vec![0u8; len];
+        let (st, at) = self.blk(q, 0, sector, Some((&zeros, true)));
+        let mut out = vec![0u8; len];
+        self.mem.read_slice(&mut out, GuestAddress(at)).unwrap();
+        (st, out)
+    }
+
+    /// A request without data (e.g. T_FLUSH = 4); returns the status byte.
+    pub fn blk_simple(&mut self, q: u16, kind: u32, sector: u64) -> u8 {
+        self.blk(q, kind, sector, None).0
+    }
+
+    /// T_GET_ID; returns (status, id bytes).
+    pub fn blk_get_id(&mut self, q: u16) -> (u8, Vec<u8>) {
+        let zeros = [0u8; 20];
+        let (st, at) = self.blk(q, 8, 0, Some((&zeros, true)));
+        let mut out = vec![0u8; 20];
+        self.mem.read_slice(&mut out, GuestAddress(at)).unwrap();
+        (st, out)
+    }
+}
