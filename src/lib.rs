@@ -3,8 +3,11 @@
 
 pub mod backend;
 pub mod core;
+pub mod inflight;
+pub mod kvm;
 pub mod memory;
 pub mod mmio;
+pub mod snapshot;
 pub mod vhost_user;
 pub mod vring;
 

@@ -25,7 +25,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryLoadGuard};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::{GuestMemoryHandle, GuestMemoryLog};
+use crate::inflight::InflightQueue;
+use crate::memory::{DirtyLogBitmap, GuestMemoryHandle, GuestMemoryLog, GuestRegionLog};
 
 /// A descriptor chain popped from a [`Vring`].
 pub type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryLog>>;
@@ -54,6 +55,15 @@ pub enum VringError {
     /// A saved state cannot be applied to a queue.
     #[error("invalid vring state: {0}")]
     InvalidState(&'static str),
+    /// The private ring used to resubmit in-flight requests could not be
+    /// set up.
+    #[error("virtqueue {index}: cannot prepare resubmission: {reason}")]
+    Resubmit {
+        /// Queue index.
+        index: u16,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The plain, serializable state of one vring.
@@ -162,6 +172,69 @@ pub struct Vring {
     err: NotifierSlot,
     enabled: bool,
     signalled_used: Option<u16>,
+    inflight: Option<InflightQueue>,
+    resubmit: Option<Resubmit>,
+}
+
+/// Chains to hand out again after a restart: a private available ring (in a
+/// memory region appended above guest RAM) listing the in-flight heads in
+/// their original order, walked through the guest's descriptor table.
+#[derive(Debug)]
+struct Resubmit {
+    queue: Queue,
+    mem: GuestMemoryHandle,
+}
+
+impl Resubmit {
+    fn new(
+        index: u16,
+        real: &Queue,
+        guest: &GuestMemoryLog,
+        heads: &[u16],
+    ) -> Result<Self, VringError> {
+        use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+        let fail = |reason: String| VringError::Resubmit { index, reason };
+        let size = u64::from(real.size());
+        let avail_len = (6 + 2 * size).div_ceil(4096) * 4096;
+        let used_len = (6 + 8 * size).div_ceil(4096) * 4096;
+        let base = guest
+            .last_addr()
+            .0
+            .checked_add(4096)
+            .map(|a| a & !4095)
+            .ok_or_else(|| fail("no address space left above guest RAM".into()))?;
+        let map = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(
+            (avail_len + used_len) as usize,
+            DirtyLogBitmap::default(),
+        )
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+        let region = GuestRegionLog::new(map, GuestAddress(base))
+            .ok_or_else(|| fail("private region rejected".into()))?;
+        let mem = guest
+            .insert_region(Arc::new(region))
+            .map_err(|e| fail(e.to_string()))?;
+        for (i, head) in heads.iter().enumerate() {
+            mem.write_obj(*head, GuestAddress(base + 4 + 2 * i as u64))
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        mem.write_obj(heads.len() as u16, GuestAddress(base + 2))
+            .map_err(|e| fail(e.to_string()))?;
+        let mut queue =
+            Queue::new(real.max_size()).map_err(|source| VringError::Queue { index, source })?;
+        queue.set_size(real.size());
+        let desc = real.desc_table();
+        queue.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
+        queue.set_avail_ring_address(Some(base as u32), Some((base >> 32) as u32));
+        let used = GuestAddress(base).unchecked_add(avail_len).0;
+        queue.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+        queue.set_ready(true);
+        Ok(Resubmit {
+            queue,
+            mem: GuestMemoryHandle::new(mem),
+        })
+    }
 }
 
 impl Vring {
@@ -207,7 +280,37 @@ impl Vring {
             err,
             enabled: state.enabled,
             signalled_used: state.signalled_used,
+            inflight: None,
+            resubmit: None,
         })
+    }
+
+    /// Track in-flight requests in `inflight`, first recovering what a
+    /// previous backend left there: heads still in flight are handed out
+    /// again by [`Vring::pop_chain`] (oldest first) and the ring resumes
+    /// after the last chain that process popped.
+    pub fn attach_inflight(&mut self, mut inflight: InflightQueue) -> Result<usize, VringError> {
+        let index = self.index;
+        let used_idx = self
+            .queue
+            .used_idx(&*self.mem.memory(), Ordering::Acquire)
+            .map_err(|source| VringError::Queue { index, source })?
+            .0;
+        let recovered = inflight.recover(used_idx);
+        let count = recovered.resubmit.len();
+        self.queue.set_next_used(used_idx);
+        self.queue
+            .set_next_avail(used_idx.wrapping_add(count as u16));
+        if count > 0 {
+            self.resubmit = Some(Resubmit::new(
+                index,
+                &self.queue,
+                &self.mem.memory(),
+                &recovered.resubmit,
+            )?);
+        }
+        self.inflight = Some(inflight);
+        Ok(count)
     }
 
     /// The queue index.
@@ -241,20 +344,48 @@ impl Vring {
     /// driver error reported as `Err`; the queue is then broken until reset.
     pub fn pop_chain(&mut self) -> Result<Option<Chain>, VringError> {
         let index = self.index;
+        if let Some(resubmit) = &mut self.resubmit {
+            let mem = resubmit.mem.memory();
+            let next = resubmit
+                .queue
+                .iter(mem)
+                .map_err(|source| VringError::Queue { index, source })?
+                .next();
+            match next {
+                Some(chain) => {
+                    if let Some(inflight) = &mut self.inflight {
+                        inflight.begin(chain.head_index());
+                    }
+                    return Ok(Some(chain));
+                }
+                None => self.resubmit = None,
+            }
+        }
         let mem = self.mem.memory();
-        let mut iter = self
+        let chain = self
             .queue
             .iter(mem)
-            .map_err(|source| VringError::Queue { index, source })?;
-        Ok(iter.next())
+            .map_err(|source| VringError::Queue { index, source })?
+            .next();
+        if let (Some(inflight), Some(chain)) = (&mut self.inflight, &chain) {
+            inflight.begin(chain.head_index());
+        }
+        Ok(chain)
     }
 
     /// Put chain `head` on the used ring with `len` bytes written.
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), VringError> {
         let index = self.index;
+        if let Some(inflight) = &self.inflight {
+            inflight.pre_complete(head);
+        }
         self.queue
             .add_used(&*self.mem.memory(), head, len)
-            .map_err(|source| VringError::Queue { index, source })
+            .map_err(|source| VringError::Queue { index, source })?;
+        if let Some(inflight) = &self.inflight {
+            inflight.post_complete(head, self.queue.next_used());
+        }
+        Ok(())
     }
 
     /// Whether the driver wants an interrupt now (event_idx aware).

@@ -18,6 +18,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemory
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{ConfigNotifier, DeviceBackend};
+use crate::inflight::InflightArea;
 use crate::memory::{DirtyLog, GuestMemoryHandle, GuestMemoryLog, GuestRegionLog};
 use crate::vring::{Notifier, Vring, VringError, VringState};
 pub use control::{Activation, ControlError, DeviceControl, QueueActivation};
@@ -93,6 +94,7 @@ pub struct DeviceCore<B: DeviceBackend> {
     queues: Vec<QueueSlot>,
     workers: Vec<WorkerHandle>,
     worker_of_queue: Vec<usize>,
+    inflight: Option<Arc<InflightArea>>,
 }
 
 impl<B: DeviceBackend> DeviceCore<B> {
@@ -139,7 +141,20 @@ impl<B: DeviceBackend> DeviceCore<B> {
             workers,
             worker_of_queue,
             backend,
+            inflight: None,
         }
+    }
+
+    /// Track in-flight requests of every queue started from now on in
+    /// `area` (recovering what a previous backend left in it), or stop
+    /// tracking with `None`.
+    pub fn set_inflight(&mut self, area: Option<Arc<InflightArea>>) {
+        self.inflight = area;
+    }
+
+    /// The in-flight area, if any.
+    pub fn inflight(&self) -> Option<&Arc<InflightArea>> {
+        self.inflight.as_ref()
     }
 
     /// The device.
@@ -412,6 +427,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
             *slot = QueueSlot::default();
         }
         self.acked_features = 0;
+        self.inflight = None;
         self.log.set_active(false);
         self.log.clear_area();
         self.backend.reset();
@@ -478,7 +494,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
         let kick = kick
             .try_clone()
             .map_err(|e| CoreError::Memory(format!("kick fd: {e}")))?;
-        let vring = Vring::new(
+        let mut vring = Vring::new(
             q,
             self.backend.max_queue_size(),
             &slot.state,
@@ -487,6 +503,14 @@ impl<B: DeviceBackend> DeviceCore<B> {
             slot.err.clone(),
         )
         .map_err(|source| CoreError::QueueStart { index: q, source })?;
+        if let Some(tracker) = self.inflight.as_ref().and_then(|a| a.queue(q)) {
+            let resubmitted = vring
+                .attach_inflight(tracker)
+                .map_err(|source| CoreError::QueueStart { index: q, source })?;
+            if resubmitted > 0 {
+                log::info!("queue {q}: resubmitting {resubmitted} in-flight request(s)");
+            }
+        }
         let worker = &self.workers[self.worker_of_queue[q as usize]];
         if !worker.send(WorkerCommand::Start { vring, kick }) {
             return Err(CoreError::WorkerGone(q));

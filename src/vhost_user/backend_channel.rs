@@ -39,10 +39,9 @@ impl BackendChannel {
             warn!("config changed but the frontend gave no backend channel");
             return;
         };
-        // VhostUserConfig with offset 0, size 0, flags 0: "re-read the config".
-        let payload = [0u8; 12];
+        // The notice carries no payload: the frontend re-reads the config.
         let code: u32 = BackendReq::CONFIG_CHANGE_MSG.into();
-        if let Err(e) = conn.send_request(code, 0, &payload, &[]) {
+        if let Err(e) = conn.send_request(code, 0, &[], &[]) {
             warn!("cannot send config-change notice: {e}");
             *guard = None;
         }

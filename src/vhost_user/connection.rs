@@ -152,6 +152,16 @@ impl Connection {
         self.sock.write_all(&buf).map_err(ConnectionError::Io)
     }
 
+    /// Send a reply to `request` with `payload` and file descriptors.
+    pub fn send_reply_with_fds(
+        &mut self,
+        request: u32,
+        payload: &[u8],
+        fds: &[RawFd],
+    ) -> Result<(), ConnectionError> {
+        self.send_request(request, FLAG_REPLY, payload, fds)
+    }
+
     /// Send a request (backend-initiated channel) with optional fds.
     pub fn send_request(
         &mut self,

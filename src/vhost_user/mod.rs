@@ -8,8 +8,10 @@
 pub mod backend_channel;
 pub mod connection;
 pub mod daemon;
+pub mod frontend_adapter;
 pub mod memory_table;
 pub mod session;
 
 pub use daemon::{DaemonError, Endpoint, ServeMode, VhostUserDaemon};
+pub use frontend_adapter::{FrontendError, FrontendOptions, VhostUserFrontendDevice};
 pub use session::{kit_protocol_features, RequestError, Session};

@@ -16,18 +16,21 @@ use std::os::unix::net::UnixStream;
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserLog, VhostUserMemory, VhostUserMemoryRegion,
-    VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVringAddr,
-    VhostUserVringState, MAX_ATTACHED_FD_ENTRIES, VHOST_USER_CONFIG_SIZE,
+    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserLog, VhostUserMemory,
+    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserU64,
+    VhostUserVringAddr, VhostUserVringState, MAX_ATTACHED_FD_ENTRIES, VHOST_USER_CONFIG_SIZE,
 };
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
+
+use std::sync::Arc;
 
 use super::backend_channel::BackendChannel;
 use super::connection::{Connection, ConnectionError, Message};
 use super::memory_table::{MappedRegion, MemoryTable, RegionError};
 use crate::backend::{ConfigNotifier, DeviceBackend};
 use crate::core::{CoreError, DeviceCore};
+use crate::inflight::{InflightArea, InflightError};
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -89,6 +92,9 @@ pub enum RequestError {
     /// The dirty log could not be set up.
     #[error(transparent)]
     Log(#[from] crate::memory::DirtyLogError),
+    /// The in-flight area could not be set up.
+    #[error(transparent)]
+    Inflight(#[from] InflightError),
     /// An fd could not be duplicated or converted.
     #[error("bad file descriptor")]
     Fd(#[source] std::io::Error),
@@ -100,6 +106,8 @@ enum Outcome {
     Ack,
     /// An explicit reply payload.
     Reply(Vec<u8>),
+    /// An explicit reply payload with a file descriptor.
+    ReplyWithFile(Vec<u8>, std::sync::Arc<InflightArea>),
 }
 
 type RequestResult = Result<Outcome, RequestError>;
@@ -148,6 +156,7 @@ pub fn kit_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// One frontend connection.
@@ -231,6 +240,11 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
             || (request == Some(FrontendReq::SET_LOG_BASE) && self.log_shmfd_enabled());
         match result {
             Ok(Outcome::Reply(payload)) => self.conn.send_reply(code, &payload),
+            Ok(Outcome::ReplyWithFile(payload, area)) => {
+                use std::os::fd::AsRawFd;
+                self.conn
+                    .send_reply_with_fds(code, &payload, &[area.file().as_raw_fd()])
+            }
             Ok(Outcome::Ack) => {
                 if need_reply && self.reply_ack_enabled() {
                     self.conn.send_reply(code, VhostUserU64::new(0).as_slice())
@@ -243,7 +257,13 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                     "refused {}: {e}",
                     request.map_or_else(|| format!("request {code}"), |r| format!("{r:?}"))
                 );
-                if explicit {
+                if request == Some(FrontendReq::GET_INFLIGHT_FD) {
+                    // A full-size, all-zero reply without an fd: frontends
+                    // that read a fixed-size body (the `vhost` crate's) do
+                    // not block, and the missing fd marks the failure.
+                    self.conn
+                        .send_reply(code, VhostUserInflight::default().as_slice())
+                } else if explicit {
                     // An empty reply tells the frontend the request failed
                     // without leaving it blocked on a read.
                     self.conn.send_reply(code, &[])
@@ -416,8 +436,51 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                 Ok(Outcome::Ack)
             }
             FrontendReq::GET_STATUS => Ok(u64_reply(u64::from(self.status))),
+            FrontendReq::GET_INFLIGHT_FD => {
+                let want = parse::<VhostUserInflight>(req, p)?;
+                self.check_inflight_geometry(req, &want)?;
+                let area = Arc::new(InflightArea::create(want.num_queues, want.queue_size)?);
+                let reply =
+                    VhostUserInflight::new(area.len() as u64, 0, want.num_queues, want.queue_size);
+                self.core.set_inflight(Some(area.clone()));
+                Ok(Outcome::ReplyWithFile(reply.as_slice().to_vec(), area))
+            }
+            FrontendReq::SET_INFLIGHT_FD => {
+                let info = parse::<VhostUserInflight>(req, p)?;
+                self.check_inflight_geometry(req, &info)?;
+                let file = msg.take_single_file().ok_or(RequestError::BadFds {
+                    request: req,
+                    expected: 1,
+                    got: msg.files.len(),
+                })?;
+                let area = InflightArea::from_file(
+                    file,
+                    info.mmap_size,
+                    info.mmap_offset,
+                    info.num_queues,
+                    info.queue_size,
+                )?;
+                self.core.set_inflight(Some(Arc::new(area)));
+                Ok(Outcome::Ack)
+            }
             other => Err(RequestError::Unsupported(other.into())),
         }
+    }
+
+    fn check_inflight_geometry(
+        &self,
+        req: FrontendReq,
+        info: &VhostUserInflight,
+    ) -> Result<(), RequestError> {
+        if usize::from(info.num_queues) > self.core.num_queues()
+            || info.queue_size > self.core.backend().max_queue_size().max(1024)
+        {
+            return Err(RequestError::BadPayload {
+                request: req,
+                len: std::mem::size_of::<VhostUserInflight>(),
+            });
+        }
+        Ok(())
     }
 
     /// Parse the u64 payload of SET_VRING_KICK/CALL/ERR and its optional fd.

@@ -736,6 +736,7 @@ impl Client {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     /// Configure and start `q`: NUM, ADDR, BASE, CALL, ERR, KICK, ENABLE.

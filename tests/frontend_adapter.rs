@@ -1,0 +1,692 @@
+//! The VMM-side vhost-user frontend adapter against real backends served by
+//! the kit's daemon on real sockets: the virtio-blk device from
+//! `vmm-example` and the suite's `TestDevice`.
+//!
+//! The test plays the transport: it lays out split rings in memfd-backed
+//! guest memory, activates the adapter with kick eventfds (KVM's ioeventfds
+//! in a VMM) and irqfd-plus-status-bit notifiers, kicks, and waits for the
+//! interrupt the relay raises.
+
+mod common;
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{fence, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{spawn_daemon, TestDevice, Watchdog, TEST_CONFIG_SIZE, TEST_DEVICE_TYPE};
+use virtio_backend_kit::core::{Activation, ControlError, DeviceControl, QueueActivation};
+use virtio_backend_kit::vhost::vhost_user::message::VhostUserProtocolFeatures;
+use virtio_backend_kit::vhost_user::daemon::bind;
+use virtio_backend_kit::vhost_user::{
+    FrontendError, FrontendOptions, ServeMode, VhostUserDaemon, VhostUserFrontendDevice,
+};
+use virtio_backend_kit::vm_memory::mmap::MmapRegionBuilder;
+use virtio_backend_kit::vm_memory::{Bytes, FileOffset, GuestAddress};
+use virtio_backend_kit::vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use virtio_backend_kit::vring::{Notifier, INTERRUPT_USED_BUFFER};
+use virtio_backend_kit::{ConfigNotifier, DeviceBackend, DirtyLogBitmap};
+use virtio_backend_kit::{GuestMemoryLog, GuestRegionLog};
+use vmm_example::devices::{BlkConfig, BlkDevice, Target};
+
+const VIRTIO_ID_BLOCK: u32 = 2;
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+const VIRTIO_BLK_T_IN: u32 = 0;
+const VIRTIO_BLK_T_OUT: u32 = 1;
+const VIRTIO_BLK_S_OK: u8 = 0;
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+
+/// Guest memory: one region at a non-zero gpa, so a gpa used where a host
+/// address belongs (or the other way round) cannot go unnoticed.
+const MEM_GPA: u64 = 0x4000_0000;
+const MEM_SIZE: usize = 4 << 20;
+/// Each queue gets this much memory: rings, then request buffers.
+const QUEUE_AREA: u64 = 0x10_0000;
+const IMAGE_SIZE: u64 = 1 << 20;
+const WAIT: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------
+// Guest memory and a tiny split-ring driver
+// ---------------------------------------------------------------------------
+
+fn memfd(size: usize) -> File {
+    let name = c"vbk-frontend-adapter";
+    // SAFETY: `name` is a valid NUL-terminated string; the result is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size as u64).unwrap();
+    file
+}
+
+/// memfd-backed guest memory, as a VMM would build it for vhost-user.
+fn shared_guest_memory() -> GuestMemoryLog {
+    let region = MmapRegionBuilder::new_with_bitmap(MEM_SIZE, DirtyLogBitmap::default())
+        .with_file_offset(FileOffset::new(memfd(MEM_SIZE), 0))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED)
+        .build()
+        .unwrap();
+    let region = GuestRegionLog::new(region, GuestAddress(MEM_GPA)).unwrap();
+    GuestMemoryLog::from_regions(vec![region]).unwrap()
+}
+
+/// The driver side of one split virtqueue laid out at `area`.
+struct Ring {
+    mem: GuestMemoryLog,
+    index: u16,
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next_desc: u16,
+    avail_idx: u16,
+    last_used: u16,
+    /// Where request buffers go.
+    data: u64,
+}
+
+impl Ring {
+    fn new(mem: &GuestMemoryLog, index: u16, size: u16) -> Self {
+        let area = MEM_GPA + u64::from(index) * QUEUE_AREA;
+        mem.write_slice(&[0u8; 0x3000], GuestAddress(area)).unwrap();
+        Ring {
+            mem: mem.clone(),
+            index,
+            size,
+            desc: area,
+            avail: area + 0x1000,
+            used: area + 0x2000,
+            next_desc: 0,
+            avail_idx: 0,
+            last_used: 0,
+            data: area + 0x3000,
+        }
+    }
+
+    /// The queue as the transport hands it to the device.
+    fn activation(&self, irq: &Interrupt) -> (QueueActivation, EventFd) {
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let driver_kick = kick.try_clone().unwrap();
+        let q = QueueActivation {
+            index: self.index,
+            size: self.size,
+            desc_table: self.desc,
+            avail_ring: self.avail,
+            used_ring: self.used,
+            kick,
+            call: irq.notifier(),
+        };
+        (q, driver_kick)
+    }
+
+    /// Make a chain of `(gpa, len, device_writes)` buffers available.
+    fn add_chain(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
+        let head = self.next_desc;
+        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+            let idx = (self.next_desc + i as u16) % self.size;
+            let mut flags = if write { DESC_F_WRITE } else { 0 };
+            let next = (idx + 1) % self.size;
+            if i + 1 < bufs.len() {
+                flags |= DESC_F_NEXT;
+            }
+            let d = self.desc + 16 * u64::from(idx);
+            self.mem.write_obj(addr, GuestAddress(d)).unwrap();
+            self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            self.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+            self.mem.write_obj(next, GuestAddress(d + 14)).unwrap();
+        }
+        self.next_desc = (self.next_desc + bufs.len() as u16) % self.size;
+        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
+        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        head
+    }
+
+    /// The next used entry, if the device published one.
+    fn pop_used(&mut self) -> Option<(u32, u32)> {
+        fence(Ordering::SeqCst);
+        let idx: u16 = self.mem.read_obj(GuestAddress(self.used + 2)).unwrap();
+        if idx == self.last_used {
+            return None;
+        }
+        let e = self.used + 4 + 8 * u64::from(self.last_used % self.size);
+        let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
+        let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
+        self.last_used = self.last_used.wrapping_add(1);
+        Some((id, len))
+    }
+
+    /// Lay out one virtio-blk request (header, data, status) in this
+    /// queue's buffer area and make it available. For a write, `data` is
+    /// the payload; for a read, its length is the size read.
+    fn blk_request(&mut self, kind: u32, sector: u64, data: &[u8]) -> BlkRequest {
+        let hdr = self.data;
+        let buf = hdr + 0x1000;
+        let status = buf + data.len() as u64;
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&kind.to_le_bytes());
+        header[8..].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&header, GuestAddress(hdr)).unwrap();
+        self.mem.write_slice(data, GuestAddress(buf)).unwrap();
+        self.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        let head = self.add_chain(&[
+            (hdr, 16, false),
+            (buf, data.len() as u32, kind == VIRTIO_BLK_T_IN),
+            (status, 1, true),
+        ]);
+        BlkRequest {
+            head,
+            buf,
+            len: data.len(),
+            status,
+        }
+    }
+
+    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read_slice(&mut v, GuestAddress(gpa)).unwrap();
+        v
+    }
+}
+
+struct BlkRequest {
+    head: u16,
+    buf: u64,
+    len: usize,
+    status: u64,
+}
+
+/// An interrupt line as an in-process transport has it: the irqfd KVM
+/// would inject from, and the virtio-mmio InterruptStatus word.
+struct Interrupt {
+    irqfd: EventFd,
+    status: Arc<AtomicU32>,
+}
+
+impl Interrupt {
+    fn new() -> Self {
+        Interrupt {
+            irqfd: EventFd::new(EFD_NONBLOCK).unwrap(),
+            status: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    fn notifier(&self) -> Notifier {
+        Notifier::with_status(
+            self.irqfd.try_clone().unwrap(),
+            self.status.clone(),
+            INTERRUPT_USED_BUFFER,
+        )
+    }
+
+    /// Wait for the irqfd to fire; the status bit must already be set by
+    /// then (the guest reads it in its interrupt handler). Acks both.
+    fn wait(&self) {
+        let mut pfd = libc::pollfd {
+            fd: self.irqfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, WAIT.as_millis() as i32) };
+        assert_eq!(n, 1, "no interrupt within {WAIT:?}");
+        let status = self
+            .status
+            .fetch_and(!INTERRUPT_USED_BUFFER, Ordering::SeqCst);
+        assert_ne!(
+            status & INTERRUPT_USED_BUFFER,
+            0,
+            "irqfd fired before the InterruptStatus bit was set"
+        );
+        self.irqfd.read().unwrap();
+    }
+}
+
+/// Kick, wait for the interrupt and return the completed request's status.
+fn complete(ring: &mut Ring, kick: &EventFd, irq: &Interrupt, req: &BlkRequest) -> u8 {
+    kick.write(1).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        irq.wait();
+        if let Some((id, _len)) = ring.pop_used() {
+            assert_eq!(id, u32::from(req.head));
+            break;
+        }
+        assert!(Instant::now() < deadline, "request never completed");
+    }
+    ring.mem.read_obj(GuestAddress(req.status)).unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// Backends
+// ---------------------------------------------------------------------------
+
+fn blk_image(dir: &Path) -> PathBuf {
+    let path = dir.join("disk.img");
+    let f = File::create(&path).unwrap();
+    f.set_len(IMAGE_SIZE).unwrap();
+    path
+}
+
+fn blk_daemon(image: &Path, queues: u16) -> VhostUserDaemon<BlkDevice> {
+    let cfg = BlkConfig {
+        queues,
+        queue_size: 256,
+        ..Default::default()
+    };
+    let dev = BlkDevice::new(Target::open_image(image, false).unwrap(), cfg).unwrap();
+    VhostUserDaemon::new(Arc::new(dev)).unwrap()
+}
+
+fn blk_options(queues: usize) -> FrontendOptions {
+    FrontendOptions {
+        connect_timeout: WAIT,
+        request_timeout: Some(WAIT),
+        ..FrontendOptions::new(VIRTIO_ID_BLOCK, queues, 256)
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+fn is_external(r: Result<(), ControlError>) -> bool {
+    matches!(r, Err(ControlError::External(_)))
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+#[test]
+fn blk_round_trip_reset_and_reactivate() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let _watchdog = Watchdog::new(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let image = blk_image(dir.path());
+    let sock = dir.path().join("blk.sock");
+
+    // The backend binds its socket only after a while: connect must wait.
+    let mut daemon = blk_daemon(&image, 2);
+    let daemon_sock = sock.clone();
+    let daemon_thread = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        let listener = bind(&daemon_sock).unwrap();
+        daemon.serve_listener(&listener, ServeMode::Once)
+    });
+
+    let mut dev = VhostUserFrontendDevice::connect(&sock, blk_options(4)).unwrap();
+    assert!(dev.is_connected());
+
+    // What the transport offers the guest.
+    assert_eq!(dev.device_type(), VIRTIO_ID_BLOCK);
+    assert_eq!(
+        dev.num_queues(),
+        2,
+        "lowered to the backend's GET_QUEUE_NUM"
+    );
+    assert_eq!(dev.max_queue_size(), 256);
+    let features = dev.device_features();
+    assert_ne!(features & VIRTIO_F_VERSION_1, 0);
+    assert_ne!(features & VIRTIO_BLK_F_MQ, 0);
+    assert_eq!(
+        features & ((1 << 30) | (1 << 26)),
+        0,
+        "vhost-user bits leak"
+    );
+    let proto = dev.protocol_features();
+    for f in [
+        VhostUserProtocolFeatures::MQ,
+        VhostUserProtocolFeatures::REPLY_ACK,
+        VhostUserProtocolFeatures::CONFIG,
+        VhostUserProtocolFeatures::RESET_DEVICE,
+        VhostUserProtocolFeatures::BACKEND_REQ,
+    ] {
+        assert!(proto.contains(f), "{f:?} not negotiated: {proto:?}");
+    }
+    assert!(!proto.contains(VhostUserProtocolFeatures::STATUS));
+
+    let mut cap = [0u8; 8];
+    dev.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), IMAGE_SIZE / 512);
+    let mut nq = [0u8; 2];
+    dev.read_config(34, &mut nq);
+    assert_eq!(u16::from_le_bytes(nq), 2);
+    let mut past_end = [0xaau8; 8];
+    dev.read_config(58, &mut past_end);
+    assert_eq!(&past_end[2..], &[0u8; 6], "bytes past the config read as 0");
+
+    // Activate both queues.
+    let mem = shared_guest_memory();
+    let irqs = [Interrupt::new(), Interrupt::new()];
+    let mut rings = [Ring::new(&mem, 0, 64), Ring::new(&mem, 1, 64)];
+    let (q0, kick0) = rings[0].activation(&irqs[0]);
+    let (q1, kick1) = rings[1].activation(&irqs[1]);
+    dev.activate(Activation {
+        features: VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_MQ,
+        memory: mem.clone(),
+        queues: vec![q0, q1],
+    })
+    .unwrap();
+    assert!(dev.is_active());
+
+    // Write on queue 0, read back on queue 1.
+    let data = pattern(4096, 0x5a);
+    let req = rings[0].blk_request(VIRTIO_BLK_T_OUT, 8, &data);
+    assert_eq!(
+        complete(&mut rings[0], &kick0, &irqs[0], &req),
+        VIRTIO_BLK_S_OK
+    );
+    let mut on_disk = vec![0u8; data.len()];
+    File::open(&image)
+        .unwrap()
+        .read_exact_at(&mut on_disk, 8 * 512)
+        .unwrap();
+    assert_eq!(on_disk, data, "the image holds what the guest wrote");
+
+    let req = rings[1].blk_request(VIRTIO_BLK_T_IN, 8, &vec![0u8; 4096]);
+    assert_eq!(
+        complete(&mut rings[1], &kick1, &irqs[1], &req),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(rings[1].read(req.buf, req.len), data);
+
+    // Reset, then the driver sets the device up again from scratch.
+    dev.reset().unwrap();
+    assert!(!dev.is_active());
+    kick0.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        irqs[0].status.load(Ordering::SeqCst),
+        0,
+        "a reset device must not interrupt"
+    );
+
+    let irq = Interrupt::new();
+    let mut ring = Ring::new(&mem, 0, 128);
+    let (q0, kick0) = ring.activation(&irq);
+    dev.activate(Activation {
+        features: VIRTIO_F_VERSION_1,
+        memory: mem.clone(),
+        queues: vec![q0],
+    })
+    .unwrap();
+    let second = pattern(1024, 0xc3);
+    let req = ring.blk_request(VIRTIO_BLK_T_OUT, 100, &second);
+    assert_eq!(complete(&mut ring, &kick0, &irq, &req), VIRTIO_BLK_S_OK);
+    let req = ring.blk_request(VIRTIO_BLK_T_IN, 8, &vec![0u8; 4096]);
+    assert_eq!(complete(&mut ring, &kick0, &irq, &req), VIRTIO_BLK_S_OK);
+    assert_eq!(ring.read(req.buf, req.len), data, "data survives a reset");
+
+    // Activating an active device resets it first.
+    let mut ring = Ring::new(&mem, 1, 32);
+    let (q1, kick1) = ring.activation(&irq);
+    dev.activate(Activation {
+        features: VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_MQ,
+        memory: mem.clone(),
+        queues: vec![q1],
+    })
+    .unwrap();
+    let req = ring.blk_request(VIRTIO_BLK_T_IN, 100, &vec![0u8; 1024]);
+    assert_eq!(complete(&mut ring, &kick1, &irq, &req), VIRTIO_BLK_S_OK);
+    assert_eq!(ring.read(req.buf, req.len), second);
+
+    dev.reset().unwrap();
+    drop(dev);
+    daemon_thread.join().unwrap().unwrap();
+}
+
+/// A change that makes a queue activation invalid.
+type Tweak = Box<dyn Fn(&mut QueueActivation)>;
+
+#[test]
+fn bad_activations_are_refused() {
+    let _watchdog = Watchdog::new(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let image = blk_image(dir.path());
+    let sock = dir.path().join("blk.sock");
+    let listener = bind(&sock).unwrap();
+    let mut daemon = blk_daemon(&image, 1);
+    let daemon_thread =
+        std::thread::spawn(move || daemon.serve_listener(&listener, ServeMode::Once));
+    let mut dev = VhostUserFrontendDevice::connect(&sock, blk_options(1)).unwrap();
+    let irq = Interrupt::new();
+
+    // Anonymous memory cannot be shared with another process.
+    let anon = GuestMemoryLog::from_ranges(&[(GuestAddress(MEM_GPA), MEM_SIZE)]).unwrap();
+    let ring = Ring::new(&anon, 0, 64);
+    let (q, _) = ring.activation(&irq);
+    let r = dev.activate(Activation {
+        features: VIRTIO_F_VERSION_1,
+        memory: anon,
+        queues: vec![q],
+    });
+    assert!(matches!(r, Err(ControlError::Invalid(_))), "{r:?}");
+
+    let mem = shared_guest_memory();
+    let cases: Vec<(&str, Tweak, u64)> = vec![
+        ("queue index", Box::new(|q| q.index = 1), VIRTIO_F_VERSION_1),
+        ("queue size", Box::new(|q| q.size = 48), VIRTIO_F_VERSION_1),
+        ("queue size", Box::new(|q| q.size = 512), VIRTIO_F_VERSION_1),
+        (
+            "ring outside memory",
+            Box::new(|q| q.used_ring = MEM_GPA + MEM_SIZE as u64 - 16),
+            VIRTIO_F_VERSION_1,
+        ),
+        ("features", Box::new(|_| {}), VIRTIO_F_VERSION_1 | (1 << 30)),
+    ];
+    for (what, tweak, features) in cases {
+        let ring = Ring::new(&mem, 0, 64);
+        let (mut q, _) = ring.activation(&irq);
+        tweak(&mut q);
+        let r = dev.activate(Activation {
+            features,
+            memory: mem.clone(),
+            queues: vec![q],
+        });
+        assert!(matches!(r, Err(ControlError::Invalid(_))), "{what}: {r:?}");
+        assert!(!dev.is_active());
+    }
+
+    // The device still works after the refusals.
+    let mut ring = Ring::new(&mem, 0, 64);
+    let (q, kick) = ring.activation(&irq);
+    dev.activate(Activation {
+        features: VIRTIO_F_VERSION_1,
+        memory: mem.clone(),
+        queues: vec![q],
+    })
+    .unwrap();
+    let req = ring.blk_request(VIRTIO_BLK_T_IN, 0, &vec![0u8; 512]);
+    assert_eq!(complete(&mut ring, &kick, &irq, &req), VIRTIO_BLK_S_OK);
+    drop(dev);
+    daemon_thread.join().unwrap().unwrap();
+}
+
+#[test]
+fn config_writes_and_change_notices() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let daemon = spawn_daemon(TestDevice::new(1), ServeMode::Once);
+    let options = FrontendOptions {
+        config_size: TEST_CONFIG_SIZE as u32,
+        ..FrontendOptions::new(TEST_DEVICE_TYPE, 1, 256)
+    };
+    let mut dev = VhostUserFrontendDevice::connect(&daemon.path, options).unwrap();
+    let notices = Arc::new(AtomicUsize::new(0));
+    let counter = notices.clone();
+    dev.set_config_notifier(ConfigNotifier::new(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+    }));
+    let wait_notice = |n: usize| {
+        let deadline = Instant::now() + WAIT;
+        while notices.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "no config-change notice");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+
+    let mut cfg = [0u8; TEST_CONFIG_SIZE];
+    dev.read_config(0, &mut cfg);
+    assert_eq!(cfg.to_vec(), TestDevice::initial_config());
+
+    // A driver write goes to the backend (SET_CONFIG) and is seen at once.
+    dev.write_config(4, &[1, 2, 3]).unwrap();
+    let mut three = [0u8; 3];
+    dev.read_config(4, &mut three);
+    assert_eq!(three, [1, 2, 3]);
+    // The test device announces every config write.
+    wait_notice(1);
+
+    // A change made by the backend on its own: the notice marks the cached
+    // copy stale and the next read fetches it again.
+    daemon.device.write_config(8, &[9, 8, 7, 6]).unwrap();
+    wait_notice(2);
+    let mut four = [0u8; 4];
+    dev.read_config(8, &mut four);
+    assert_eq!(four, [9, 8, 7, 6]);
+
+    // Out-of-range writes are refused by the backend, not by a panic.
+    assert!(is_external(dev.write_config(14, &[0; 8])));
+    assert!(dev.is_connected(), "a refused request keeps the session");
+}
+
+/// Serve `daemon` on the first connection to `sock`, handing the test a
+/// duplicate of the backend's end so it can cut the connection.
+fn killable_backend<B: DeviceBackend>(
+    sock: &Path,
+    mut daemon: VhostUserDaemon<B>,
+) -> (
+    std::sync::mpsc::Receiver<UnixStream>,
+    std::thread::JoinHandle<()>,
+) {
+    let listener = bind(sock).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        tx.send(stream.try_clone().unwrap()).unwrap();
+        daemon.serve_stream(stream);
+    });
+    (rx, t)
+}
+
+#[test]
+fn backend_death_is_an_error_not_a_panic() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let _watchdog = Watchdog::new(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let image = blk_image(dir.path());
+    let sock = dir.path().join("blk.sock");
+    let (backend_end, daemon_thread) = killable_backend(&sock, blk_daemon(&image, 1));
+    let mut dev = VhostUserFrontendDevice::connect(&sock, blk_options(1)).unwrap();
+    let backend_end = backend_end.recv().unwrap();
+
+    let mem = shared_guest_memory();
+    let irq = Interrupt::new();
+    let mut ring = Ring::new(&mem, 0, 64);
+    let (q, kick) = ring.activation(&irq);
+    dev.activate(Activation {
+        features: VIRTIO_F_VERSION_1,
+        memory: mem.clone(),
+        queues: vec![q],
+    })
+    .unwrap();
+    let req = ring.blk_request(VIRTIO_BLK_T_IN, 0, &vec![0u8; 512]);
+    assert_eq!(complete(&mut ring, &kick, &irq, &req), VIRTIO_BLK_S_OK);
+
+    // The backend goes away mid-session (as its socket does when the
+    // process dies).
+    backend_end.shutdown(std::net::Shutdown::Both).unwrap();
+    daemon_thread.join().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while dev.is_connected() {
+        assert!(Instant::now() < deadline, "hang-up not noticed");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+
+    assert!(is_external(dev.reset()));
+    let ring = Ring::new(&mem, 0, 64);
+    let (q, _) = ring.activation(&irq);
+    assert!(is_external(dev.activate(Activation {
+        features: VIRTIO_F_VERSION_1,
+        memory: mem.clone(),
+        queues: vec![q],
+    })));
+    assert!(is_external(dev.write_config(0, &[0])));
+    let mut cap = [0u8; 8];
+    dev.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), IMAGE_SIZE / 512, "the cached copy");
+}
+
+#[test]
+fn backend_dying_during_the_handshake_is_an_error() {
+    let _watchdog = Watchdog::new(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("gone.sock");
+    let listener = bind(&sock).unwrap();
+    let t = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        drop(stream);
+    });
+    let r = VhostUserFrontendDevice::connect(&sock, blk_options(1));
+    // Depending on who sees the hang-up first: the request or the relay.
+    assert!(
+        matches!(
+            r,
+            Err(FrontendError::Request { .. } | FrontendError::Disconnected)
+        ),
+        "{r:?}"
+    );
+    t.join().unwrap();
+}
+
+#[test]
+fn silent_backend_times_out() {
+    let _watchdog = Watchdog::new(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("silent.sock");
+    let listener = bind(&sock).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        // Accept and never answer.
+        let (_stream, _) = listener.accept().unwrap();
+        let _ = rx.recv_timeout(WAIT);
+    });
+    let options = FrontendOptions {
+        request_timeout: Some(Duration::from_millis(200)),
+        ..blk_options(1)
+    };
+    let start = Instant::now();
+    let r = VhostUserFrontendDevice::connect(&sock, options);
+    assert!(matches!(r, Err(FrontendError::Request { .. })), "{r:?}");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    drop(tx);
+    t.join().unwrap();
+}
+
+#[test]
+fn missing_socket_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = FrontendOptions {
+        connect_timeout: Duration::from_millis(100),
+        ..blk_options(1)
+    };
+    let start = Instant::now();
+    let r = VhostUserFrontendDevice::connect(dir.path().join("nobody.sock"), options);
+    assert!(matches!(r, Err(FrontendError::Connect { .. })), "{r:?}");
+    assert!(start.elapsed() >= Duration::from_millis(100));
+}

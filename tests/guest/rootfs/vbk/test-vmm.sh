@@ -1,0 +1,64 @@
+#!/bin/sh
+# vmm test: boot an L2 guest with our vmm-example (runs inside the L1 guest
+# of tests/guest/run-vmm.sh, or directly on a host whose KVM is real).
+# Settings come from $VMM_PLAN (default /vmm/plan, a sourced file):
+#   VMM_DEVICES   devices in guest order: disk disk-ro vhost-user-blk qsd-blk rng rng-vhost-user
+#   VMM_VCPUS (2) VMM_MEM_MIB (256) VMM_DISK_MIB (64)
+#   VMM_L2_TEST (blk,rng)  VMM_L2_APPEND (extra L2 kernel args)
+#   VMM_DIR (/vmm: bin/, vmlinuz, initramfs.gz)  VMM_WORK (/tmp/vmm)
+# The L2 console is echoed with an "L2| " prefix. Prints
+#   VBK-RESULT vmm=ok|fail rc=N run_cs=N devices=...
+plan=${VMM_PLAN:-/vmm/plan}
+[ -f "$plan" ] && . "$plan"
+dir=${VMM_DIR:-/vmm}; bin=$dir/bin; work=${VMM_WORK:-/tmp/vmm}
+mib=${VMM_DISK_MIB:-64}
+mkdir -p "$work"
+cr=$(printf '\r')
+
+now_cs() { local up f; read -r up _ </proc/uptime; f=${up#*.}; f=${f#0}; echo $((${up%.*} * 100 + f)); }
+qsd=$bin/qemu-storage-daemon; [ -x "$qsd" ] || qsd=$(command -v qemu-storage-daemon)
+
+args= pids= i=0
+for d in ${VMM_DEVICES:-disk rng}; do
+    img=$work/disk$i.img sock=$work/dev$i.sock
+    case "$d" in
+        disk|disk-ro|vhost-user-blk|qsd-blk) rm -f "$img"; truncate -s "${mib}M" "$img" ;;
+    esac
+    case "$d" in
+        disk) args="$args --disk $img" ;;
+        disk-ro) args="$args --disk $img,read-only" ;;
+        vhost-user-blk)
+            "$bin/vhost-user-blk" --socket "$sock" --image "$img" --queues 2 >"$work/dev$i.log" 2>&1 &
+            pids="$pids $!"; args="$args --disk-vhost-user $sock" ;;
+        qsd-blk)
+            [ -n "$qsd" ] || { echo "vbk-vmm: qemu-storage-daemon missing"; exit 1; }
+            "$qsd" --blockdev "driver=file,node-name=f$i,filename=$img" \
+                --export "type=vhost-user-blk,id=e$i,node-name=f$i,addr.type=unix,addr.path=$sock,writable=on,num-queues=2" \
+                >"$work/dev$i.log" 2>&1 &
+            pids="$pids $!"; args="$args --disk-vhost-user $sock" ;;
+        rng) args="$args --rng" ;;
+        rng-vhost-user)
+            "$bin/vhost-user-rng" --socket "$sock" >"$work/dev$i.log" 2>&1 &
+            pids="$pids $!"; args="$args --rng-vhost-user $sock" ;;
+        *) echo "vbk-vmm: unknown device '$d'"; exit 1 ;;
+    esac
+    i=$((i + 1))
+done
+
+echo "vbk-vmm: vmm-example --vcpus ${VMM_VCPUS:-2} --mem-mib ${VMM_MEM_MIB:-256}$args"
+t0=$(now_cs)
+# shellcheck disable=SC2086 # $args is a list of words on purpose
+{ "$bin/vmm-example" --kernel "$dir/vmlinuz" --initrd "$dir/initramfs.gz" \
+    --cmdline "console=ttyS0 quiet panic=-1 vbk.test=${VMM_L2_TEST:-blk,rng} ${VMM_L2_APPEND:-}" \
+    --vcpus "${VMM_VCPUS:-2}" --mem-mib "${VMM_MEM_MIB:-256}" $args 2>&1
+  echo $? >"$work/rc"; } |
+    while IFS= read -r line; do line=${line%"$cr"}; echo "L2| $line"; echo "$line" >>"$work/l2.log"; done
+t1=$(now_cs)
+rc=$(cat "$work/rc" 2>/dev/null || echo 255)
+for p in $pids; do kill "$p" 2>/dev/null; done
+for p in $pids; do wait "$p" 2>/dev/null; done
+for f in "$work"/dev*.log; do [ -s "$f" ] && sed "s|^|backend ${f##*/}: |" "$f" | tail -n 5; done
+status=fail
+[ "$rc" = 0 ] && grep -q 'VBK-DONE status=ok' "$work/l2.log" 2>/dev/null && status=ok
+echo "VBK-RESULT vmm=$status rc=$rc run_cs=$((t1 - t0)) devices=$(echo ${VMM_DEVICES:-disk rng} | tr ' ' ,)"
+[ "$status" = ok ]

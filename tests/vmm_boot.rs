@@ -1,0 +1,214 @@
+//! End-to-end tests of `vmm-example`, booting the real Debian 6.1 cloud
+//! kernel with the busybox test initramfs of `tests/guest/`.
+//!
+//! One boot (run by `tests/guest/run-vmm.sh`, nested under QEMU TCG where
+//! `/dev/kvm` is PVM, direct where KVM is real) carries the disks
+//! `/dev/vda` in-process, `/dev/vdb` served by our `vhost-user-blk` daemon,
+//! `/dev/vdc` served by `qemu-storage-daemon` (if installed), and a virtio-rng;
+//! the tests below each check one fact of that boot's console. The bad
+//! kernel tests run `vmm-example` directly on the host.
+//!
+//! Without `/dev/kvm` every test prints a loud SKIPPED line and passes.
+//! Build first: `cargo build --release --workspace`.
+//! Run: `cargo test --release --test vmm_boot -- --nocapture`.
+
+mod process;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+fn kvm_or_skip(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("\n!!!!!!!! SKIPPED {test}: /dev/kvm is absent !!!!!!!!\n");
+    false
+}
+
+fn have_qsd() -> bool {
+    process::have("qemu-storage-daemon")
+}
+
+/// The console of the shared boot (run once, by whichever test comes first).
+fn boot_log() -> &'static Result<String, String> {
+    static LOG: OnceLock<Result<String, String>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let bin = process::binary("vmm-example")?;
+        let bin_dir = bin.parent().ok_or("no binary directory")?.to_path_buf();
+        let mut devices = vec!["disk", "vhost-user-blk"];
+        if have_qsd() {
+            devices.push("qsd-blk");
+        }
+        devices.push("rng");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run-vmm.sh");
+        let t = Instant::now();
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(&devices)
+            .env("VBK_BIN_DIR", &bin_dir)
+            .env("VBK_VCPUS", "2")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!(
+            "[run-vmm.sh {} took {:.1}s, {}]\n{text}",
+            devices.join(" "),
+            t.elapsed().as_secs_f64(),
+            out.status
+        );
+        Ok(text)
+    })
+}
+
+/// The boot's console, or `None` when the test must be skipped.
+fn console(test: &str) -> Option<&'static str> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    match boot_log() {
+        Ok(text) => Some(text),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The L2 guest's `VBK-RESULT` line that contains `key`.
+fn l2_result<'a>(log: &'a str, key: &str) -> &'a str {
+    log.lines()
+        .filter_map(|l| l.strip_prefix("L2| "))
+        .find(|l| l.starts_with("VBK-RESULT") && l.contains(key))
+        .unwrap_or_else(|| panic!("no L2 result line with '{key}' in:\n{log}"))
+}
+
+fn assert_disk_ok(log: &str, disk: &str) {
+    let line = l2_result(log, &format!("disk={disk} "));
+    for want in ["write=ok", "read=ok", "verify=ok", "flush=ok", "marker=ok"] {
+        assert!(line.contains(want), "{disk}: '{want}' missing in: {line}");
+    }
+}
+
+#[test]
+fn boots_to_userspace() {
+    let Some(log) = console("boots_to_userspace") else {
+        return;
+    };
+    assert!(
+        log.lines().any(|l| l.starts_with("L2| VBK-BOOT ")),
+        "the L2 guest never reached /init:\n{log}"
+    );
+}
+
+#[test]
+fn in_process_disk_verified_io() {
+    let Some(log) = console("in_process_disk_verified_io") else {
+        return;
+    };
+    assert_disk_ok(log, "vda");
+}
+
+#[test]
+fn vhost_user_blk_disk_verified_io() {
+    let Some(log) = console("vhost_user_blk_disk_verified_io") else {
+        return;
+    };
+    assert_disk_ok(log, "vdb");
+}
+
+#[test]
+fn qemu_storage_daemon_disk_verified_io() {
+    if !have_qsd() {
+        eprintln!("\n!!!!!!!! SKIPPED qemu_storage_daemon_disk_verified_io: no qemu-storage-daemon !!!!!!!!\n");
+        return;
+    }
+    let Some(log) = console("qemu_storage_daemon_disk_verified_io") else {
+        return;
+    };
+    assert_disk_ok(log, "vdc");
+}
+
+#[test]
+fn rng_bytes_read() {
+    let Some(log) = console("rng_bytes_read") else {
+        return;
+    };
+    let line = l2_result(log, "rng=");
+    assert!(line.contains("rng=ok bytes=64"), "{line}");
+    assert!(line.contains("virtio_rng"), "not the virtio rng: {line}");
+}
+
+#[test]
+fn guest_sees_two_vcpus() {
+    let Some(log) = console("guest_sees_two_vcpus") else {
+        return;
+    };
+    let boot = log
+        .lines()
+        .find(|l| l.starts_with("L2| VBK-BOOT "))
+        .unwrap_or_else(|| panic!("no L2 boot line:\n{log}"));
+    assert!(boot.contains("cpus=2"), "{boot}");
+}
+
+#[test]
+fn clean_shutdown_after_guest_poweroff() {
+    let Some(log) = console("clean_shutdown_after_guest_poweroff") else {
+        return;
+    };
+    assert!(
+        log.lines().any(|l| l.starts_with("L2| VBK-DONE status=ok")),
+        "the L2 guest did not finish its tests:\n{log}"
+    );
+    assert!(
+        log.contains("guest stopped (PowerOff)"),
+        "vmm-example did not see the ACPI power-off:\n{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.starts_with("VBK-RESULT vmm=ok rc=0")),
+        "vmm-example did not exit 0:\n{log}"
+    );
+}
+
+fn run_vmm(kernel: &Path) -> (i32, String) {
+    let bin = process::binary("vmm-example").unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(bin)
+        .arg("--kernel")
+        .arg(kernel)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vmm-example");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn missing_kernel_gives_clear_error() {
+    if !kvm_or_skip("missing_kernel_gives_clear_error") {
+        return;
+    }
+    let (code, err) = run_vmm(&PathBuf::from("/nonexistent/vmlinuz"));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot open kernel /nonexistent/vmlinuz") && err.contains("No such file"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn garbage_kernel_gives_clear_error() {
+    if !kvm_or_skip("garbage_kernel_gives_clear_error") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = dir.path().join("not-a-kernel");
+    std::fs::write(&kernel, vec![0x5au8; 8192]).expect("write");
+    let (code, err) = run_vmm(&kernel);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is not a bootable x86-64 bzImage"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
