@@ -13,6 +13,7 @@
 //! results; all transcripts must be identical.
 
 mod mmio_driver;
+mod process;
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,8 +21,10 @@ use std::sync::Arc;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use mmio_driver::{guest_memory, Driver};
+use process::Backend;
 use virtio_backend_kit::core::DeviceCore;
 use virtio_backend_kit::mmio::MmioTransport;
+use virtio_backend_kit::vhost_user::{FrontendOptions, VhostUserFrontendDevice};
 use vmm_example::devices::{BlkConfig, BlkDevice, Target};
 
 const IMAGE_SIZE: u64 = 4 << 20;
@@ -122,14 +125,41 @@ fn in_process_event_manager() -> Vec<String> {
     log
 }
 
+fn out_of_process_vhost_user_blk() -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(&dir);
+    let sock = dir.path().join("blk.sock");
+    let bin = process::binary("vhost-user-blk").unwrap_or_else(|e| panic!("{e}"));
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("--socket")
+        .arg(&sock)
+        .arg("--image")
+        .arg(&path)
+        .args(["--queues", "2", "--queue-size", "64"]);
+    let mut daemon = Backend::spawn("vhost-user-blk", cmd, dir.path().join("daemon.log"));
+    daemon.wait_for_socket(&sock);
+    let mem = guest_memory();
+    let adapter = VhostUserFrontendDevice::connect(&sock, FrontendOptions::new(2, 2, 64))
+        .unwrap_or_else(|e| panic!("adapter: {e}"));
+    let transport = MmioTransport::new(Box::new(adapter), mem.clone()).unwrap();
+    let mut driver = Driver::new(transport, mem);
+    let log = suite(&mut driver);
+    drop(driver);
+    daemon.stop(std::time::Duration::from_secs(5));
+    check_image(&path);
+    log
+}
+
 #[test]
-fn same_results_on_worker_threads_and_event_manager() {
+fn same_results_in_every_home() {
     let threads = in_process_worker_threads();
     let event_loop = in_process_event_manager();
+    let out_of_process = out_of_process_vhost_user_blk();
     for line in &threads {
         println!("VBK-CONFORMANCE {line}");
     }
-    assert_eq!(threads, event_loop);
+    assert_eq!(threads, event_loop, "worker threads vs event-manager");
+    assert_eq!(threads, out_of_process, "in process vs vhost-user-blk");
     assert!(threads.iter().any(|l| l == "q1 read=0 same=true"));
     assert!(threads.iter().any(|l| l == "q0 read_past_end=1"));
     assert!(threads.iter().any(|l| l == "q0 unknown_type=2"));
