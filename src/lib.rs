@@ -4,10 +4,12 @@
 pub mod backend;
 pub mod core;
 pub mod inflight;
+#[cfg(feature = "kvm")]
 pub mod kvm;
 pub mod memory;
 pub mod mmio;
 pub mod snapshot;
+#[cfg(feature = "vhost-user")]
 pub mod vhost_user;
 pub mod vring;
 
@@ -20,7 +22,11 @@ pub use vring::{
 };
 
 /// The `vhost` crate this kit is built on, re-exported so users never mix versions.
+#[cfg(feature = "vhost-user")]
 pub use vhost;
+/// The `kvm-ioctls` crate the KVM wiring is built on.
+#[cfg(feature = "kvm")]
+pub use kvm_ioctls;
 /// The `virtio-queue` crate this kit is built on.
 pub use virtio_queue;
 /// The `vm-memory` crate this kit is built on.

@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 tests/guest/install-deps.sh
 tests/guest/build-image.sh
 cargo build --release --workspace --all-targets
-cargo test --release --workspace -- --nocapture 2>&1 | tee target/test-output.log
+cargo test --release --workspace --features virtio-backend-kit/versionize -- --nocapture 2>&1 | tee target/test-output.log
 grep -h "^VBK-\|^test result:" target/test-output.log | sort | uniq -c | sed "s/^/summary: /" || true
