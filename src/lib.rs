@@ -21,12 +21,12 @@ pub use vring::{
     Chain, Vring, VringError, VringMutex, VringOwned, VringRwLock, VringState, VringT,
 };
 
-/// The `vhost` crate this kit is built on, re-exported so users never mix versions.
-#[cfg(feature = "vhost-user")]
-pub use vhost;
 /// The `kvm-ioctls` crate the KVM wiring is built on.
 #[cfg(feature = "kvm")]
 pub use kvm_ioctls;
+/// The `vhost` crate this kit is built on, re-exported so users never mix versions.
+#[cfg(feature = "vhost-user")]
+pub use vhost;
 /// The `virtio-queue` crate this kit is built on.
 pub use virtio_queue;
 /// The `vm-memory` crate this kit is built on.

@@ -285,6 +285,25 @@ impl Vring {
         })
     }
 
+    /// Hand out the chains at `heads` again (oldest first) before new ones:
+    /// requests that were in flight when a snapshot was taken.
+    pub fn resubmit_heads(&mut self, heads: &[u16]) -> Result<(), VringError> {
+        if heads.is_empty() {
+            return Ok(());
+        }
+        let size = self.queue.size();
+        if heads.iter().any(|h| *h >= size) || heads.len() > usize::from(size) {
+            return Err(VringError::InvalidState("in-flight head beyond the queue"));
+        }
+        self.resubmit = Some(Resubmit::new(
+            self.index,
+            &self.queue,
+            &self.mem.memory(),
+            heads,
+        )?);
+        Ok(())
+    }
+
     /// Track in-flight requests in `inflight`, first recovering what a
     /// previous backend left there: heads still in flight are handed out
     /// again by [`Vring::pop_chain`] (oldest first) and the ring resumes

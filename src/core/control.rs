@@ -7,6 +7,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{CoreError, DeviceCore};
 use crate::backend::{BackendError, ConfigNotifier, DeviceBackend};
 use crate::memory::GuestMemoryLog;
+use crate::snapshot::{DeviceSnapshot, SnapshotLimits, ValidatedSnapshot, ValidationError};
 use crate::vring::Notifier;
 
 /// Why a transport-level operation failed.
@@ -21,6 +22,9 @@ pub enum ControlError {
     /// The activation asked for something impossible.
     #[error("invalid activation: {0}")]
     Invalid(&'static str),
+    /// A snapshot does not fit this device.
+    #[error("snapshot refused")]
+    Snapshot(#[from] ValidationError),
 }
 
 /// One queue as the driver set it up.
@@ -74,6 +78,17 @@ pub trait DeviceControl: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ControlError>;
     /// Stop all queues and return to the initial state.
     fn reset(&mut self) -> Result<(), ControlError>;
+    /// Stop the device and capture its state, to move it elsewhere (another
+    /// process, another home). The device stays stopped until reset.
+    fn snapshot(&mut self) -> Result<DeviceSnapshot, ControlError>;
+    /// Start the device from `snapshot` instead of from scratch: like
+    /// [`DeviceControl::activate`], but every queue resumes where the
+    /// snapshot left it. The snapshot is untrusted and validated first.
+    fn restore(
+        &mut self,
+        snapshot: DeviceSnapshot,
+        activation: Activation,
+    ) -> Result<(), ControlError>;
 }
 
 impl<B: DeviceBackend> DeviceControl for DeviceCore<B> {
@@ -114,6 +129,7 @@ impl<B: DeviceBackend> DeviceControl for DeviceCore<B> {
             self.set_queue_size(i, u32::from(q.size))?;
             self.set_queue_addresses(i, q.desc_table, q.avail_ring, q.used_ring)?;
             self.set_queue_base(i, 0, None)?;
+            self.set_queue_ready(i, true)?;
             self.set_call_notifier(i, Some(q.call))?;
             self.set_queue_enabled(i, true)?;
             self.set_kick(i, Some(q.kick))?;
@@ -127,6 +143,39 @@ impl<B: DeviceBackend> DeviceControl for DeviceCore<B> {
     fn reset(&mut self) -> Result<(), ControlError> {
         DeviceCore::reset(self);
         self.clear_memory();
+        Ok(())
+    }
+
+    fn snapshot(&mut self) -> Result<DeviceSnapshot, ControlError> {
+        Ok(DeviceCore::snapshot(self, None)?)
+    }
+
+    fn restore(
+        &mut self,
+        snapshot: DeviceSnapshot,
+        activation: Activation,
+    ) -> Result<(), ControlError> {
+        // Bits of another transport (e.g. vhost-user's) are dropped by
+        // `DeviceCore::restore`; accept them here.
+        let limits = SnapshotLimits::for_backend(&*self.backend, !0, u64::MAX);
+        let snapshot = ValidatedSnapshot::new(snapshot, &limits)?;
+        self.set_guest_memory(activation.memory)?;
+        DeviceCore::restore(self, &snapshot, 0)?;
+        for q in activation.queues {
+            let i = u32::from(q.index);
+            let saved = self.queue_state(i)?;
+            if saved.size != q.size || saved.desc_table != q.desc_table {
+                return Err(ControlError::Invalid(
+                    "activation does not match the snapshot",
+                ));
+            }
+            self.set_call_notifier(i, Some(q.call))?;
+            self.set_queue_enabled(i, true)?;
+            self.set_kick(i, Some(q.kick))?;
+            if !self.is_queue_running(i) {
+                return Err(ControlError::Invalid("queue did not start"));
+            }
+        }
         Ok(())
     }
 }

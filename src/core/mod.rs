@@ -9,6 +9,7 @@
 mod control;
 mod event_loop;
 mod queue;
+mod snapshot;
 mod worker;
 
 use std::sync::Arc;
@@ -95,6 +96,7 @@ pub struct DeviceCore<B: DeviceBackend> {
     workers: Vec<WorkerHandle>,
     worker_of_queue: Vec<usize>,
     inflight: Option<Arc<InflightArea>>,
+    paused: bool,
 }
 
 impl<B: DeviceBackend> DeviceCore<B> {
@@ -142,6 +144,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
             worker_of_queue,
             backend,
             inflight: None,
+            paused: false,
         }
     }
 
@@ -308,6 +311,14 @@ impl<B: DeviceBackend> DeviceCore<B> {
     ) -> Result<()> {
         let slot = self.slot(index)?;
         if slot.running {
+            // A vhost-user frontend re-sends the same addresses on a running
+            // ring to switch dirty logging on or off (VHOST_VRING_F_LOG, at
+            // the start and end of a live migration); every write we make
+            // is logged by guest physical address anyway, so that is a no-op.
+            let s = &slot.state;
+            if (s.desc_table, s.avail_ring, s.used_ring) == (desc, avail, used) {
+                return Ok(());
+            }
             return Err(CoreError::QueueRunning(index as u16));
         }
         slot.state.desc_table = desc;
@@ -428,6 +439,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
         }
         self.acked_features = 0;
         self.inflight = None;
+        self.paused = false;
         self.log.set_active(false);
         self.log.clear_area();
         self.backend.reset();
@@ -479,8 +491,10 @@ impl<B: DeviceBackend> DeviceCore<B> {
 
     fn try_start(&mut self, q: u16) -> Result<()> {
         let has_memory = self.has_memory();
+        let paused = self.paused;
         let slot = &mut self.queues[q as usize];
         if slot.running
+            || paused
             || !has_memory
             || !slot.addresses_set
             || slot.state.size == 0
@@ -503,6 +517,12 @@ impl<B: DeviceBackend> DeviceCore<B> {
             slot.err.clone(),
         )
         .map_err(|source| CoreError::QueueStart { index: q, source })?;
+        if !slot.resubmit.is_empty() {
+            vring
+                .resubmit_heads(&slot.resubmit)
+                .map_err(|source| CoreError::QueueStart { index: q, source })?;
+            slot.resubmit.clear();
+        }
         if let Some(tracker) = self.inflight.as_ref().and_then(|a| a.queue(q)) {
             let resubmitted = vring
                 .attach_inflight(tracker)

@@ -20,4 +20,6 @@ pub(crate) struct QueueSlot {
     pub(crate) err: NotifierSlot,
     /// Whether the queue is handed to its worker.
     pub(crate) running: bool,
+    /// Heads to submit again when the queue next starts (from a snapshot).
+    pub(crate) resubmit: Vec<u16>,
 }

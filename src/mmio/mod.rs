@@ -457,6 +457,66 @@ impl MmioTransport {
     }
 }
 
+/// Why a transport could not be saved or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioSnapshotError {
+    /// The device is not running (no DRIVER_OK yet).
+    #[error("the device is not active")]
+    NotActive,
+    /// The transport could not be created.
+    #[error(transparent)]
+    Transport(#[from] MmioError),
+    /// The device refused.
+    #[error(transparent)]
+    Device(#[from] crate::core::ControlError),
+}
+
+impl MmioTransport {
+    /// Stop the device and capture its state. Everything the driver set up
+    /// through the registers (features, queue layout) is in the snapshot,
+    /// so [`MmioTransport::restore`] rebuilds the registers from it. The
+    /// transport is inert afterwards: reset it or drop it.
+    pub fn snapshot(&mut self) -> Result<crate::snapshot::DeviceSnapshot, MmioSnapshotError> {
+        if !self.activated {
+            return Err(MmioSnapshotError::NotActive);
+        }
+        let snapshot = self.device.snapshot()?;
+        self.activated = false;
+        Ok(snapshot)
+    }
+
+    /// A transport for `device` that resumes where `snapshot` left off: the
+    /// driver sees an active device (DRIVER_OK) with its queues as it set
+    /// them up, and every queue continues from its saved indices. The
+    /// snapshot is validated by the device before anything is applied.
+    pub fn restore(
+        device: Box<dyn DeviceControl>,
+        memory: GuestMemoryLog,
+        snapshot: crate::snapshot::DeviceSnapshot,
+    ) -> Result<Self, MmioSnapshotError> {
+        let mut t = Self::new(device, memory)?;
+        t.driver_features = snapshot.acked_features;
+        for (i, q) in snapshot.queues.iter().enumerate() {
+            if let Some(regs) = t.queues.get_mut(i) {
+                *regs = QueueRegs {
+                    size: q.size,
+                    ready: q.is_configured() && q.ready,
+                    desc: q.desc_table,
+                    avail: q.avail_ring,
+                    used: q.used_ring,
+                };
+            }
+        }
+        let activation = t
+            .build_activation()
+            .map_err(|_| MmioSnapshotError::NotActive)?;
+        t.device.restore(snapshot, activation)?;
+        t.status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        t.activated = true;
+        Ok(t)
+    }
+}
+
 impl Drop for MmioTransport {
     fn drop(&mut self) {
         if self.activated {

@@ -63,13 +63,14 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::ConfigNotifier;
 use crate::core::{Activation, ControlError, DeviceControl, QueueActivation};
 use crate::memory::GuestMemoryLog;
+use crate::snapshot::{DeviceSnapshot, SnapshotLimits, ValidatedSnapshot, VringSnapshot};
 use crate::vring::Notifier;
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`: a vhost-user-only feature bit.
@@ -442,6 +443,9 @@ struct RelayStart {
 struct ActiveState {
     /// Queues the backend was told to start.
     started: Vec<u16>,
+    /// The driver's features and queue layout, for snapshots.
+    features: u64,
+    layout: Vec<(u16, u16, u64, u64, u64)>,
     /// Kept so the addresses given to the backend stay mapped.
     _memory: GuestMemoryLog,
     /// Kept so the kick eventfds live as long as the activation.
@@ -743,6 +747,7 @@ impl VhostUserFrontendDevice {
         &mut self,
         memory: &GuestMemoryLog,
         q: QueueActivation,
+        base: u16,
     ) -> Result<EventFd, ControlError> {
         self.check_queue(&q)?;
         let size = u64::from(q.size);
@@ -763,7 +768,7 @@ impl VhostUserFrontendDevice {
 
         self.request("SET_VRING_NUM", |fe| fe.set_vring_num(index, q.size))?;
         self.request("SET_VRING_ADDR", |fe| fe.set_vring_addr(index, &config))?;
-        self.request("SET_VRING_BASE", |fe| fe.set_vring_base(index, 0))?;
+        self.request("SET_VRING_BASE", |fe| fe.set_vring_base(index, base))?;
         self.request("SET_VRING_CALL", |fe| {
             fe.set_vring_call(index, &backend_call)
         })?;
@@ -771,6 +776,9 @@ impl VhostUserFrontendDevice {
         self.request("SET_VRING_KICK", |fe| fe.set_vring_kick(index, &q.kick))?;
         if let Some(active) = self.active.as_mut() {
             active.started.push(q.index);
+            active
+                .layout
+                .push((q.index, q.size, q.desc_table, q.avail_ring, q.used_ring));
         }
         if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             self.request("SET_VRING_ENABLE", |fe| fe.set_vring_enable(index, true))?;
@@ -816,7 +824,7 @@ impl VhostUserFrontendDevice {
         }
     }
 
-    fn do_activate(&mut self, activation: Activation) -> Result<(), ControlError> {
+    fn do_activate(&mut self, activation: Activation, bases: &[u16]) -> Result<(), ControlError> {
         let offered = self.device_features();
         if activation.features & !offered != 0 {
             return Err(ControlError::Invalid("driver features outside the offer"));
@@ -834,11 +842,14 @@ impl VhostUserFrontendDevice {
         let memory = activation.memory.clone();
         self.active = Some(ActiveState {
             started: Vec::new(),
+            features: activation.features,
+            layout: Vec::new(),
             _memory: activation.memory,
             _kicks: Vec::new(),
         });
         for q in activation.queues {
-            let kick = self.start_queue(&memory, q)?;
+            let base = bases.get(usize::from(q.index)).copied().unwrap_or(0);
+            let kick = self.start_queue(&memory, q, base)?;
             if let Some(active) = self.active.as_mut() {
                 active._kicks.push(kick);
             }
@@ -869,6 +880,12 @@ impl VhostUserFrontendDevice {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+impl ActiveState {
+    fn memory_ref(&self) -> &GuestMemoryLog {
+        &self._memory
     }
 }
 
@@ -930,7 +947,7 @@ impl DeviceControl for VhostUserFrontendDevice {
         if self.active.is_some() {
             self.do_reset()?;
         }
-        let result = self.do_activate(activation);
+        let result = self.do_activate(activation, &[]);
         if result.is_err() {
             // Leave nothing half started; the activation error is the one
             // worth reporting.
@@ -943,6 +960,95 @@ impl DeviceControl for VhostUserFrontendDevice {
 
     fn reset(&mut self) -> Result<(), ControlError> {
         Ok(self.do_reset()?)
+    }
+
+    fn snapshot(&mut self) -> Result<DeviceSnapshot, ControlError> {
+        let active = self.active.take().ok_or(ControlError::Invalid(
+            "snapshot of a device that is not active",
+        ))?;
+        let mut queues = vec![VringSnapshot::default(); self.num_queues];
+        for &(index, size, desc, avail, used) in &active.layout {
+            let i = usize::from(index);
+            // GET_VRING_BASE stops the ring; the backend finishes what it
+            // popped first, so the used index then catches up with it.
+            let next_avail = self.request("GET_VRING_BASE", |fe| fe.get_vring_base(i))?;
+            let next_used: u16 = active
+                .memory_ref()
+                .read_obj(GuestAddress(used + 2))
+                .map_err(|_| ControlError::Invalid("used ring outside memory"))?;
+            if let Some(slot) = queues.get_mut(i) {
+                *slot = VringSnapshot {
+                    size,
+                    ready: true,
+                    enabled: true,
+                    desc_table: desc,
+                    avail_ring: avail,
+                    used_ring: used,
+                    next_avail: next_avail as u16,
+                    next_used,
+                    event_idx: active.features & (1 << 29) != 0,
+                    signalled_used: None,
+                };
+            }
+        }
+        self.clear_calls();
+        let mut config = vec![0u8; self.config_size as usize];
+        self.read_config(0, &mut config);
+        Ok(DeviceSnapshot {
+            device_type: self.device_type,
+            queues,
+            acked_features: active.features,
+            acked_protocol_features: Some(self.protocol_features().bits()),
+            config,
+            device_state: Vec::new(),
+            in_flight: Vec::new(),
+        })
+    }
+
+    fn restore(
+        &mut self,
+        snapshot: DeviceSnapshot,
+        activation: Activation,
+    ) -> Result<(), ControlError> {
+        let limits = SnapshotLimits {
+            device_type: self.device_type,
+            num_queues: self.num_queues,
+            max_queue_size: self.max_queue_size,
+            offered_features: !0,
+            offered_protocol_features: u64::MAX,
+            config_size: self.config_size as usize,
+            max_device_state: 0,
+        };
+        let snapshot = ValidatedSnapshot::new(snapshot, &limits)?;
+        let snap = snapshot.snapshot();
+        if !snap.in_flight.is_empty() {
+            // The backend has no way to take these over; refusing is
+            // better than losing them.
+            return Err(ControlError::Invalid(
+                "in-flight requests cannot be handed to a vhost-user backend",
+            ));
+        }
+        let mut bases = vec![0u16; self.num_queues];
+        for (index, state) in snapshot.queue_states() {
+            if state.next_avail != state.next_used {
+                return Err(ControlError::Invalid("snapshot has requests in flight"));
+            }
+            if let Some(b) = bases.get_mut(usize::from(index)) {
+                *b = state.next_avail;
+            }
+        }
+        let mut activation = activation;
+        activation.features = snap.acked_features & self.device_features();
+        if self.active.is_some() {
+            self.do_reset()?;
+        }
+        let result = self.do_activate(activation, &bases);
+        if result.is_err() {
+            if let Err(e) = self.do_reset() {
+                debug!("cleanup after a failed restore: {e}");
+            }
+        }
+        result
     }
 }
 

@@ -66,6 +66,12 @@ impl Driver {
         }
     }
 
+    /// Swap in another transport (a device moved to another home) and
+    /// return the old one; the driver's ring state carries on.
+    pub fn replace_transport(&mut self, t: MmioTransport) -> MmioTransport {
+        std::mem::replace(&mut self.t, t)
+    }
+
     fn rd(&mut self, off: u64) -> u32 {
         let mut b = [0u8; 4];
         self.t.read(off, &mut b);
