@@ -2,7 +2,8 @@
 //!
 //! The [`devices`] module holds reference device backends. Each implements
 //! [`virtio_backend_kit::DeviceBackend`] once and can therefore run either as
-//! a vhost-user daemon or inside a VMM process.
+//! a vhost-user daemon or inside a VMM process; [`vmm`] is that VMM.
 
 pub mod blkio_client;
 pub mod devices;
+pub mod vmm;

@@ -2,7 +2,11 @@
 //!
 //! - [`blk`]: a virtio-blk device (device ID 2) serving a raw image file or a
 //!   null target, see [`BlkDevice`].
+//! - [`rng`]: a virtio-rng device (device ID 4) fed by the host's
+//!   `getrandom`, see [`RngDevice`].
 
 pub mod blk;
+pub mod rng;
 
 pub use blk::{BlkConfig, BlkDevice, BlkError, Target};
+pub use rng::{RngDevice, RngError};

@@ -1,0 +1,67 @@
+//! `vhost-user-rng`: the virtio-rng device served over vhost-user.
+//!
+//! ```text
+//! vhost-user-rng --socket /tmp/rng.sock [--client] [--keep-serving]
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use log::error;
+use virtio_backend_kit::vhost_user::{Endpoint, ServeMode, VhostUserDaemon};
+use vmm_example::devices::RngDevice;
+
+/// Serve a virtio-rng device (entropy from the host's getrandom) to a
+/// vhost-user frontend.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Unix socket path: listened on, or connected to with --client.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Connect to a frontend listening on --socket instead of listening.
+    #[arg(long)]
+    client: bool,
+    /// Queue size offered to the driver (power of two).
+    #[arg(long, default_value_t = 256)]
+    queue_size: u16,
+    /// After a frontend disconnects, serve the next one instead of exiting.
+    #[arg(long)]
+    keep_serving: bool,
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let device = RngDevice::new(args.queue_size)?;
+    let mut daemon = VhostUserDaemon::new(Arc::new(device))?;
+    let endpoint = if args.client {
+        Endpoint::Connect(args.socket.clone())
+    } else {
+        Endpoint::Listen(args.socket.clone())
+    };
+    let mode = if args.keep_serving {
+        ServeMode::KeepServing
+    } else {
+        ServeMode::Once
+    };
+    daemon.run(&endpoint, mode)?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = e.source();
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            error!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

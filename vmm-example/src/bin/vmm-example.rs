@@ -1,0 +1,143 @@
+//! `vmm-example`: boot a Linux guest with virtio devices served by the kit.
+//!
+//! ```text
+//! vmm-example --kernel PATH [--initrd PATH] [--cmdline STR] [--mem-mib N] [--vcpus N]
+//!             [--disk FILE[,read-only]]... [--disk-vhost-user SOCKET]...
+//!             [--rng] [--rng-vhost-user SOCKET]
+//! ```
+//!
+//! Devices appear in the guest in the order given on the command line.
+//! Exits 0 when the guest powers off or reboots, 1 on any error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+use log::error;
+use vmm_example::vmm::{DeviceSpec, ExitReason, VmConfig, Vmm};
+
+/// Boot a Linux guest under KVM with virtio-mmio devices, each served in
+/// this process or by a vhost-user backend.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Kernel (bzImage).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0 panic=-1")]
+    cmdline: String,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 512)]
+    mem_mib: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2)]
+    vcpus: u8,
+    /// A virtio-blk disk served in this process: FILE or FILE,read-only.
+    #[arg(long, value_name = "FILE[,read-only]")]
+    disk: Vec<String>,
+    /// A virtio-blk disk served by the vhost-user backend on SOCKET.
+    #[arg(long, value_name = "SOCKET")]
+    disk_vhost_user: Vec<PathBuf>,
+    /// A virtio-rng device served in this process.
+    #[arg(long)]
+    rng: bool,
+    /// A virtio-rng device served by the vhost-user backend on SOCKET.
+    #[arg(long, value_name = "SOCKET")]
+    rng_vhost_user: Option<PathBuf>,
+}
+
+fn parse_disk(arg: &str) -> Result<DeviceSpec, String> {
+    let (path, read_only) = match arg.rsplit_once(',') {
+        Some((path, "read-only")) => (path, true),
+        Some((_, other)) => return Err(format!("--disk {arg}: unknown option '{other}'")),
+        None => (arg, false),
+    };
+    if path.is_empty() {
+        return Err("--disk needs a file".into());
+    }
+    Ok(DeviceSpec::Disk {
+        path: path.into(),
+        read_only,
+    })
+}
+
+/// The devices in command-line order (clap groups values per option; their
+/// indices give the order back).
+fn devices(args: &Args, matches: &ArgMatches) -> Result<Vec<DeviceSpec>, String> {
+    let indices = |id: &str| -> Vec<usize> {
+        matches
+            .indices_of(id)
+            .map(|i| i.collect())
+            .unwrap_or_default()
+    };
+    let mut found: Vec<(usize, DeviceSpec)> = Vec::new();
+    for (i, d) in indices("disk").into_iter().zip(&args.disk) {
+        found.push((i, parse_disk(d)?));
+    }
+    for (i, s) in indices("disk_vhost_user")
+        .into_iter()
+        .zip(&args.disk_vhost_user)
+    {
+        found.push((i, DeviceSpec::DiskVhostUser(s.clone())));
+    }
+    if args.rng {
+        found.extend(indices("rng").first().map(|i| (*i, DeviceSpec::Rng)));
+    }
+    if let Some(s) = &args.rng_vhost_user {
+        found.extend(
+            indices("rng_vhost_user")
+                .first()
+                .map(|i| (*i, DeviceSpec::RngVhostUser(s.clone()))),
+        );
+    }
+    found.sort_by_key(|(i, _)| *i);
+    Ok(found.into_iter().map(|(_, d)| d).collect())
+}
+
+fn run() -> Result<ExitReason, Box<dyn std::error::Error>> {
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches)?;
+    let config = VmConfig {
+        devices: devices(&args, &matches)?,
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        mem_mib: args.mem_mib,
+        vcpus: args.vcpus,
+    };
+    let mut vmm = Vmm::new(&config)?;
+    let reason = vmm.run()?;
+    // Leave `vmm` alive: the process ends now, with vCPU threads parked in
+    // KVM (see `Vmm::run`).
+    std::mem::forget(vmm);
+    Ok(reason)
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let code = match run() {
+        Ok(ExitReason::PowerOff | ExitReason::Reset) => 0,
+        Ok(ExitReason::Failure) => {
+            error!("the guest failed");
+            1
+        }
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = e.source();
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            error!("{msg}");
+            1
+        }
+    };
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // Exit without unwinding the VM: vCPU threads may still be in KVM_RUN.
+    std::process::exit(code)
+}
