@@ -75,6 +75,19 @@ impl<B: DeviceBackend> DeviceCore<B> {
         })
     }
 
+    /// Load only what a device keeps to itself: its own state and the
+    /// requests it had in flight (a vhost-user frontend restores features
+    /// and rings itself).
+    pub fn restore_device_state(&mut self, snapshot: &ValidatedSnapshot) -> Result<()> {
+        for q in 0..self.queues.len() as u16 {
+            let heads = snapshot.in_flight_heads(q);
+            self.queues[usize::from(q)].resubmit = heads;
+        }
+        self.backend
+            .restore_state(&snapshot.snapshot().device_state)
+            .map_err(CoreError::Device)
+    }
+
     /// Load a validated snapshot: features (minus bits this home did not
     /// offer, i.e. other transports' bits), queue states, in-flight requests
     /// and the device's own state. Guest memory, kick and call fds come from

@@ -17,8 +17,9 @@ use std::os::unix::net::UnixStream;
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserLog, VhostUserMemory,
-    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserU64,
-    VhostUserVringAddr, VhostUserVringState, MAX_ATTACHED_FD_ENTRIES, VHOST_USER_CONFIG_SIZE,
+    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion,
+    VhostUserTransferDeviceState, VhostUserU64, VhostUserVringAddr, VhostUserVringState,
+    MAX_ATTACHED_FD_ENTRIES, VHOST_USER_CONFIG_SIZE,
 };
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
@@ -92,6 +93,9 @@ pub enum RequestError {
     /// The dirty log could not be set up.
     #[error(transparent)]
     Log(#[from] crate::memory::DirtyLogError),
+    /// The device state could not be captured.
+    #[error("device state: {0}")]
+    State(String),
     /// The in-flight area could not be set up.
     #[error(transparent)]
     Inflight(#[from] InflightError),
@@ -142,6 +146,7 @@ fn has_reply(req: FrontendReq) -> bool {
             | FrontendReq::GET_INFLIGHT_FD
             | FrontendReq::GET_SHARED_OBJECT
             | FrontendReq::CHECK_DEVICE_STATE
+            | FrontendReq::SET_DEVICE_STATE_FD
             | FrontendReq::GET_SHMEM_CONFIG
     )
 }
@@ -157,6 +162,7 @@ pub fn kit_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::LOG_SHMFD
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::DEVICE_STATE
 }
 
 /// One frontend connection.
@@ -168,6 +174,14 @@ pub struct Session<'a, B: DeviceBackend> {
     protocol_set: bool,
     status: u8,
     channel: BackendChannel,
+    transfer: Option<StateTransfer>,
+}
+
+/// A device-state transfer running on its own thread, so the frontend can
+/// read (or write) the pipe while the session keeps answering messages.
+enum StateTransfer {
+    Save(std::thread::JoinHandle<Result<(), String>>),
+    Load(std::thread::JoinHandle<Result<Vec<u8>, String>>),
 }
 
 impl<'a, B: DeviceBackend> Session<'a, B> {
@@ -184,6 +198,7 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
             protocol_set: false,
             status: 0,
             channel,
+            transfer: None,
         }
     }
 
@@ -436,6 +451,11 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                 Ok(Outcome::Ack)
             }
             FrontendReq::GET_STATUS => Ok(u64_reply(u64::from(self.status))),
+            FrontendReq::SET_DEVICE_STATE_FD => self.set_device_state_fd(req, msg),
+            FrontendReq::CHECK_DEVICE_STATE => {
+                let ok = self.check_device_state();
+                Ok(u64_reply(u64::from(!ok)))
+            }
             FrontendReq::GET_INFLIGHT_FD => {
                 let want = parse::<VhostUserInflight>(req, p)?;
                 self.check_inflight_geometry(req, &want)?;
@@ -465,6 +485,85 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
             }
             other => Err(RequestError::Unsupported(other.into())),
         }
+    }
+
+    fn set_device_state_fd(&mut self, req: FrontendReq, msg: &mut Message) -> RequestResult {
+        use std::io::{Read, Write};
+        let t = parse::<VhostUserTransferDeviceState>(req, &msg.payload)?;
+        let mut file = msg.take_single_file().ok_or(RequestError::BadFds {
+            request: req,
+            expected: 1,
+            got: msg.files.len(),
+        })?;
+        // Only the STOPPED phase exists: the rings were stopped with
+        // GET_VRING_BASE before this.
+        if t.phase != 0 || t.direction > 1 {
+            return Err(RequestError::BadPayload {
+                request: req,
+                len: msg.payload.len(),
+            });
+        }
+        if t.direction == 0 {
+            let snap = self.core.snapshot(Some(self.acked_protocol))?;
+            // The rings were already stopped; a frontend that cancels the
+            // migration restarts them with SET_VRING_KICK as usual.
+            self.core.resume();
+            let bytes =
+                crate::snapshot::encode(&snap).map_err(|e| RequestError::State(e.to_string()))?;
+            let handle =
+                std::thread::spawn(move || file.write_all(&bytes).map_err(|e| e.to_string()));
+            self.transfer = Some(StateTransfer::Save(handle));
+        } else {
+            let cap = crate::snapshot::MAX_PAYLOAD_LEN as u64 + 64;
+            let handle = std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                (&mut file)
+                    .take(cap)
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| e.to_string())?;
+                Ok(bytes)
+            });
+            self.transfer = Some(StateTransfer::Load(handle));
+        }
+        // Success, and no fd of our own: the frontend's fd is used.
+        Ok(u64_reply(0x100))
+    }
+
+    /// Finish the transfer started by SET_DEVICE_STATE_FD; true on success.
+    fn check_device_state(&mut self) -> bool {
+        let result = match self.transfer.take() {
+            None => Err("no state transfer was started".to_string()),
+            Some(StateTransfer::Save(h)) => {
+                h.join().unwrap_or_else(|_| Err("writer panicked".into()))
+            }
+            Some(StateTransfer::Load(h)) => h
+                .join()
+                .unwrap_or_else(|_| Err("reader panicked".into()))
+                .and_then(|bytes| self.load_device_state(&bytes)),
+        };
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("device state transfer failed: {e}");
+                false
+            }
+        }
+    }
+
+    fn load_device_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let snap = crate::snapshot::decode(bytes).map_err(|e| e.to_string())?;
+        let limits = crate::snapshot::SnapshotLimits::for_backend(
+            &**self.core.backend(),
+            VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL,
+            self.protocol_offered(),
+        );
+        let valid =
+            crate::snapshot::ValidatedSnapshot::new(snap, &limits).map_err(|e| e.to_string())?;
+        // The frontend sets up features and rings itself; what travels here
+        // is what only the backend knows.
+        self.core
+            .restore_device_state(&valid)
+            .map_err(|e| e.to_string())
     }
 
     fn check_inflight_geometry(

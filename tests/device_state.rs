@@ -1,0 +1,145 @@
+//! Device state over vhost-user (`DEVICE_STATE`: SET_DEVICE_STATE_FD and
+//! CHECK_DEVICE_STATE), as a migration carries it: the source backend
+//! writes a versioned snapshot into a pipe, the destination reads it,
+//! validates it and restores the device's own state. A corrupt stream is
+//! refused by CHECK_DEVICE_STATE and the session goes on.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::{spawn_daemon, Client};
+use virtio_backend_kit::snapshot;
+use virtio_backend_kit::vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+};
+use virtio_backend_kit::vhost::vhost_user::VhostUserFrontend;
+use virtio_backend_kit::vhost::VhostBackend;
+use virtio_backend_kit::vhost_user::ServeMode;
+use virtio_backend_kit::{BackendError, DeviceBackend, DeviceEvent, QueueSet, VringOwned};
+
+/// A device whose whole state is a counter.
+#[derive(Default)]
+struct Counter {
+    value: AtomicU64,
+}
+
+impl DeviceBackend for Counter {
+    type Vring = VringOwned;
+    fn device_type(&self) -> u32 {
+        4
+    }
+    fn num_queues(&self) -> usize {
+        1
+    }
+    fn max_queue_size(&self) -> u16 {
+        64
+    }
+    fn features(&self) -> u64 {
+        1 << 32
+    }
+    fn handle_event(
+        &self,
+        _: DeviceEvent,
+        _: &QueueSet<VringOwned>,
+        _: usize,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn save_state(&self) -> Result<Vec<u8>, BackendError> {
+        Ok(self.value.load(Ordering::SeqCst).to_le_bytes().to_vec())
+    }
+    fn restore_state(&self, data: &[u8]) -> Result<(), BackendError> {
+        let bytes: [u8; 8] = data.try_into().map_err(|_| "state is not 8 bytes")?;
+        self.value
+            .store(u64::from_le_bytes(bytes), Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn pipe() -> (std::fs::File, std::fs::File) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds were just created and are owned by nobody else.
+    unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+fn protocol() -> VhostUserProtocolFeatures {
+    Client::default_protocol() | VhostUserProtocolFeatures::DEVICE_STATE
+}
+
+#[test]
+fn device_state_travels_from_source_to_destination() {
+    let source_dev = Arc::new(Counter::default());
+    source_dev.value.store(0xdead_beef, Ordering::SeqCst);
+    let source = spawn_daemon(source_dev, ServeMode::Once);
+    let mut src = source.frontend(1);
+    src.negotiate(1 << 32, protocol());
+    let (mut rd, wr) = pipe();
+    let own = src
+        .frontend
+        .set_device_state_fd(
+            VhostTransferStateDirection::SAVE,
+            VhostTransferStatePhase::STOPPED,
+            OwnedFd::from(wr),
+        )
+        .unwrap();
+    assert!(own.is_none(), "backend returned its own fd");
+    let mut bytes = Vec::new();
+    rd.read_to_end(&mut bytes).unwrap();
+    src.frontend.check_device_state().unwrap();
+    let snap = snapshot::decode(&bytes).expect("a versioned snapshot");
+    assert_eq!(snap.device_type, 4);
+    assert_eq!(snap.device_state, 0xdead_beefu64.to_le_bytes());
+    println!("VBK-DEVICE-STATE bytes={}", bytes.len());
+
+    // The destination: a fresh backend process.
+    let dest_dev = Arc::new(Counter::default());
+    let dest = spawn_daemon(dest_dev.clone(), ServeMode::Once);
+    let mut dst = dest.frontend(1);
+    dst.negotiate(1 << 32, protocol());
+    let (rd, mut wr) = pipe();
+    dst.frontend
+        .set_device_state_fd(
+            VhostTransferStateDirection::LOAD,
+            VhostTransferStatePhase::STOPPED,
+            OwnedFd::from(rd),
+        )
+        .unwrap();
+    wr.write_all(&bytes).unwrap();
+    drop(wr);
+    dst.frontend.check_device_state().unwrap();
+    assert_eq!(dest_dev.value.load(Ordering::SeqCst), 0xdead_beef);
+
+    // A corrupt stream is refused; the session goes on.
+    let mut bad = bytes.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 1;
+    let (rd, mut wr) = pipe();
+    dst.frontend
+        .set_device_state_fd(
+            VhostTransferStateDirection::LOAD,
+            VhostTransferStatePhase::STOPPED,
+            OwnedFd::from(rd),
+        )
+        .unwrap();
+    wr.write_all(&bad).unwrap();
+    drop(wr);
+    assert!(dst.frontend.check_device_state().is_err());
+    assert_eq!(dest_dev.value.load(Ordering::SeqCst), 0xdead_beef);
+    assert!(
+        dst.frontend.check_device_state().is_err(),
+        "no transfer pending"
+    );
+    assert_eq!(dst.frontend.get_features().unwrap() & (1 << 32), 1 << 32);
+}
