@@ -143,3 +143,47 @@ fn device_state_travels_from_source_to_destination() {
     );
     assert_eq!(dst.frontend.get_features().unwrap() & (1 << 32), 1 << 32);
 }
+
+#[test]
+fn state_file_brings_device_state_back_after_a_restart() {
+    use virtio_backend_kit::vhost_user::VhostUserDaemon;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("device.state");
+    let sock = dir.path().join("sock");
+
+    let dev = Arc::new(Counter::default());
+    dev.value.store(41, Ordering::SeqCst);
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let mut daemon = VhostUserDaemon::new(dev)
+        .unwrap()
+        .with_state_file(state.clone())
+        .unwrap();
+    let server = std::thread::spawn(move || daemon.serve_listener(&listener, ServeMode::Once));
+    {
+        let mut c = Client::new(std::os::unix::net::UnixStream::connect(&sock).unwrap(), 1);
+        c.negotiate(1 << 32, protocol());
+    }
+    server.join().unwrap().unwrap();
+    let snap = snapshot::decode(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(snap.device_state, 41u64.to_le_bytes());
+
+    // A new process (here: a new daemon) with the same file.
+    let dev = Arc::new(Counter::default());
+    let _daemon = VhostUserDaemon::new(dev.clone())
+        .unwrap()
+        .with_state_file(state.clone())
+        .unwrap();
+    assert_eq!(dev.value.load(Ordering::SeqCst), 41);
+
+    // A corrupt state file is a clear error, not a panic.
+    let mut bytes = std::fs::read(&state).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&state, bytes).unwrap();
+    let err = VhostUserDaemon::new(Arc::new(Counter::default()))
+        .unwrap()
+        .with_state_file(state)
+        .err()
+        .expect("corrupt state file accepted");
+    assert!(err.to_string().contains("state file"), "{err}");
+}

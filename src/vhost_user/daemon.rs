@@ -30,6 +30,14 @@ pub enum DaemonError {
     /// accept() failed.
     #[error("cannot accept a connection")]
     Accept(#[source] std::io::Error),
+    /// The state file could not be read or does not fit the device.
+    #[error("state file {path}: {reason}")]
+    StateFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// connect() failed.
     #[error("cannot connect to {path}")]
     Connect {
@@ -62,6 +70,7 @@ pub enum ServeMode {
 /// A vhost-user daemon for one device.
 pub struct VhostUserDaemon<B: DeviceBackend> {
     core: DeviceCore<B>,
+    state_file: Option<PathBuf>,
 }
 
 impl<B: DeviceBackend> VhostUserDaemon<B> {
@@ -69,7 +78,38 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
     pub fn new(backend: Arc<B>) -> Result<Self, DaemonError> {
         Ok(VhostUserDaemon {
             core: DeviceCore::new(backend)?,
+            state_file: None,
         })
+    }
+
+    /// Keep the device's state in `path`: restore it from there now if the
+    /// file exists (a restarted daemon), and rewrite it whenever the state
+    /// settles (features negotiated, a ring stopped, a session ended).
+    pub fn with_state_file(mut self, path: PathBuf) -> Result<Self, DaemonError> {
+        if path.exists() {
+            let bytes = std::fs::read(&path).map_err(|source| DaemonError::StateFile {
+                path: path.clone(),
+                reason: source.to_string(),
+            })?;
+            let bad = |reason: String| DaemonError::StateFile {
+                path: path.clone(),
+                reason,
+            };
+            let snap = crate::snapshot::decode(&bytes).map_err(|e| bad(e.to_string()))?;
+            let limits = crate::snapshot::SnapshotLimits::for_backend(
+                &**self.core.backend(),
+                super::session::VHOST_USER_F_PROTOCOL_FEATURES | super::session::VHOST_F_LOG_ALL,
+                u64::MAX,
+            );
+            let valid = crate::snapshot::ValidatedSnapshot::new(snap, &limits)
+                .map_err(|e| bad(e.to_string()))?;
+            self.core
+                .restore_device_state(&valid)
+                .map_err(|e| bad(e.to_string()))?;
+            info!("device state restored from {}", path.display());
+        }
+        self.state_file = Some(path);
+        Ok(self)
     }
 
     /// The control core (for inspection and tests).
@@ -79,7 +119,9 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
 
     /// Serve one connected frontend until it disconnects.
     pub fn serve_stream(&mut self, stream: UnixStream) -> ConnectionError {
-        let end = Session::new(&mut self.core, stream).run();
+        let end = Session::new(&mut self.core, stream)
+            .with_state_file(self.state_file.clone())
+            .run();
         match &end {
             ConnectionError::Closed => info!("frontend disconnected"),
             e => warn!("session ended: {e}"),

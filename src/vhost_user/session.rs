@@ -175,6 +175,7 @@ pub struct Session<'a, B: DeviceBackend> {
     status: u8,
     channel: BackendChannel,
     transfer: Option<StateTransfer>,
+    state_file: Option<std::path::PathBuf>,
 }
 
 /// A device-state transfer running on its own thread, so the frontend can
@@ -199,6 +200,35 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
             status: 0,
             channel,
             transfer: None,
+            state_file: None,
+        }
+    }
+
+    /// Persist the device state to `path` as it settles (see
+    /// [`super::VhostUserDaemon::with_state_file`]).
+    pub fn with_state_file(mut self, path: Option<std::path::PathBuf>) -> Self {
+        self.state_file = path;
+        self
+    }
+
+    /// Write the state file, atomically (temporary file, then rename).
+    fn persist(&self) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        let result = self
+            .core
+            .checkpoint(Some(self.acked_protocol))
+            .map_err(|e| e.to_string())
+            .and_then(|snap| crate::snapshot::encode(&snap).map_err(|e| e.to_string()))
+            .and_then(|bytes| {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, bytes)
+                    .and_then(|()| std::fs::rename(&tmp, path))
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = result {
+            warn!("cannot write state file {}: {e}", path.display());
         }
     }
 
@@ -210,10 +240,18 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                 Ok(m) => m,
                 Err(e) => break e,
             };
+            let settles = matches!(
+                FrontendReq::try_from(msg.request),
+                Ok(FrontendReq::SET_FEATURES | FrontendReq::GET_VRING_BASE)
+            );
             if let Err(e) = self.dispatch(msg) {
                 break e;
             }
+            if settles {
+                self.persist();
+            }
         };
+        self.persist();
         self.core.reset();
         self.core.clear_memory();
         self.channel.clear();

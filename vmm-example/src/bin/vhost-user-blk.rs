@@ -47,6 +47,10 @@ struct Args {
     /// After a frontend disconnects, serve the next one instead of exiting.
     #[arg(long)]
     keep_serving: bool,
+    /// Keep the device state in this file: restored at start if it exists,
+    /// rewritten as it settles, so a restarted daemon gets it back.
+    #[arg(long)]
+    state_file: Option<PathBuf>,
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -73,6 +77,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     );
     let mut daemon = VhostUserDaemon::new(Arc::new(device))?;
+    if let Some(path) = &args.state_file {
+        daemon = daemon.with_state_file(path.clone())?;
+    }
     let endpoint = if args.client {
         Endpoint::Connect(args.socket.clone())
     } else {
