@@ -79,7 +79,12 @@ else
     # (the kernel unpacks concatenated archives; no gzip saves L1 time).
     (cd "$stage" && find vmm lib lib64 usr -print 2>/dev/null | LC_ALL=C sort |
         cpio -o -H newc --quiet -R 0:0) >"$stage/extra.cpio"
-    cat "$out/initramfs.gz" "$stage/extra.cpio" >"$stage/l1.img"
+    # The kernel looks for the next archive at a 4-byte boundary: pad the
+    # gzip'ed part with zeroes (which it skips) before appending.
+    cp "$out/initramfs.gz" "$stage/l1.img"
+    size=$(stat -c %s "$stage/l1.img")
+    truncate -s $(( (size + 3) / 4 * 4 )) "$stage/l1.img"
+    cat "$stage/extra.cpio" >>"$stage/l1.img"
     timeout -k 5 "${VBK_TIMEOUT:-400}" qemu-system-x86_64 \
         -accel tcg,thread=multi -cpu max -m 2G -smp 2 \
         -nodefaults -nographic -serial stdio -no-reboot \
