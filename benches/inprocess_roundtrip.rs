@@ -68,7 +68,10 @@ fn main() {
     let mem = guest_memory();
     let core = DeviceCore::new(device()).expect("core");
     let t = MmioTransport::new(Box::new(core), mem.clone()).expect("transport");
-    rows.push(("in process, worker thread", median(measure(&mut Driver::new(t, mem)))));
+    rows.push((
+        "in process, worker thread",
+        median(measure(&mut Driver::new(t, mem))),
+    ));
 
     let mem = guest_memory();
     let (core, subscribers) = DeviceCore::with_event_loop(device()).expect("core");
@@ -84,7 +87,10 @@ fn main() {
         }
     });
     let t = MmioTransport::new(Box::new(core), mem.clone()).expect("transport");
-    rows.push(("in process, event-manager loop", median(measure(&mut Driver::new(t, mem)))));
+    rows.push((
+        "in process, event-manager loop",
+        median(measure(&mut Driver::new(t, mem))),
+    ));
     stop.store(true, Ordering::SeqCst);
     let _ = event_loop.join();
 
@@ -93,9 +99,13 @@ fn main() {
     match process::binary("vhost-user-blk") {
         Ok(bin) => {
             let mut cmd = std::process::Command::new(bin);
-            cmd.arg("--socket")
-                .arg(&sock)
-                .args(["--null", "--size", &SIZE.to_string(), "--queue-size", "64"]);
+            cmd.arg("--socket").arg(&sock).args([
+                "--null",
+                "--size",
+                &SIZE.to_string(),
+                "--queue-size",
+                "64",
+            ]);
             let mut daemon =
                 process::Backend::spawn("vhost-user-blk", cmd, dir.path().join("daemon.log"));
             daemon.wait_for_socket(&sock);
@@ -104,7 +114,10 @@ fn main() {
                 .expect("adapter");
             let t = MmioTransport::new(Box::new(adapter), mem.clone()).expect("transport");
             let mut driver = Driver::new(t, mem);
-            rows.push(("out of process, vhost-user-blk", median(measure(&mut driver))));
+            rows.push((
+                "out of process, vhost-user-blk",
+                median(measure(&mut driver)),
+            ));
             drop(driver);
             daemon.stop(Duration::from_secs(5));
         }
