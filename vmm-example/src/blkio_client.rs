@@ -395,10 +395,10 @@ impl BlkioClient {
         let base = self.region.addr as *mut u8;
         let mut issued_at = vec![Instant::now(); slots_total];
         let mut stats = RunStats::default();
-        for slot in 0..slots_total {
+        for (slot, at) in issued_at.iter_mut().enumerate() {
             // SAFETY: slot * block + block <= region.len, checked above.
             let buf = unsafe { base.add(slot * block) };
-            issued_at[slot] = Instant::now();
+            *at = Instant::now();
             self.queues[slot / depth].read(next_offset(), buf, block, slot, ReqFlags::empty());
         }
         let mut completions: Vec<MaybeUninit<Completion>> =
@@ -410,8 +410,8 @@ impl BlkioClient {
         let mut armed = false;
         while total_in_flight > 0 {
             let mut got = 0usize;
-            for q in 0..num_queues {
-                if in_flight[q] == 0 {
+            for (q, queue_in_flight) in in_flight.iter_mut().enumerate() {
+                if *queue_in_flight == 0 {
                     continue;
                 }
                 let n = wrap(
@@ -435,7 +435,7 @@ impl BlkioClient {
                             .push(now.duration_since(issued_at[slot]).as_nanos() as u64);
                     }
                     if draining {
-                        in_flight[q] -= 1;
+                        *queue_in_flight -= 1;
                         total_in_flight -= 1;
                     } else {
                         // SAFETY: `slot < slots_total`, see above.
