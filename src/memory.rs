@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 
-use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
+use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
 
 /// Size of the page one dirty-log bit stands for.
@@ -191,11 +191,11 @@ impl DirtyLogBitmap {
     }
 }
 
-impl WithBitmapSlice<'_> for DirtyLogBitmap {
-    type S = Self;
+// Slices borrow the region's bitmap instead of cloning it: a clone would
+// touch the `Arc<DirtyLog>` reference count on every guest-memory access.
+impl<'a> WithBitmapSlice<'a> for DirtyLogBitmap {
+    type S = RefSlice<'a, DirtyLogBitmap>;
 }
-
-impl BitmapSlice for DirtyLogBitmap {}
 
 impl Bitmap for DirtyLogBitmap {
     fn mark_dirty(&self, offset: usize, len: usize) {
@@ -210,11 +210,8 @@ impl Bitmap for DirtyLogBitmap {
         false
     }
 
-    fn slice_at(&self, offset: usize) -> Self {
-        DirtyLogBitmap {
-            log: self.log.clone(),
-            gpa_base: self.gpa_base.wrapping_add(offset as u64),
-        }
+    fn slice_at(&self, offset: usize) -> RefSlice<'_, DirtyLogBitmap> {
+        RefSlice::new(self, offset)
     }
 }
 
