@@ -11,7 +11,6 @@
 //! event loop ([`super::event_loop::DataPlaneSubscriber`]). Only the
 //! [`FdRegistry`] differs.
 
-use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::Arc;
@@ -107,7 +106,7 @@ impl WorkerHandle {
             commands: rx,
             wake: wake.try_clone().map_err(WorkerError::Setup)?,
             exit: exit.try_clone().map_err(WorkerError::Setup)?,
-            kicks: HashMap::new(),
+            kicks: Vec::new(),
         };
         let handle = WorkerHandle {
             commands: tx,
@@ -169,7 +168,8 @@ pub(crate) struct WorkerLoop<B: DeviceBackend> {
     commands: Receiver<WorkerCommand>,
     wake: EventFd,
     exit: EventFd,
-    kicks: HashMap<u16, EventFd>,
+    /// Kick eventfds of the running queues, by queue index.
+    kicks: Vec<Option<EventFd>>,
     device_exit: Option<EventFd>,
     device_fds: Vec<(RawFd, u64)>,
 }
@@ -230,7 +230,7 @@ impl<B: DeviceBackend> WorkerLoop<B> {
             }
             t if (TOKEN_KICK_BASE..TOKEN_DEVICE_BASE).contains(&t) => {
                 let index = (t - TOKEN_KICK_BASE) as u16;
-                if let Some(kick) = self.kicks.get(&index) {
+                if let Some(Some(kick)) = self.kicks.get(usize::from(index)) {
                     // Consume the counter; the device drains the ring.
                     let _ = kick.read();
                     self.dispatch(DeviceEvent::Queue(index));
@@ -266,7 +266,11 @@ impl<B: DeviceBackend> WorkerLoop<B> {
 
     fn start(&mut self, vring: Vring, kick: EventFd, reg: &mut dyn FdRegistry) {
         let index = vring.index();
-        if self.kicks.contains_key(&index) {
+        if self
+            .kicks
+            .get(usize::from(index))
+            .is_some_and(Option::is_some)
+        {
             // Restarting a running queue: retire the old one first.
             self.stop(index, reg);
         }
@@ -278,7 +282,11 @@ impl<B: DeviceBackend> WorkerLoop<B> {
             );
             return;
         }
-        self.kicks.insert(index, kick);
+        let slot = usize::from(index);
+        if self.kicks.len() <= slot {
+            self.kicks.resize_with(slot + 1, || None);
+        }
+        self.kicks[slot] = Some(kick);
         self.queues.insert(index, B::Vring::from_vring(vring));
         self.backend.queue_started(index);
         // Buffers made available before the queue started must not wait for
@@ -287,7 +295,11 @@ impl<B: DeviceBackend> WorkerLoop<B> {
     }
 
     fn stop(&mut self, index: u16, reg: &mut dyn FdRegistry) -> Option<VringState> {
-        if let Some(kick) = self.kicks.remove(&index) {
+        if let Some(kick) = self
+            .kicks
+            .get_mut(usize::from(index))
+            .and_then(Option::take)
+        {
             let _ = reg.remove(kick.as_raw_fd(), TOKEN_KICK_BASE + u64::from(index));
         }
         let vring = self.queues.take(index)?;
@@ -296,7 +308,9 @@ impl<B: DeviceBackend> WorkerLoop<B> {
     }
 
     fn stop_all(&mut self, reg: &mut dyn FdRegistry) {
-        let running: Vec<u16> = self.kicks.keys().copied().collect();
+        let running: Vec<u16> = (0..self.kicks.len() as u16)
+            .filter(|q| self.kicks[usize::from(*q)].is_some())
+            .collect();
         for index in running {
             self.stop(index, reg);
         }

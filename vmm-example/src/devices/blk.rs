@@ -771,13 +771,25 @@ impl BlkDevice {
         if !vr.is_enabled() {
             return Ok(());
         }
-        let mut scratch = ChainScratch::new();
+        thread_local! {
+            // One per worker thread: zeroing 4 KiB per batch showed up in
+            // profiles at queue depth 1.
+            static SCRATCH: std::cell::RefCell<ChainScratch> =
+                std::cell::RefCell::new(ChainScratch::new());
+        }
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut scratch) => self.drain_vring(vr, &mut scratch),
+            Err(_) => self.drain_vring(vr, &mut ChainScratch::new()),
+        })
+    }
+
+    fn drain_vring(&self, vr: &mut Vring, scratch: &mut ChainScratch) -> Result<(), VringError> {
         let mut completed = false;
         loop {
             vr.disable_notification()?;
             while let Some(chain) = vr.pop_chain()? {
                 let head = chain.head_index();
-                let used = self.process_chain(chain, &mut scratch);
+                let used = self.process_chain(chain, scratch);
                 vr.add_used(head, used)?;
                 completed = true;
             }
