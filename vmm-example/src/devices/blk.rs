@@ -787,10 +787,7 @@ impl BlkDevice {
         let mut completed = false;
         loop {
             vr.disable_notification()?;
-            while let Some(chain) = vr.pop_chain()? {
-                let head = chain.head_index();
-                let used = self.process_chain(chain, scratch);
-                vr.add_used(head, used)?;
+            if vr.process_available(|chain| self.process_chain(chain, scratch))? > 0 {
                 completed = true;
             }
             if !vr.enable_notification()? {
