@@ -374,8 +374,16 @@ fn run_one(
 ) -> Sample {
     let sock = setup.dir.join(format!("{}.sock", kind.name()));
     let backend = spawn(setup, kind, mode, nq, &sock);
-    let mut client = BlkioClient::connect(&sock, nq, nq * depth * BLOCK)
-        .unwrap_or_else(|e| panic!("connect to {}: {e}", kind.name()));
+    // The socket file can exist a moment before the backend listens on it
+    // (qemu-storage-daemon binds, then listens): retry briefly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut client = loop {
+        match BlkioClient::connect(&sock, nq, nq * depth * BLOCK) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() > deadline => panic!("connect to {}: {e}", kind.name()),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
     // Give the backend's workers a moment to settle after the handshake.
     std::thread::sleep(Duration::from_millis(20));
     let (rss_kib, threads) = rss_threads(backend.pid());
