@@ -5,5 +5,6 @@
 //! a vhost-user daemon or inside a VMM process; [`vmm`] is that VMM.
 
 pub mod blkio_client;
+pub mod daemon_cli;
 pub mod devices;
 pub mod vmm;

@@ -7,11 +7,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{ArgGroup, Parser};
-use log::{error, info};
-use virtio_backend_kit::vhost_user::{Endpoint, ServeMode, VhostUserDaemon};
+use log::info;
+use vmm_example::daemon_cli::{exit_code, serve, ServeOptions};
 use vmm_example::devices::{BlkConfig, BlkDevice, Target};
 
 /// Serve a virtio-blk device to a vhost-user frontend (QEMU, Cloud
@@ -76,37 +75,18 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             "read-write"
         }
     );
-    let mut daemon = VhostUserDaemon::new(Arc::new(device))?;
-    if let Some(path) = &args.state_file {
-        daemon = daemon.with_state_file(path.clone())?;
-    }
-    let endpoint = if args.client {
-        Endpoint::Connect(args.socket.clone())
-    } else {
-        Endpoint::Listen(args.socket.clone())
-    };
-    let mode = if args.keep_serving {
-        ServeMode::KeepServing
-    } else {
-        ServeMode::Once
-    };
-    daemon.run(&endpoint, mode)?;
-    Ok(())
+    serve(
+        device,
+        &ServeOptions {
+            socket: args.socket,
+            client: args.client,
+            keep_serving: args.keep_serving,
+            state_file: args.state_file,
+        },
+    )
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = e.source();
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            error!("{msg}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code(run(Args::parse()))
 }

@@ -6,11 +6,9 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
-use log::error;
-use virtio_backend_kit::vhost_user::{Endpoint, ServeMode, VhostUserDaemon};
+use vmm_example::daemon_cli::{exit_code, serve, ServeOptions};
 use vmm_example::devices::RngDevice;
 
 /// Serve a virtio-rng device (entropy from the host's getrandom) to a
@@ -34,34 +32,18 @@ struct Args {
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let device = RngDevice::new(args.queue_size)?;
-    let mut daemon = VhostUserDaemon::new(Arc::new(device))?;
-    let endpoint = if args.client {
-        Endpoint::Connect(args.socket.clone())
-    } else {
-        Endpoint::Listen(args.socket.clone())
-    };
-    let mode = if args.keep_serving {
-        ServeMode::KeepServing
-    } else {
-        ServeMode::Once
-    };
-    daemon.run(&endpoint, mode)?;
-    Ok(())
+    serve(
+        device,
+        &ServeOptions {
+            socket: args.socket,
+            client: args.client,
+            keep_serving: args.keep_serving,
+            state_file: None,
+        },
+    )
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = e.source();
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            error!("{msg}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code(run(Args::parse()))
 }
