@@ -17,14 +17,15 @@
 //! Our daemon must be built first: `cargo build --release --workspace`.
 //! Run: `cargo test --release --test qemu_guest -- --nocapture --test-threads=1`.
 
+mod guest_vm;
 mod process;
 
-use process::{have, Backend};
+use guest_vm::{field, guest_dir, machine_lock, prepare_guest, skip_or_fail};
+use process::Backend;
 use std::fs::File;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 const IMAGE_SIZE: u64 = 64 << 20;
@@ -33,71 +34,6 @@ const PATTERN_BYTES: usize = 8 << 20;
 const PATTERN_SEED: u64 = 1;
 const MARKER_OFFSET: usize = 32 << 20;
 const QUEUES: u32 = 2;
-
-fn guest_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest")
-}
-
-/// QEMU runs take both host cores: run one guest at a time.
-fn serialize() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Fails the test, or with VBK_ALLOW_SKIP_QEMU=1 prints a loud SKIPPED line.
-/// Returns true if the caller should return early (skipped).
-fn skip_or_fail(why: &str) -> bool {
-    if std::env::var("VBK_ALLOW_SKIP_QEMU").as_deref() == Ok("1") {
-        eprintln!("\n!!!!!!!! SKIPPED QEMU guest test (VBK_ALLOW_SKIP_QEMU=1): {why} !!!!!!!!\n");
-        return true;
-    }
-    panic!("{why}\n(set VBK_ALLOW_SKIP_QEMU=1 to skip this test instead of failing)");
-}
-
-fn run_script(name: &str) -> Result<(), String> {
-    let t = Instant::now();
-    let out = Command::new("bash")
-        .arg(guest_dir().join(name))
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {name}: {e}"))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!(
-        "[{name} took {:.1}s] {}",
-        t.elapsed().as_secs_f64(),
-        text.trim_end()
-    );
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "tests/guest/{name} failed ({}):\n{text}",
-            out.status
-        ))
-    }
-}
-
-/// install-deps.sh + build-image.sh, once per test process.
-fn prepare_guest() -> Result<(), String> {
-    static PREP: OnceLock<Result<(), String>> = OnceLock::new();
-    PREP.get_or_init(|| {
-        let deps = run_script("install-deps.sh");
-        if !have("qemu-system-x86_64") {
-            return Err(format!(
-                "qemu-system-x86_64 not found and tests/guest/install-deps.sh could not \
-                 install it: {}",
-                deps.err().unwrap_or_default()
-            ));
-        }
-        deps?;
-        run_script("build-image.sh")
-    })
-    .clone()
-}
 
 /// Runs tests/guest/run-qemu-blk.sh; returns (success, console text).
 fn run_guest(sock: &Path) -> (bool, String) {
@@ -121,11 +57,6 @@ fn run_guest(sock: &Path) -> (bool, String) {
         out.status
     );
     (out.status.success(), console)
-}
-
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// Checks the guest's VBK-RESULT / VBK-DONE lines.
@@ -248,7 +179,7 @@ fn guest_test(
     exit_grace: Duration,
     make_backend: impl FnOnce(&Path, &Path) -> Command,
 ) {
-    let _serial = serialize();
+    let _serial = machine_lock();
     if let Err(e) = prepare_guest() {
         if skip_or_fail(&e) {
             return;
