@@ -15,9 +15,11 @@
 //! resubmitted in the order they were first popped.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+
+use crate::shared_mapping::SharedMapping;
 
 /// Format version written in each queue header.
 pub const INFLIGHT_VERSION: u16 = 1;
@@ -67,17 +69,10 @@ pub fn queue_area_size(queue_size: u16) -> usize {
 #[derive(Debug)]
 pub struct InflightArea {
     file: File,
-    addr: *mut u8,
-    len: usize,
+    map: SharedMapping,
     num_queues: u16,
     queue_size: u16,
 }
-
-// SAFETY: the mapping is shared memory accessed only through atomics; the
-// pointer stays valid until Drop, which needs exclusive ownership.
-unsafe impl Send for InflightArea {}
-// SAFETY: see `Send`.
-unsafe impl Sync for InflightArea {}
 
 impl InflightArea {
     /// Allocate a fresh, zeroed area in a new memfd (GET_INFLIGHT_FD).
@@ -139,30 +134,13 @@ impl InflightArea {
         num_queues: u16,
         queue_size: u16,
     ) -> Result<Self, InflightError> {
-        let off = libc::off_t::try_from(offset).map_err(|_| InflightError::TooSmall {
-            needed: offset,
-            actual: 0,
+        let map = SharedMapping::new(&file, len, offset).map_err(|source| InflightError::Os {
+            what: "mmap",
+            source,
         })?;
-        // SAFETY: a new shared mapping of a file we own; arguments checked
-        // by the callers, the result checked below. No existing memory is
-        // affected.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                off,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(os("mmap"));
-        }
         Ok(InflightArea {
             file,
-            addr: addr.cast(),
-            len,
+            map,
             num_queues,
             queue_size,
         })
@@ -175,12 +153,12 @@ impl InflightArea {
 
     /// Bytes mapped.
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len()
     }
 
     /// Whether the area is empty (never: geometry is checked).
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.map.len() == 0
     }
 
     /// Number of queues.
@@ -197,7 +175,8 @@ impl InflightArea {
         // SAFETY: q < num_queues is checked by every caller, so the offset
         // lies inside the mapping.
         unsafe {
-            self.addr
+            self.map
+                .as_ptr()
                 .add(queue_area_size(self.queue_size) * usize::from(q))
         }
     }
@@ -216,15 +195,6 @@ impl InflightArea {
             index: q,
             counter: 0,
         })
-    }
-}
-
-impl Drop for InflightArea {
-    fn drop(&mut self) {
-        // SAFETY: `addr`/`len` describe our own mapping.
-        unsafe {
-            libc::munmap(self.addr.cast(), self.len);
-        }
     }
 }
 

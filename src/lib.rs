@@ -8,6 +8,7 @@ pub mod inflight;
 pub mod kvm;
 pub mod memory;
 pub mod mmio;
+mod shared_mapping;
 pub mod snapshot;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;

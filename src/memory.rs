@@ -9,10 +9,10 @@
 //! write while it is off.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::shared_mapping::SharedMapping;
 use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
 
@@ -48,17 +48,7 @@ pub enum DirtyLogError {
 
 /// A shared mapping of the frontend's dirty log bitmap.
 #[derive(Debug)]
-struct LogArea {
-    addr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain shared memory only ever accessed through
-// atomic byte operations; the pointer stays valid until `Drop` unmaps it,
-// which cannot happen while another thread holds a reference to `LogArea`.
-unsafe impl Send for LogArea {}
-// SAFETY: see `Send`; all accesses are atomic.
-unsafe impl Sync for LogArea {}
+struct LogArea(SharedMapping);
 
 impl LogArea {
     fn map(file: &File, size: u64, offset: u64) -> Result<Self, DirtyLogError> {
@@ -66,55 +56,27 @@ impl LogArea {
             .ok()
             .filter(|l| *l > 0 && *l <= (1 << 40))
             .ok_or(DirtyLogError::InvalidSize(size))?;
-        let off = libc::off_t::try_from(offset).map_err(|_| DirtyLogError::InvalidSize(offset))?;
-        // SAFETY: we ask the kernel for a fresh shared mapping of a file we
-        // hold open; the arguments are checked above and the result is
-        // checked below. No existing memory is affected.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                off,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(DirtyLogError::Map {
+        SharedMapping::new(file, len, offset)
+            .map(LogArea)
+            .map_err(|source| DirtyLogError::Map {
                 size,
                 offset,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(LogArea {
-            addr: addr.cast(),
-            len,
-        })
+                source,
+            })
     }
 
     fn mark_pages(&self, first_page: u64, last_page: u64) {
         for page in first_page..=last_page {
             let byte = (page / 8) as usize;
-            if byte >= self.len {
+            if byte >= self.0.len() {
                 // The frontend sized the log for less memory than it gave us;
                 // nothing sensible to record beyond its end.
                 return;
             }
             // SAFETY: `byte < len`, so the address lies inside our mapping,
             // and `AtomicU8` has the alignment and size of `u8`.
-            let cell = unsafe { &*(self.addr.add(byte) as *const AtomicU8) };
+            let cell = unsafe { &*(self.0.as_ptr().add(byte) as *const AtomicU8) };
             cell.fetch_or(1 << (page % 8), Ordering::Relaxed);
-        }
-    }
-}
-
-impl Drop for LogArea {
-    fn drop(&mut self) {
-        // SAFETY: `addr`/`len` describe a mapping created by `map` and
-        // owned exclusively by this object.
-        unsafe {
-            libc::munmap(self.addr.cast(), self.len);
         }
     }
 }
