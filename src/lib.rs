@@ -19,7 +19,7 @@ pub use backend::{
 };
 pub use memory::{DirtyLog, DirtyLogBitmap, GuestMemoryHandle, GuestMemoryLog, GuestRegionLog};
 pub use vring::{
-    Chain, Vring, VringError, VringMutex, VringOwned, VringRwLock, VringState, VringT,
+    Chain, DescIter, Vring, VringError, VringMutex, VringOwned, VringRwLock, VringState, VringT,
 };
 
 /// The `kvm-ioctls` crate the KVM wiring is built on.

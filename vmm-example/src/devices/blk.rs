@@ -61,8 +61,8 @@ use virtio_backend_kit::virtio_queue::desc::split::Descriptor;
 use virtio_backend_kit::virtio_queue::DescriptorChain;
 use virtio_backend_kit::vm_memory::bitmap::BitmapSlice;
 use virtio_backend_kit::vm_memory::{
-    Bytes, GuestAddress, GuestMemory, ReadVolatile, VolatileMemoryError, VolatileSlice,
-    WriteVolatile,
+    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, ReadVolatile,
+    VolatileMemoryError, VolatileSlice, WriteVolatile,
 };
 use virtio_backend_kit::{
     BackendError, DeviceBackend, DeviceEvent, QueueSet, Vring, VringError, VringOwned, VringT,
@@ -787,7 +787,11 @@ impl BlkDevice {
         let mut completed = false;
         loop {
             vr.disable_notification()?;
-            if vr.process_available(|chain| self.process_chain(chain, scratch))? > 0 {
+            let batch = vr.process_available_descs(|mut chain| {
+                let (head, mem) = (chain.head_index(), chain.memory());
+                self.process_descs(head, mem, &mut chain, scratch)
+            })?;
+            if batch > 0 {
                 completed = true;
             }
             if !vr.enable_notification()? {
@@ -813,11 +817,33 @@ impl BlkDevice {
         M::Target: GuestMemory,
     {
         let head = chain.head_index();
+        let (n, overflow, last) = self.collect_descs(&mut chain, scratch);
+        self.finish_chain(head, chain.memory(), scratch, n, overflow, last)
+    }
+
+    /// [`BlkDevice::process_chain`] for a chain given as its head index, its
+    /// memory and an iterator over its descriptors.
+    fn process_descs<M, I>(&self, head: u16, mem: &M, descs: I, scratch: &mut ChainScratch) -> u32
+    where
+        M: GuestMemory + ?Sized,
+        I: Iterator<Item = Descriptor>,
+    {
+        let (n, overflow, last) = self.collect_descs(descs, scratch);
+        self.finish_chain(head, mem, scratch, n, overflow, last)
+    }
+
+    /// Copy up to `seg_max + 2` descriptors into the scratch array; returns
+    /// how many, whether there were more, and the chain's last descriptor.
+    fn collect_descs<I: Iterator<Item = Descriptor>>(
+        &self,
+        descs: I,
+        scratch: &mut ChainScratch,
+    ) -> (usize, bool, Option<Descriptor>) {
         let cap = (self.cfg.seg_max as usize + 2).min(SCRATCH_DESCS);
         let mut n = 0usize;
         let mut overflow = false;
         let mut last = None;
-        for desc in &mut chain {
+        for desc in descs {
             if n < cap {
                 scratch.descs[n] = desc;
                 n += 1;
@@ -826,7 +852,19 @@ impl BlkDevice {
             }
             last = Some(desc);
         }
-        let mem = chain.memory();
+        (n, overflow, last)
+    }
+
+    fn finish_chain<M: GuestMemory + ?Sized>(
+        &self,
+        head: u16,
+        mem: &M,
+        scratch: &ChainScratch,
+        n: usize,
+        overflow: bool,
+        last: Option<Descriptor>,
+    ) -> u32 {
+        let cap = (self.cfg.seg_max as usize + 2).min(SCRATCH_DESCS);
 
         let Some(status_addr) = last.and_then(status_address) else {
             warn!("virtio-blk: chain {head} has no writable status byte; dropping it");
@@ -1138,7 +1176,9 @@ fn read_header<M: GuestMemory + ?Sized>(
     // Fast path: the whole header in the first descriptor.
     if let Some(d) = descs.first() {
         if !d.is_write_only() && d.len() as usize >= HEADER_LEN {
-            mem.read_slice(&mut header, d.addr()).ok()?;
+            if !read_guest(mem, &mut header, d.addr()) {
+                return None;
+            }
             return Some(if d.len() as usize == HEADER_LEN {
                 (header, 1, 0)
             } else {
@@ -1152,8 +1192,9 @@ fn read_header<M: GuestMemory + ?Sized>(
             return None;
         }
         let take = (d.len() as usize).min(HEADER_LEN - got);
-        mem.read_slice(&mut header[got..got + take], d.addr())
-            .ok()?;
+        if !read_guest(mem, &mut header[got..got + take], d.addr()) {
+            return None;
+        }
         got += take;
         if got == HEADER_LEN {
             return Some(if take == d.len() as usize {
@@ -1166,6 +1207,19 @@ fn read_header<M: GuestMemory + ?Sized>(
     None
 }
 
+/// Copy `buf.len()` bytes of guest memory at `addr` into `buf`. A range
+/// inside one region of plain guest memory is read through a single
+/// `VolatileSlice` (one region lookup); anything else (a range crossing
+/// regions, IOMMU-translated memory) takes vm-memory's general path.
+fn read_guest<M: GuestMemory + ?Sized>(mem: &M, buf: &mut [u8], addr: GuestAddress) -> bool {
+    if let Some(phys) = mem.physical_memory() {
+        if let Ok(slice) = phys.get_slice(addr, buf.len()) {
+            return slice.read_slice(buf, 0).is_ok();
+        }
+    }
+    mem.read_slice(buf, addr).is_ok()
+}
+
 /// Write the status byte and return the used length.
 fn write_status<M: GuestMemory + ?Sized>(
     mem: &M,
@@ -1174,7 +1228,15 @@ fn write_status<M: GuestMemory + ?Sized>(
     data_written: u32,
     head: u16,
 ) -> u32 {
-    match mem.write_obj(status.byte(), addr) {
+    let written = match mem.physical_memory().map(|m| m.get_slice(addr, 1)) {
+        // One region lookup and a volatile store (dirty-logged through the
+        // slice's bitmap) instead of vm-memory's generic slice iterator.
+        Some(Ok(slice)) => slice
+            .write_obj(status.byte(), 0)
+            .map_err(GuestMemoryError::from),
+        _ => mem.write_obj(status.byte(), addr),
+    };
+    match written {
         Ok(()) => data_written.saturating_add(1),
         Err(e) => {
             warn!("virtio-blk: chain {head}: cannot write the status byte: {e}");
