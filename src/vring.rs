@@ -177,6 +177,11 @@ pub struct Vring {
     err: NotifierSlot,
     enabled: bool,
     signalled_used: Option<u16>,
+    /// `next_used` when [`Vring::needs_notification`] last ran (or when the
+    /// queue was set up): the event_idx window starts here. `virtio-queue`
+    /// keeps the same thing as a count of `add_used` calls, which the
+    /// batch path (writing the used ring itself) does not go through.
+    notified_used: Wrapping<u16>,
     inflight: Option<InflightQueue>,
     resubmit: Option<Resubmit>,
 }
@@ -285,6 +290,7 @@ impl Vring {
             err,
             enabled: state.enabled,
             signalled_used: state.signalled_used,
+            notified_used: Wrapping(state.next_used),
             inflight: None,
             resubmit: None,
         })
@@ -322,6 +328,9 @@ impl Vring {
             .0;
         let recovered = inflight.recover(used_idx);
         let count = recovered.resubmit.len();
+        // Keep the entries added since the last notification check pending.
+        let added = Wrapping(self.queue.next_used()) - self.notified_used;
+        self.notified_used = Wrapping(used_idx) - added;
         self.queue.set_next_used(used_idx);
         self.queue
             .set_next_avail(used_idx.wrapping_add(count as u16));
@@ -416,12 +425,58 @@ impl Vring {
     /// a `virtio-queue` chain: the same descriptors under the same rules
     /// (loop limit, indirect tables, 4 GiB cap), but the descriptor table is
     /// mapped once per batch, so reading a descriptor costs a bounds check
-    /// and a load instead of a guest-memory lookup.
+    /// and a load instead of a guest-memory lookup. The available and used
+    /// rings are mapped once per batch too (when each lies inside one memory
+    /// region; otherwise, and while resubmitting, `virtio-queue` reads and
+    /// writes them).
     pub fn process_available_descs<F>(&mut self, mut f: F) -> Result<usize, VringError>
     where
         F: FnMut(DescIter<'_>) -> u32,
     {
-        self.drain_available(|chain, table| f(table.chain(chain.head_index())))
+        let guard = self.mem.memory();
+        let mem: &GuestMemoryLog = &guard;
+        let rings = match RingMap::new(mem, &self.queue) {
+            Some(rings) if self.resubmit.is_none() => rings,
+            _ => return self.drain_available(|chain, table| f(table.chain(chain.head_index()))),
+        };
+        let index = self.index;
+        let qerr = |source| VringError::Queue { index, source };
+        if !self.queue.ready() || self.queue.avail_ring() == 0 {
+            return Err(qerr(virtio_queue::Error::QueueNotReady));
+        }
+        let table = DescTable::new(mem, &self.queue);
+        let mut next_avail = Wrapping(self.queue.next_avail());
+        let mut next_used = Wrapping(self.queue.next_used());
+        let mut avail_idx = rings.avail_idx(next_avail).map_err(qerr)?;
+        let mut done = 0;
+        loop {
+            if next_avail == avail_idx {
+                avail_idx = rings.avail_idx(next_avail).map_err(qerr)?;
+                if next_avail == avail_idx {
+                    break;
+                }
+            }
+            let Some(head) = rings.avail_head(next_avail) else {
+                break;
+            };
+            next_avail += Wrapping(1);
+            self.queue.set_next_avail(next_avail.0);
+            if let Some(inflight) = &mut self.inflight {
+                inflight.begin(head);
+            }
+            let len = f(table.chain(head));
+            if let Some(inflight) = &mut self.inflight {
+                inflight.pre_complete(head);
+            }
+            rings.push_used(next_used, head, len).map_err(qerr)?;
+            next_used += Wrapping(1);
+            self.queue.set_next_used(next_used.0);
+            if let Some(inflight) = &mut self.inflight {
+                inflight.post_complete(head, next_used.0);
+            }
+            done += 1;
+        }
+        Ok(done)
     }
 
     fn drain_available<F>(&mut self, mut f: F) -> Result<usize, VringError>
@@ -495,11 +550,35 @@ impl Vring {
     }
 
     /// Whether the driver wants an interrupt now (event_idx aware).
+    ///
+    /// `virtio-queue`'s rule (the Linux kernel's `vring_need_event`): with
+    /// event_idx, notify when the driver's `used_event` lies among the
+    /// entries added since the previous check.
     pub fn needs_notification(&mut self) -> Result<bool, VringError> {
         let index = self.index;
-        self.queue
-            .needs_notification(&*self.mem.memory())
-            .map_err(|source| VringError::Queue { index, source })
+        let used_idx = Wrapping(self.queue.next_used());
+        // Complete all the used-ring writes before reading the event.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.queue.event_idx_enabled() {
+            return Ok(true);
+        }
+        let addr = GuestAddress(self.queue.avail_ring())
+            .checked_add(4 + 2 * u64::from(self.queue.size()))
+            .ok_or(VringError::Queue {
+                index,
+                source: virtio_queue::Error::AddressOverflow,
+            })?;
+        let used_event = self
+            .mem
+            .memory()
+            .load::<u16>(addr, Ordering::Relaxed)
+            .map(|v| Wrapping(u16::from_le(v)))
+            .map_err(|e| VringError::Queue {
+                index,
+                source: virtio_queue::Error::GuestMemory(e),
+            })?;
+        let old = std::mem::replace(&mut self.notified_used, used_idx);
+        Ok(used_idx - used_event - Wrapping(1) < used_idx - old)
     }
 
     /// Re-enable guest notifications (kicks); returns true if more buffers
@@ -699,6 +778,75 @@ impl<'m> TableMap<'m> {
 }
 
 const DESC_SIZE: usize = std::mem::size_of::<Descriptor>();
+
+/// The available and used rings of a queue for one batch, each mapped once.
+struct RingMap<'m> {
+    avail: LogSlice<'m>,
+    used: LogSlice<'m>,
+    size: u16,
+}
+
+impl<'m> RingMap<'m> {
+    /// `None` unless each ring lies inside one memory region.
+    fn new(mem: &'m GuestMemoryLog, queue: &Queue) -> Option<Self> {
+        let size = queue.size();
+        if size == 0 {
+            return None;
+        }
+        let n = usize::from(size);
+        let avail = GuestMemoryBackend::get_slice(mem, GuestAddress(queue.avail_ring()), 4 + 2 * n);
+        let used = GuestMemoryBackend::get_slice(mem, GuestAddress(queue.used_ring()), 4 + 8 * n);
+        Some(RingMap {
+            avail: avail.ok()?,
+            used: used.ok()?,
+            size,
+        })
+    }
+
+    /// The driver's available index (Acquire), checked against `next_avail`
+    /// as `virtio-queue` does: it may run at most a queue size ahead.
+    fn avail_idx(&self, next_avail: Wrapping<u16>) -> Result<Wrapping<u16>, virtio_queue::Error> {
+        let idx = self
+            .avail
+            .load::<u16>(2, Ordering::Acquire)
+            .map(|v| Wrapping(u16::from_le(v)))
+            .map_err(|e| virtio_queue::Error::GuestMemory(e.into()))?;
+        if (idx - next_avail).0 > self.size {
+            return Err(virtio_queue::Error::InvalidAvailRingIndex);
+        }
+        Ok(idx)
+    }
+
+    /// The head index in available-ring entry `next_avail` (Acquire).
+    fn avail_head(&self, next_avail: Wrapping<u16>) -> Option<u16> {
+        let offset = 4 + 2 * usize::from(next_avail.0 % self.size);
+        self.avail
+            .load::<u16>(offset, Ordering::Acquire)
+            .ok()
+            .map(u16::from_le)
+    }
+
+    /// Write used element `next_used`, then publish it with a Release store
+    /// of the used index, as `virtio-queue`'s `add_used` does.
+    fn push_used(
+        &self,
+        next_used: Wrapping<u16>,
+        head: u16,
+        len: u32,
+    ) -> Result<(), virtio_queue::Error> {
+        if head >= self.size {
+            return Err(virtio_queue::Error::InvalidDescriptorIndex);
+        }
+        let offset = 4 + 8 * usize::from(next_used.0 % self.size);
+        let elem = u64::from(head) | (u64::from(len) << 32);
+        let mem_err =
+            |e: vm_memory::VolatileMemoryError| virtio_queue::Error::GuestMemory(e.into());
+        self.used.write_obj(elem.to_le(), offset).map_err(mem_err)?;
+        self.used
+            .store((next_used + Wrapping(1)).0.to_le(), 2, Ordering::Release)
+            .map_err(mem_err)
+    }
+}
 const DESC_ALIGN: u32 = 16;
 
 /// The queue's descriptor table for one batch.
@@ -887,5 +1035,96 @@ mod tests {
         unmapped.table.slice = None;
         assert_eq!(unmapped.chain(0).count(), 3);
         assert_eq!(unmapped.chain(6).count(), 2);
+    }
+
+    /// The batch path (rings mapped once per batch) leaves the used ring,
+    /// the queue state and event_idx decisions exactly as `virtio-queue`'s
+    /// `add_used` path does, across the 16-bit index wrap.
+    #[test]
+    fn mapped_rings_match_virtio_queue() {
+        let start = u16::MAX - 5;
+        let setup = || {
+            let mem: GuestMemoryLog =
+                GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+            for i in 0..SIZE {
+                mem.write_obj(
+                    desc(0x4000, 16, 0, 0),
+                    GuestAddress(DESC + u64::from(i) * 16),
+                )
+                .unwrap();
+            }
+            let state = VringState {
+                size: SIZE,
+                ready: true,
+                enabled: true,
+                desc_table: DESC,
+                avail_ring: AVAIL,
+                used_ring: USED,
+                next_avail: start,
+                next_used: start,
+                event_idx: true,
+                signalled_used: None,
+            };
+            let slot = || Arc::new(ArcSwapOption::empty());
+            let handle = GuestMemoryHandle::new(mem);
+            let vring = Vring::new(0, SIZE, &state, handle.clone(), slot(), slot()).unwrap();
+            (handle, vring)
+        };
+        let offer = |mem: &GuestMemoryLog, from: u16, n: u16, used_event: u16| {
+            for k in 0..n {
+                let idx = from.wrapping_add(k);
+                let slot = u64::from(idx % SIZE);
+                mem.write_obj(idx % SIZE, GuestAddress(AVAIL + 4 + 2 * slot))
+                    .unwrap();
+            }
+            mem.write_obj(from.wrapping_add(n), GuestAddress(AVAIL + 2))
+                .unwrap();
+            mem.write_obj(used_event, GuestAddress(AVAIL + 4 + 2 * u64::from(SIZE)))
+                .unwrap();
+        };
+        let (mem_a, mut fast) = setup();
+        let (mem_b, mut slow) = setup();
+        let mut next = start;
+        let batches = [
+            (3u16, start.wrapping_add(1), true),
+            (5, 0, true),
+            (4, 100, false),
+            (2, 7, true),
+        ];
+        for (n, used_event, notify) in batches {
+            offer(&mem_a.memory(), next, n, used_event);
+            offer(&mem_b.memory(), next, n, used_event);
+            let a = fast
+                .process_available_descs(|c| u32::from(c.head_index()) + 7)
+                .unwrap();
+            let b = slow
+                .process_available(|c| u32::from(c.head_index()) + 7)
+                .unwrap();
+            assert_eq!((a, b), (usize::from(n), usize::from(n)));
+            assert_eq!(fast.state(), slow.state());
+            // virtio-queue's own answer, from its `add_used` bookkeeping.
+            let theirs = slow.queue.needs_notification(&*mem_b.memory()).unwrap();
+            assert_eq!(theirs, notify);
+            assert_eq!(fast.needs_notification().unwrap(), notify);
+            assert_eq!(slow.needs_notification().unwrap(), notify);
+            let ring = |m: &GuestMemoryLog| {
+                let mut buf = [0u8; 4 + 8 * SIZE as usize];
+                m.read_slice(&mut buf, GuestAddress(USED)).unwrap();
+                buf
+            };
+            assert_eq!(ring(&mem_a.memory()), ring(&mem_b.memory()));
+            next = next.wrapping_add(n);
+        }
+        assert_eq!(fast.state().next_used, start.wrapping_add(14));
+        // An available index more than a queue size ahead is refused.
+        offer(&mem_a.memory(), next, SIZE + 1, 0);
+        let err = fast.process_available_descs(|_| 0).unwrap_err();
+        assert!(matches!(
+            err,
+            VringError::Queue {
+                source: virtio_queue::Error::InvalidAvailRingIndex,
+                ..
+            }
+        ));
     }
 }
