@@ -803,7 +803,7 @@ fn unoffered_features_are_refused() {
     let offered = Client::default_protocol().bits();
     for extra in [
         VhostUserProtocolFeatures::HOST_NOTIFIER.bits(),
-        VhostUserProtocolFeatures::PAGEFAULT.bits(),
+        VhostUserProtocolFeatures::CRYPTO_SESSION.bits(),
         1 << 62,
     ] {
         assert_ne!(

@@ -49,6 +49,8 @@ pub struct MappedRegion {
     pub size: u64,
     /// The frontend's virtual address of the region.
     pub user_addr: u64,
+    /// Offset of the region in its file.
+    pub mmap_offset: u64,
     /// The mapped region as vm-memory sees it.
     pub region: Arc<GuestRegionLog>,
 }
@@ -85,8 +87,14 @@ impl MappedRegion {
             gpa,
             size,
             user_addr,
+            mmap_offset,
             region: Arc::new(region),
         })
+    }
+
+    /// Where this process mapped the region.
+    pub fn host_addr(&self) -> u64 {
+        self.region.as_ptr() as u64
     }
 }
 
@@ -135,6 +143,14 @@ impl MemoryTable {
             .iter()
             .find(|r| vva >= r.user_addr && vva - r.user_addr < r.size)
             .map(|r| r.gpa + (vva - r.user_addr))
+    }
+
+    /// Where this process mapped each region: (address, length).
+    pub fn host_ranges(&self) -> Vec<(u64, u64)> {
+        self.regions
+            .iter()
+            .map(|r| (r.host_addr(), r.size))
+            .collect()
     }
 
     /// Forget every region.

@@ -10,7 +10,11 @@ pub mod connection;
 pub mod daemon;
 pub mod frontend_adapter;
 pub mod memory_table;
+#[cfg(feature = "postcopy")]
+pub mod postcopy;
 pub mod session;
+#[cfg(feature = "postcopy")]
+pub mod userfaultfd;
 
 pub use daemon::{DaemonError, Endpoint, ServeMode, VhostUserDaemon};
 pub use frontend_adapter::{FrontendError, FrontendOptions, VhostUserFrontendDevice};

@@ -29,6 +29,8 @@ use std::sync::Arc;
 use super::backend_channel::BackendChannel;
 use super::connection::{Connection, ConnectionError, Message};
 use super::memory_table::{MappedRegion, MemoryTable, RegionError};
+#[cfg(feature = "postcopy")]
+use super::postcopy::{PendingMemory, Postcopy, PostcopyError};
 use crate::backend::{ConfigNotifier, DeviceBackend};
 use crate::core::{CoreError, DeviceCore};
 use crate::inflight::{InflightArea, InflightError};
@@ -102,6 +104,10 @@ pub enum RequestError {
     /// An fd could not be duplicated or converted.
     #[error("bad file descriptor")]
     Fd(#[source] std::io::Error),
+    /// A postcopy request was refused.
+    #[cfg(feature = "postcopy")]
+    #[error(transparent)]
+    Postcopy(#[from] PostcopyError),
 }
 
 /// What a successful request sends back.
@@ -112,6 +118,10 @@ enum Outcome {
     Reply(Vec<u8>),
     /// An explicit reply payload with a file descriptor.
     ReplyWithFile(Vec<u8>, std::sync::Arc<InflightArea>),
+    /// An explicit reply payload with a file descriptor of our own, closed
+    /// once sent.
+    #[cfg(feature = "postcopy")]
+    ReplyWithFd(Vec<u8>, std::os::fd::OwnedFd),
 }
 
 type RequestResult = Result<Outcome, RequestError>;
@@ -148,12 +158,15 @@ fn has_reply(req: FrontendReq) -> bool {
             | FrontendReq::CHECK_DEVICE_STATE
             | FrontendReq::SET_DEVICE_STATE_FD
             | FrontendReq::GET_SHMEM_CONFIG
+            | FrontendReq::POSTCOPY_ADVISE
+            | FrontendReq::POSTCOPY_END
     )
 }
 
-/// Protocol features the kit always offers.
+/// Protocol features the kit offers: a fixed set, plus `PAGEFAULT` with the
+/// `postcopy` feature where this process can use userfaultfd.
 pub fn kit_protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ
+    let fixed = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::STATUS
@@ -162,7 +175,12 @@ pub fn kit_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::LOG_SHMFD
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-        | VhostUserProtocolFeatures::DEVICE_STATE
+        | VhostUserProtocolFeatures::DEVICE_STATE;
+    #[cfg(feature = "postcopy")]
+    if super::userfaultfd::available() {
+        return fixed | VhostUserProtocolFeatures::PAGEFAULT;
+    }
+    fixed
 }
 
 /// One frontend connection.
@@ -176,6 +194,8 @@ pub struct Session<'a, B: DeviceBackend> {
     channel: BackendChannel,
     transfer: Option<StateTransfer>,
     state_file: Option<std::path::PathBuf>,
+    #[cfg(feature = "postcopy")]
+    postcopy: Postcopy,
 }
 
 /// A device-state transfer running on its own thread, so the frontend can
@@ -201,6 +221,8 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
             channel,
             transfer: None,
             state_file: None,
+            #[cfg(feature = "postcopy")]
+            postcopy: Postcopy::default(),
         }
     }
 
@@ -251,6 +273,10 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                 self.persist();
             }
         };
+        // Before anything waits for the workers: one may be blocked on a
+        // fault the frontend will never resolve now.
+        #[cfg(feature = "postcopy")]
+        self.postcopy.shutdown();
         self.persist();
         self.core.reset();
         self.core.clear_memory();
@@ -281,6 +307,7 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
         let code = msg.request;
         let need_reply = msg.need_reply();
         let request = FrontendReq::try_from(code).ok();
+        let region_reply = request.is_some_and(|r| self.postcopy_region_reply_owed(r, &msg));
         let result = if !msg.header_valid() {
             Err(RequestError::BadHeader(msg.flags))
         } else {
@@ -290,6 +317,7 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
             }
         };
         let explicit = request.is_some_and(has_reply)
+            || region_reply
             || (request == Some(FrontendReq::SET_LOG_BASE) && self.log_shmfd_enabled());
         match result {
             Ok(Outcome::Reply(payload)) => self.conn.send_reply(code, &payload),
@@ -297,6 +325,12 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                 use std::os::fd::AsRawFd;
                 self.conn
                     .send_reply_with_fds(code, &payload, &[area.file().as_raw_fd()])
+            }
+            #[cfg(feature = "postcopy")]
+            Ok(Outcome::ReplyWithFd(payload, fd)) => {
+                use std::os::fd::AsRawFd;
+                self.conn
+                    .send_reply_with_fds(code, &payload, &[fd.as_raw_fd()])
             }
             Ok(Outcome::Ack) => {
                 if need_reply && self.reply_ack_enabled() {
@@ -316,6 +350,9 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                     // not block, and the missing fd marks the failure.
                     self.conn
                         .send_reply(code, VhostUserInflight::default().as_slice())
+                } else if request == Some(FrontendReq::POSTCOPY_END) {
+                    // Its reply is a status word: non-zero is failure.
+                    self.conn.send_reply(code, VhostUserU64::new(1).as_slice())
                 } else if explicit {
                     // An empty reply tells the frontend the request failed
                     // without leaving it blocked on a read.
@@ -335,6 +372,10 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
             msg.payload.len(),
             msg.files.len()
         );
+        #[cfg(feature = "postcopy")]
+        if self.is_postcopy_ack(req, msg) {
+            return self.postcopy_ack(req, msg);
+        }
         let p = &msg.payload;
         match req {
             FrontendReq::GET_FEATURES => Ok(u64_reply(
@@ -521,6 +562,24 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                 self.core.set_inflight(Some(Arc::new(area)));
                 Ok(Outcome::Ack)
             }
+            #[cfg(feature = "postcopy")]
+            FrontendReq::POSTCOPY_ADVISE => {
+                self.require_pagefault()?;
+                let fd = self.postcopy.advise()?;
+                Ok(Outcome::ReplyWithFd(Vec::new(), fd))
+            }
+            #[cfg(feature = "postcopy")]
+            FrontendReq::POSTCOPY_LISTEN => {
+                self.require_pagefault()?;
+                self.postcopy.listen(&self.regions.host_ranges())?;
+                Ok(Outcome::Ack)
+            }
+            #[cfg(feature = "postcopy")]
+            FrontendReq::POSTCOPY_END => {
+                self.require_pagefault()?;
+                self.postcopy.end()?;
+                Ok(u64_reply(0))
+            }
             other => Err(RequestError::Unsupported(other.into())),
         }
     }
@@ -682,10 +741,27 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                 self.core.dirty_log(),
             )?);
         }
+        #[cfg(feature = "postcopy")]
+        if self.postcopy.is_listening() {
+            return self.postcopy_mem_table(&msg.payload[..hdr_len], mapped);
+        }
+        self.install_table(mapped)?;
+        Ok(Outcome::Ack)
+    }
+
+    /// Make `mapped` the guest memory of the device and of the session.
+    fn install_table(&mut self, mapped: Vec<MappedRegion>) -> Result<(), RequestError> {
         let vm_regions = mapped.iter().map(|m| m.region.clone()).collect();
         self.core.set_memory(vm_regions)?;
         self.regions.replace(mapped);
-        Ok(Outcome::Ack)
+        Ok(())
+    }
+
+    /// Add `mapped` to the guest memory of the device and of the session.
+    fn install_region(&mut self, mapped: MappedRegion) -> Result<(), RequestError> {
+        self.core.add_region(mapped.region.clone())?;
+        self.regions.add(mapped);
+        Ok(())
     }
 
     fn add_mem_reg(&mut self, req: FrontendReq, msg: &mut Message) -> RequestResult {
@@ -706,8 +782,11 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
             r.mmap_offset,
             self.core.dirty_log(),
         )?;
-        self.core.add_region(mapped.region.clone())?;
-        self.regions.add(mapped);
+        #[cfg(feature = "postcopy")]
+        if self.postcopy.is_listening() {
+            return self.postcopy_add_region(mapped);
+        }
+        self.install_region(mapped)?;
         Ok(Outcome::Ack)
     }
 
@@ -763,6 +842,98 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
         self.core.read_config(offset, &mut buf)?;
         reply.extend_from_slice(&buf);
         Ok(Outcome::Reply(reply))
+    }
+}
+
+/// Postcopy (`PAGEFAULT`): the memory-table replies and their acks.
+impl<B: DeviceBackend> Session<'_, B> {
+    /// Whether `req` owes the frontend its mapping addresses: a memory
+    /// update (not an ack) while postcopy is listening.
+    #[cfg(feature = "postcopy")]
+    fn postcopy_region_reply_owed(&self, req: FrontendReq, msg: &Message) -> bool {
+        self.postcopy.is_listening()
+            && matches!(req, FrontendReq::SET_MEM_TABLE | FrontendReq::ADD_MEM_REG)
+            && !self.is_postcopy_ack(req, msg)
+    }
+
+    #[cfg(not(feature = "postcopy"))]
+    fn postcopy_region_reply_owed(&self, _req: FrontendReq, _msg: &Message) -> bool {
+        false
+    }
+
+    #[cfg(feature = "postcopy")]
+    fn require_pagefault(&self) -> Result<(), RequestError> {
+        if self.acked_protocol & VhostUserProtocolFeatures::PAGEFAULT.bits() == 0 {
+            return Err(PostcopyError::NotNegotiated.into());
+        }
+        Ok(())
+    }
+
+    /// While listening, the frontend acknowledges the mapping addresses
+    /// with the same request, no fds and a u64 status (QEMU) or nothing.
+    #[cfg(feature = "postcopy")]
+    fn is_postcopy_ack(&self, req: FrontendReq, msg: &Message) -> bool {
+        let len = msg.payload.len();
+        self.postcopy.is_listening()
+            && msg.files.is_empty()
+            && match req {
+                FrontendReq::SET_MEM_TABLE => len == 0 || len == 8,
+                FrontendReq::ADD_MEM_REG | FrontendReq::REM_MEM_REG => len == 8,
+                _ => false,
+            }
+    }
+
+    /// The ack: the frontend can now resolve faults on the new mappings, so
+    /// the device may use them. A non-zero status drops them.
+    #[cfg(feature = "postcopy")]
+    fn postcopy_ack(&mut self, req: FrontendReq, msg: &Message) -> RequestResult {
+        let status = if msg.payload.len() == 8 {
+            parse::<VhostUserU64>(req, &msg.payload)?.value
+        } else {
+            0
+        };
+        match self.postcopy.take_pending() {
+            None => debug!("{req:?} postcopy ack with nothing pending"),
+            Some(_) if status != 0 => {
+                warn!("frontend refused the postcopy mappings (status {status}); dropped");
+            }
+            Some(PendingMemory::Replace(mapped)) => self.install_table(mapped)?,
+            Some(PendingMemory::Add(list)) => {
+                for mapped in list {
+                    self.install_region(mapped)?;
+                }
+            }
+        }
+        Ok(Outcome::Ack)
+    }
+
+    /// SET_MEM_TABLE while listening: register the new mappings, park them
+    /// until the ack, and reply with the request's table where each user
+    /// address is replaced by where this process mapped the region.
+    #[cfg(feature = "postcopy")]
+    fn postcopy_mem_table(&mut self, header: &[u8], mapped: Vec<MappedRegion>) -> RequestResult {
+        let mut reply = header.to_vec();
+        for m in &mapped {
+            self.postcopy.register(m)?;
+            let r = VhostUserMemoryRegion::new(m.gpa, m.size, m.host_addr(), m.mmap_offset);
+            reply.extend_from_slice(r.as_slice());
+        }
+        self.postcopy.set_pending(PendingMemory::Replace(mapped));
+        Ok(Outcome::Reply(reply))
+    }
+
+    /// ADD_MEM_REG while listening: the same, for one region.
+    #[cfg(feature = "postcopy")]
+    fn postcopy_add_region(&mut self, mapped: MappedRegion) -> RequestResult {
+        self.postcopy.register(&mapped)?;
+        let reply = VhostUserSingleMemoryRegion::new(
+            mapped.gpa,
+            mapped.size,
+            mapped.host_addr(),
+            mapped.mmap_offset,
+        );
+        self.postcopy.add_pending(mapped);
+        Ok(Outcome::Reply(reply.as_slice().to_vec()))
     }
 }
 

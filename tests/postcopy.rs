@@ -1,0 +1,737 @@
+//! Postcopy live migration (`VHOST_USER_PROTOCOL_F_PAGEFAULT`), driven from
+//! the frontend side over a real socket with memfd guest memory.
+//!
+//! The test plays the destination QEMU: it negotiates PAGEFAULT, receives
+//! the backend's userfaultfd with `POSTCOPY_ADVISE`, sends `POSTCOPY_LISTEN`
+//! and a memory table whose pages have never been touched, learns from the
+//! reply where the backend mapped them, and acks. A virtio-blk write whose
+//! data buffer is on a missing page then blocks the backend's worker on a
+//! fault; the test reads the fault event from the userfaultfd, checks the
+//! address, supplies the page with `UFFDIO_COPY` and checks that exactly
+//! those bytes reach the disk image. The same flow runs against the daemon
+//! in a thread and against the `vhost-user-blk` binary in its own process
+//! (where the fault is resolved from another address space, as QEMU does).
+//! Negative tests check that out-of-order or unnegotiated requests are
+//! refused while the session keeps serving.
+
+#![cfg(feature = "postcopy")]
+
+mod common;
+mod guest_vm;
+mod process;
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use virtio_backend_kit::vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures};
+use virtio_backend_kit::vhost::VhostBackend;
+use virtio_backend_kit::vhost_user::ServeMode;
+use virtio_backend_kit::vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use vmm_example::devices::{BlkConfig, BlkDevice, Target};
+
+const GUEST_GPA: u64 = 0x10_0000;
+const GUEST_SIZE: u64 = 0x40_0000;
+const QSIZE: u16 = 64;
+const IMAGE_SIZE: u64 = 1 << 20;
+const PAGE: u64 = 4096;
+/// The data page of the write: far past the queue area, never touched.
+const DATA_GPA: u64 = GUEST_GPA + GUEST_SIZE - 2 * PAGE;
+const SECTOR: u64 = 24;
+
+const T_OUT: u32 = 1;
+const S_OK: u8 = 0;
+const STATUS_UNTOUCHED: u8 = 0xee;
+
+// userfaultfd(2) ABI, as the frontend uses it.
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// `UFFDIO_COPY` = _IOWR(0xAA, 0x03, struct uffdio_copy /* 40 bytes */).
+const UFFDIO_COPY: u64 = (3 << 30) | (40 << 16) | (0xAA << 8) | 0x03;
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+fn code(req: FrontendReq) -> u32 {
+    req.into()
+}
+
+fn with_pagefault() -> VhostUserProtocolFeatures {
+    Client::default_protocol() | VhostUserProtocolFeatures::PAGEFAULT
+}
+
+/// Receive one reply together with the fd attached to it, if any.
+fn recv_with_fd(raw: &RawClient, request: u32) -> (Reply, Option<File>) {
+    let mut hdr = [0u8; 12];
+    let mut fds = [-1 as RawFd; 1];
+    let mut iov = [libc::iovec {
+        iov_base: hdr.as_mut_ptr().cast(),
+        iov_len: hdr.len(),
+    }];
+    // SAFETY: the iovec points at `hdr`, which outlives the call; `fds` has
+    // room for one descriptor, wrapped in a `File` below exactly once.
+    let (got, nfds) = unsafe { raw.sock.recv_with_fds(&mut iov, &mut fds) }.unwrap();
+    assert_eq!(got, 12, "short reply header");
+    // SAFETY: a descriptor just received through SCM_RIGHTS, owned by no one.
+    let file = (nfds == 1).then(|| unsafe { File::from_raw_fd(fds[0]) });
+    let word = |i: usize| u32::from_le_bytes(hdr[i..i + 4].try_into().unwrap());
+    let mut payload = vec![0u8; word(8) as usize];
+    std::io::Read::read_exact(&mut &raw.sock, &mut payload).unwrap();
+    let reply = Reply {
+        request: word(0),
+        flags: word(4),
+        payload,
+    };
+    assert_eq!(
+        reply.request, request,
+        "reply to the wrong request: {reply:?}"
+    );
+    assert_ne!(reply.flags & FLAG_REPLY, 0, "reply flag missing");
+    (reply, file)
+}
+
+/// POSTCOPY_ADVISE: the reply must carry the backend's userfaultfd.
+fn advise(raw: &RawClient) -> File {
+    raw.send(code(FrontendReq::POSTCOPY_ADVISE), FLAG_VERSION_1, &[], &[]);
+    let (reply, fd) = recv_with_fd(raw, code(FrontendReq::POSTCOPY_ADVISE));
+    assert!(reply.payload.is_empty(), "ADVISE reply payload: {reply:?}");
+    fd.expect("POSTCOPY_ADVISE reply carries no fd")
+}
+
+/// POSTCOPY_ADVISE that must be refused: a reply, but no fd.
+fn advise_refused(raw: &RawClient) {
+    raw.send(code(FrontendReq::POSTCOPY_ADVISE), FLAG_VERSION_1, &[], &[]);
+    let (_, fd) = recv_with_fd(raw, code(FrontendReq::POSTCOPY_ADVISE));
+    assert!(fd.is_none(), "refused ADVISE still sent an fd");
+}
+
+/// POSTCOPY_LISTEN, as QEMU sends it (NEED_REPLY): the REPLY_ACK value.
+fn listen(raw: &RawClient) -> u64 {
+    raw.ack(code(FrontendReq::POSTCOPY_LISTEN), &[], &[])
+}
+
+/// POSTCOPY_END: the u64 status of its reply (0 = success).
+fn end(raw: &RawClient) -> u64 {
+    raw.call(code(FrontendReq::POSTCOPY_END), &[], &[]).u64()
+}
+
+/// A one-region SET_MEM_TABLE payload for `guest`.
+fn mem_table(guest: &GuestMem) -> Vec<u8> {
+    let mut p = 1u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&0u32.to_le_bytes());
+    p.extend_from_slice(&u64s(&[
+        guest.gpa,
+        guest.size,
+        guest.host_addr(guest.gpa),
+        0,
+    ]));
+    p
+}
+
+/// SET_MEM_TABLE while listening: returns where the backend mapped the
+/// region, after checking the reply mirrors the request, then acks it.
+fn postcopy_set_mem_table(raw: &RawClient, guest: &GuestMem) -> u64 {
+    let set = code(FrontendReq::SET_MEM_TABLE);
+    let req = mem_table(guest);
+    // As QEMU: no NEED_REPLY; the reply is owed anyway.
+    raw.send(set, FLAG_VERSION_1, &req, &[guest.file.as_raw_fd()]);
+    let reply = raw.reply_to(set);
+    assert_eq!(
+        reply.payload.len(),
+        req.len(),
+        "reply size differs: {reply:?}"
+    );
+    let word = |i: usize| u64::from_le_bytes(reply.payload[i..i + 8].try_into().unwrap());
+    assert_eq!(&reply.payload[..8], &req[..8], "region count changed");
+    assert_eq!(word(8), guest.gpa, "guest address");
+    assert_eq!(word(16), guest.size, "size");
+    assert_eq!(word(32), 0, "mmap offset");
+    let base = word(24);
+    assert_ne!(base, 0, "no backend address");
+    assert_eq!(base % PAGE, 0, "backend address {base:#x} not page aligned");
+    // The ack: same request, u64 0, no fds, no reply expected.
+    raw.send(set, FLAG_VERSION_1, &u64s(&[0]), &[]);
+    base
+}
+
+/// ADD_MEM_REG while listening (QEMU's way with CONFIGURE_MEM_SLOTS): the
+/// reply is the region with the backend's address; then the u64 ack.
+fn postcopy_add_mem_reg(raw: &RawClient, guest: &GuestMem) -> u64 {
+    let add = code(FrontendReq::ADD_MEM_REG);
+    let req = u64s(&[0, guest.gpa, guest.size, guest.host_addr(guest.gpa), 0]);
+    raw.send(add, FLAG_VERSION_1, &req, &[guest.file.as_raw_fd()]);
+    let reply = raw.reply_to(add);
+    assert_eq!(
+        reply.payload.len(),
+        req.len(),
+        "reply size differs: {reply:?}"
+    );
+    let word = |i: usize| u64::from_le_bytes(reply.payload[i..i + 8].try_into().unwrap());
+    assert_eq!(word(8), guest.gpa, "guest address");
+    assert_eq!(word(16), guest.size, "size");
+    assert_eq!(word(32), 0, "mmap offset");
+    let base = word(24);
+    assert_ne!(base, 0, "no backend address");
+    assert_eq!(base % PAGE, 0, "backend address {base:#x} not page aligned");
+    raw.send(add, FLAG_VERSION_1, &u64s(&[0]), &[]);
+    base
+}
+
+/// How the memory reaches the backend while listening.
+#[derive(Clone, Copy)]
+enum Table {
+    SetMemTable,
+    AddMemReg,
+}
+
+/// Whether the page at `addr` of our mapping is in the page cache.
+fn resident(addr: u64) -> bool {
+    let mut vec = [0u8; 1];
+    // SAFETY: `addr` is page aligned inside a live mapping of ours and
+    // `vec` has room for the one page asked about.
+    let ret = unsafe { libc::mincore(addr as *mut libc::c_void, PAGE as usize, vec.as_mut_ptr()) };
+    assert_eq!(ret, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec[0] & 1 != 0
+}
+
+/// Wait for one page-fault event on `uffd` and return its address.
+fn read_fault(uffd: &File, timeout: Duration) -> Option<u64> {
+    let mut pfd = libc::pollfd {
+        fd: uffd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    if n <= 0 {
+        return None;
+    }
+    let mut msg = [0u8; 32];
+    let got = std::io::Read::read(&mut &*uffd, &mut msg);
+    assert_eq!(got.unwrap(), 32, "short uffd_msg");
+    assert_eq!(
+        msg[0], UFFD_EVENT_PAGEFAULT,
+        "unexpected uffd event {}",
+        msg[0]
+    );
+    Some(u64::from_le_bytes(msg[16..24].try_into().unwrap()))
+}
+
+/// Resolve a missing page at `dst` (backend address) with `bytes`.
+fn uffd_copy(uffd: &File, dst: u64, bytes: &[u8]) {
+    assert_eq!(bytes.len() as u64, PAGE);
+    let mut copy = UffdioCopy {
+        dst,
+        src: bytes.as_ptr() as u64,
+        len: PAGE,
+        mode: 0,
+        copy: 0,
+    };
+    // SAFETY: UFFDIO_COPY reads one `struct uffdio_copy` and writes its
+    // `copy` field; `src` points at PAGE readable bytes of ours.
+    let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, &mut copy) };
+    assert_eq!(ret, 0, "UFFDIO_COPY: {}", std::io::Error::last_os_error());
+    assert_eq!(copy.copy, PAGE as i64);
+}
+
+fn header(kind: u32, sector: u64) -> Vec<u8> {
+    let mut h = kind.to_le_bytes().to_vec();
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&sector.to_le_bytes());
+    h
+}
+
+/// Queue a one-page write of `DATA_GPA` to `SECTOR`; returns the status gpa.
+fn queue_write(q: &mut SplitQueue) -> u64 {
+    let hdr = q.alloc(16);
+    q.write(hdr, &header(T_OUT, SECTOR));
+    let status = q.alloc(1);
+    q.write(status, &[STATUS_UNTOUCHED]);
+    q.add_chain(&[
+        Buf {
+            gpa: hdr,
+            len: 16,
+            writable: false,
+        },
+        Buf {
+            gpa: DATA_GPA,
+            len: PAGE as u32,
+            writable: false,
+        },
+        Buf {
+            gpa: status,
+            len: 1,
+            writable: true,
+        },
+    ]);
+    status
+}
+
+fn new_image(dir: &Path) -> (PathBuf, File) {
+    let path = dir.join("disk.raw");
+    let image = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    image.set_len(IMAGE_SIZE).unwrap();
+    (path, image)
+}
+
+fn blk_daemon(image: &Path) -> Daemon<BlkDevice> {
+    let cfg = BlkConfig {
+        queues: 1,
+        queue_size: QSIZE,
+        ..BlkConfig::default()
+    };
+    let device = BlkDevice::new(Target::open_image(image, false).unwrap(), cfg).unwrap();
+    spawn_daemon(Arc::new(device), ServeMode::Once)
+}
+
+/// What one postcopy write showed.
+struct Outcome {
+    backend_base: u64,
+    fault: u64,
+    blocked_ms: u128,
+}
+
+/// The whole flow against the daemon at `sock`; `image` is its disk.
+fn postcopy_write(sock: UnixStream, image: &File, table: Table) -> Outcome {
+    let mut client = Client::new(sock, 1);
+    client.negotiate(VIRTIO_F_VERSION_1, with_pagefault());
+    let uffd = advise(&client.raw);
+    assert_eq!(listen(&client.raw), 0, "POSTCOPY_LISTEN refused");
+
+    let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
+    let base = match table {
+        Table::SetMemTable => postcopy_set_mem_table(&client.raw, &guest),
+        Table::AddMemReg => postcopy_add_mem_reg(&client.raw, &guest),
+    };
+    // The ack got no reply: the next answer is GET_QUEUE_NUM's own.
+    assert_eq!(client.raw.get_queue_num(), 1);
+
+    let mut q = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
+    client.start_queue(&q, 0);
+    let data_host = guest.host_addr(DATA_GPA);
+    assert!(!resident(data_host), "data page present before the test");
+    let status = queue_write(&mut q);
+    q.kick();
+
+    let kicked = Instant::now();
+    let fault = read_fault(&uffd, TIMEOUT).expect("no page fault from the backend");
+    // The worker is blocked on the fault: nothing completed, no bytes yet.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(q.used_idx(), 0, "request completed before its page arrived");
+    assert!(
+        fault >= base && fault < base + GUEST_SIZE,
+        "fault {fault:#x} outside the reported region {base:#x}+{GUEST_SIZE:#x}"
+    );
+    let page = fault & !(PAGE - 1);
+    assert_eq!(
+        page,
+        base + (DATA_GPA - GUEST_GPA),
+        "fault on the wrong page"
+    );
+    let bytes = pattern(0x5a, PAGE as usize);
+    uffd_copy(&uffd, page, &bytes);
+    let blocked_ms = kicked.elapsed().as_millis();
+
+    let used = q.wait_used(1);
+    assert_eq!(used[0].1, 1, "used length");
+    assert_eq!(q.read(status, 1)[0], S_OK, "write status");
+    let mut on_disk = vec![0u8; PAGE as usize];
+    image.read_exact_at(&mut on_disk, SECTOR * 512).unwrap();
+    assert_eq!(on_disk, bytes, "the image did not get the supplied page");
+    // The page is now in the shared page cache, seen by the driver too.
+    assert_eq!(guest.read(DATA_GPA, PAGE as usize), bytes);
+
+    assert_eq!(end(&client.raw), 0, "POSTCOPY_END status");
+    // After END the backend no longer listens: a second END is refused,
+    // and an untouched page is read normally (zeros), without a fault.
+    assert_ne!(end(&client.raw), 0, "second POSTCOPY_END accepted");
+    let zero_gpa = DATA_GPA + PAGE;
+    let status2 = {
+        let hdr = q.alloc(16);
+        q.write(hdr, &header(T_OUT, SECTOR + 8));
+        let st = q.alloc(1);
+        q.write(st, &[STATUS_UNTOUCHED]);
+        q.add_chain(&[
+            Buf {
+                gpa: hdr,
+                len: 16,
+                writable: false,
+            },
+            Buf {
+                gpa: zero_gpa,
+                len: PAGE as u32,
+                writable: false,
+            },
+            Buf {
+                gpa: st,
+                len: 1,
+                writable: true,
+            },
+        ]);
+        st
+    };
+    q.kick();
+    q.wait_used(1);
+    assert_eq!(q.read(status2, 1)[0], S_OK);
+    assert!(read_fault(&uffd, Duration::from_millis(50)).is_none());
+    Outcome {
+        backend_base: base,
+        fault,
+        blocked_ms,
+    }
+}
+
+#[test]
+fn write_on_missing_page_faults_and_completes_with_the_supplied_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, image) = new_image(dir.path());
+    let daemon = blk_daemon(&path);
+    let o = postcopy_write(daemon.connect(), &image, Table::SetMemTable);
+    eprintln!(
+        "POSTCOPY in-thread backend_base={:#x} fault={:#x} blocked_ms={}",
+        o.backend_base, o.fault, o.blocked_ms
+    );
+}
+
+#[test]
+fn add_mem_reg_while_listening_replies_with_the_backend_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, image) = new_image(dir.path());
+    let daemon = blk_daemon(&path);
+    let o = postcopy_write(daemon.connect(), &image, Table::AddMemReg);
+    eprintln!(
+        "POSTCOPY add-mem-reg backend_base={:#x} fault={:#x} blocked_ms={}",
+        o.backend_base, o.fault, o.blocked_ms
+    );
+}
+
+#[test]
+fn fault_resolved_from_another_process_than_the_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, image) = new_image(dir.path());
+    let sock = dir.path().join("blk.sock");
+    let bin = process::binary("vhost-user-blk").unwrap_or_else(|e| panic!("{e}"));
+    let mut cmd = Command::new(bin);
+    cmd.arg("--socket").arg(&sock).arg("--image").arg(&path);
+    cmd.args(["--queue-size", &QSIZE.to_string()]);
+    cmd.env("RUST_LOG", "info");
+    let mut backend = process::Backend::spawn("vhost-user-blk", cmd, dir.path().join("blk.log"));
+    backend.wait_for_socket(&sock);
+    let conn = UnixStream::connect(&sock).unwrap();
+    conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+    conn.set_write_timeout(Some(TIMEOUT)).unwrap();
+    let o = postcopy_write(conn, &image, Table::SetMemTable);
+    eprintln!(
+        "POSTCOPY cross-process backend_base={:#x} fault={:#x} blocked_ms={}",
+        o.backend_base, o.fault, o.blocked_ms
+    );
+    backend.stop(Duration::from_secs(5));
+}
+
+#[test]
+fn postcopy_requests_without_pagefault_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _image) = new_image(dir.path());
+    let daemon = blk_daemon(&path);
+    let mut client = Client::new(daemon.connect(), 1);
+    client.negotiate(VIRTIO_F_VERSION_1, Client::default_protocol());
+    let raw = &client.raw;
+    advise_refused(raw);
+    assert_eq!(raw.get_queue_num(), 1);
+    assert_ne!(listen(raw), 0, "LISTEN without PAGEFAULT accepted");
+    assert_ne!(end(raw), 0, "END without PAGEFAULT accepted");
+    assert_eq!(raw.get_queue_num(), 1);
+}
+
+#[test]
+fn postcopy_requests_out_of_order_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _image) = new_image(dir.path());
+    let daemon = blk_daemon(&path);
+    let mut client = Client::new(daemon.connect(), 1);
+    client.negotiate(VIRTIO_F_VERSION_1, with_pagefault());
+    let raw = &client.raw;
+    assert_ne!(listen(raw), 0, "LISTEN without ADVISE accepted");
+    assert_ne!(end(raw), 0, "END without ADVISE accepted");
+    let _uffd = advise(raw);
+    advise_refused(raw);
+    assert_ne!(end(raw), 0, "END without LISTEN accepted");
+    assert_eq!(listen(raw), 0);
+    assert_ne!(listen(raw), 0, "second LISTEN accepted");
+    // The ack of a memory table is only an ack while listening...
+    assert_eq!(end(raw), 0);
+    assert_ne!(
+        raw.ack(code(FrontendReq::SET_MEM_TABLE), &u64s(&[0]), &[]),
+        0,
+        "a memory-table ack outside postcopy accepted"
+    );
+    assert_ne!(listen(raw), 0, "LISTEN after END accepted");
+    // ...and a new migration may start again.
+    let _uffd = advise(raw);
+    assert_eq!(listen(raw), 0);
+    assert_eq!(end(raw), 0);
+    assert_eq!(raw.get_queue_num(), 1);
+}
+
+#[test]
+fn memory_mapped_before_listen_is_registered_at_listen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, image) = new_image(dir.path());
+    let daemon = blk_daemon(&path);
+    let mut client = Client::new(daemon.connect(), 1);
+    client.negotiate(VIRTIO_F_VERSION_1, with_pagefault());
+    let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
+    client
+        .frontend
+        .set_mem_table(&[guest.region_info()])
+        .unwrap();
+    let uffd = advise(&client.raw);
+    // Not yet listening: an ordinary table, acked as usual.
+    assert_eq!(listen(&client.raw), 0);
+    let mut q = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
+    client.start_queue(&q, 0);
+    let status = queue_write(&mut q);
+    q.kick();
+    let fault = read_fault(&uffd, TIMEOUT).expect("no fault on memory mapped before LISTEN");
+    assert_eq!(fault % PAGE, DATA_GPA % PAGE);
+    let bytes = pattern(0x33, PAGE as usize);
+    uffd_copy(&uffd, fault & !(PAGE - 1), &bytes);
+    q.wait_used(1);
+    assert_eq!(q.read(status, 1)[0], S_OK);
+    let mut on_disk = vec![0u8; PAGE as usize];
+    image.read_exact_at(&mut on_disk, SECTOR * 512).unwrap();
+    assert_eq!(on_disk, bytes);
+    assert_eq!(end(&client.raw), 0);
+}
+
+#[test]
+fn frontend_gone_while_a_worker_waits_on_a_fault_ends_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _image) = new_image(dir.path());
+    let mut daemon = blk_daemon(&path);
+    let mut client = Client::new(daemon.connect(), 1);
+    client.negotiate(VIRTIO_F_VERSION_1, with_pagefault());
+    let uffd = advise(&client.raw);
+    assert_eq!(listen(&client.raw), 0);
+    let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
+    postcopy_set_mem_table(&client.raw, &guest);
+    let mut q = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
+    client.start_queue(&q, 0);
+    queue_write(&mut q);
+    q.kick();
+    read_fault(&uffd, TIMEOUT).expect("no page fault");
+    // The frontend disappears without resolving the fault (its uffd copy
+    // stays open, as a hung QEMU's would): the session must still end.
+    drop(client);
+    let result = daemon.join(TIMEOUT);
+    assert!(
+        matches!(result, Some(Ok(()))),
+        "daemon did not end: {result:?}"
+    );
+    drop(uffd);
+}
+
+// ---------------------------------------------------------------------------
+// QEMU: postcopy live migration of a writing guest between two QEMUs, each
+// on its own `vhost-user-blk` daemon (see tests/qemu_migration.rs for the
+// precopy variant and the guest's write loop).
+// ---------------------------------------------------------------------------
+
+const QEMU_TAG: &str = "postcopy";
+
+fn set_postcopy_capability(qmp: &mut guest_vm::Qmp, side: &str) {
+    use serde_json::json;
+    qmp.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+    )
+    .unwrap_or_else(|e| panic!("{side}: postcopy-ram refused: {e}"));
+}
+
+fn mig_num(v: &serde_json::Value, path: &[&str]) -> Option<u64> {
+    path.iter().try_fold(v, |v, p| v.get(p))?.as_u64()
+}
+
+#[test]
+fn qemu_postcopy_migration_of_writing_guest_loses_no_request() {
+    use guest_vm::*;
+    use serde_json::{json, Value};
+    use std::thread::sleep;
+
+    let _lock = machine_lock();
+    if let Err(e) = prepare_guest() {
+        if skip_or_fail(&e) {
+            return;
+        }
+    }
+    let t_test = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let sock_a = dir.path().join("blk-a.sock");
+    let sock_b = dir.path().join("blk-b.sock");
+    let mig = dir.path().join("mig.sock");
+    File::create(&img)
+        .and_then(|f| f.set_len(guest_vm::IMAGE_SIZE))
+        .unwrap();
+    let mut daemon_a =
+        guest_vm::spawn_daemon("vhost-user-blk A", &sock_a, &img, dir.path().join("a.log"));
+    let mut daemon_b =
+        guest_vm::spawn_daemon("vhost-user-blk B", &sock_b, &img, dir.path().join("b.log"));
+    let mut src = Qemu::spawn(QemuOpts {
+        name: "src",
+        dir: dir.path(),
+        sock: &sock_a,
+        tag: QEMU_TAG,
+        secs: 150,
+        incoming: None,
+    });
+    let mut dst = Qemu::spawn(QemuOpts {
+        name: "dst",
+        dir: dir.path(),
+        sock: &sock_b,
+        tag: QEMU_TAG,
+        secs: 150,
+        incoming: Some(&mig),
+    });
+    wait_console(&mut src, Duration::from_secs(90), "the write loop", |c| {
+        let p = progress(c);
+        p[0] + p[1] >= 16
+    });
+    let mut dq = dst.qmp();
+    let mut sq = src.qmp();
+    set_postcopy_capability(&mut dq, "destination");
+    set_postcopy_capability(&mut sq, "source");
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 32u64 << 20}),
+    )
+    .expect("migrate-set-parameters");
+    let before = progress(&src.console_text());
+    let t_mig = Instant::now();
+    sq.execute("migrate", json!({"uri": format!("unix:{}", mig.display())}))
+        .expect("migrate");
+    // Let precopy run one pass at least, then switch to postcopy.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let q = sq
+            .execute("query-migrate", json!({}))
+            .expect("query-migrate");
+        let s = q
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string();
+        if s == "active" && mig_num(&q, &["ram", "transferred"]).unwrap_or(0) > 64 << 20 {
+            break;
+        }
+        assert!(
+            !matches!(s.as_str(), "failed" | "cancelled" | "completed"),
+            "migration {s} before postcopy: {q}\n---- src ----\n{}\n---- dst ----\n{}",
+            src.qemu_log(),
+            dst.qemu_log()
+        );
+        assert!(Instant::now() < deadline, "precopy never got going: {q}");
+        sleep(Duration::from_millis(100));
+    }
+    let t_switch = Instant::now();
+    sq.execute("migrate-start-postcopy", json!({}))
+        .unwrap_or_else(|e| panic!("migrate-start-postcopy: {e}"));
+    let mut seen_postcopy = false;
+    let (status, last) = loop {
+        let q = sq
+            .execute("query-migrate", json!({}))
+            .expect("query-migrate");
+        let s = q
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string();
+        seen_postcopy |= s.starts_with("postcopy");
+        if matches!(
+            s.as_str(),
+            "completed" | "failed" | "cancelled" | "postcopy-paused"
+        ) {
+            break (s, q);
+        }
+        assert!(
+            t_mig.elapsed() < Duration::from_secs(120),
+            "migration stuck: {q}"
+        );
+        sleep(Duration::from_millis(100));
+    };
+    let postcopy_ms = t_switch.elapsed().as_millis();
+    assert_eq!(
+        status,
+        "completed",
+        "migration {status}: {last}\n---- src qemu ----\n{}\n---- dst qemu ----\n{}\n---- daemon A ----\n{}\n---- daemon B ----\n{}",
+        src.qemu_log(),
+        dst.qemu_log(),
+        daemon_a.log_text(),
+        daemon_b.log_text()
+    );
+    assert!(seen_postcopy, "never saw a postcopy state: {last}");
+    let during = progress(&src.console_text());
+    let _ = sq.execute("quit", json!({}));
+    src.wait_exit(Duration::from_secs(20));
+    daemon_a.stop(Duration::from_secs(5));
+    wait_console(
+        &mut dst,
+        Duration::from_secs(90),
+        "records on the destination",
+        |c| {
+            let p = progress(c);
+            p[0] + p[1] >= during[0] + during[1] + 24
+        },
+    );
+    let after = progress(&dst.console_text());
+    write_stop_marker(&img);
+    let exited = dst.wait_exit(Duration::from_secs(90));
+    daemon_b.stop(Duration::from_secs(5));
+    let log_b = daemon_b.log_text();
+    print_tail("daemon B log", &log_b, 15);
+    let dst_console = dst.console_text();
+    assert!(exited, "destination QEMU did not power off\n{dst_console}");
+    let r = parse_result(&dst_console, QEMU_TAG)
+        .unwrap_or_else(|| panic!("no VBK-RESULT {QEMU_TAG} line\n{dst_console}"));
+    let verified = verify_records(&img, QEMU_TAG, &r.counts);
+    let lost = r.records.saturating_sub(verified);
+    let g = |p: &[&str]| mig_num(&last, p).map_or_else(|| "n/a".into(), |v| v.to_string());
+    println!(
+        "VBK-MIGRATION status={status} postcopy=1 total_ms={} downtime_ms={} postcopy_phase_ms={postcopy_ms} \
+         transferred={} postcopy_requests={} records_before={} records_during={} records_after={} \
+         lost={lost} records={} verified={verified} errors={} guest_maxgap_ms={} \
+         daemon_b_warnings={} test_s={:.1}",
+        g(&["total-time"]),
+        g(&["downtime"]),
+        g(&["ram", "transferred"]),
+        g(&["ram", "postcopy-requests"]),
+        before[0] + before[1],
+        (during[0] + during[1]).saturating_sub(before[0] + before[1]),
+        (after[0] + after[1]).saturating_sub(during[0] + during[1]),
+        r.records,
+        r.errors,
+        r.maxgap_ms,
+        log_b.matches(" WARN ").count(),
+        t_test.elapsed().as_secs_f64()
+    );
+    assert_eq!(r.errors, 0, "guest saw errors: {}", r.line);
+    assert_eq!(lost, 0);
+    assert!(dst_console.contains("VBK-DONE status=ok"));
+}
