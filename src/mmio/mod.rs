@@ -469,6 +469,10 @@ pub enum MmioSnapshotError {
     /// The device refused.
     #[error(transparent)]
     Device(#[from] crate::core::ControlError),
+    /// A snapshot can only be loaded into a transport the driver has not
+    /// touched yet.
+    #[error("the transport is already in use (status {0:#x})")]
+    InUse(u32),
 }
 
 impl MmioTransport {
@@ -495,9 +499,24 @@ impl MmioTransport {
         snapshot: crate::snapshot::DeviceSnapshot,
     ) -> Result<Self, MmioSnapshotError> {
         let mut t = Self::new(device, memory)?;
-        t.driver_features = snapshot.acked_features;
+        t.load_snapshot(snapshot)?;
+        Ok(t)
+    }
+
+    /// [`MmioTransport::restore`] for a transport that already exists (so
+    /// that its kick and interrupt eventfds can be wired up first) and that
+    /// no driver has touched: the registers are rebuilt from `snapshot` and
+    /// the device resumes from it.
+    pub fn load_snapshot(
+        &mut self,
+        snapshot: crate::snapshot::DeviceSnapshot,
+    ) -> Result<(), MmioSnapshotError> {
+        if self.activated || self.status != 0 {
+            return Err(MmioSnapshotError::InUse(self.status));
+        }
+        self.driver_features = snapshot.acked_features;
         for (i, q) in snapshot.queues.iter().enumerate() {
-            if let Some(regs) = t.queues.get_mut(i) {
+            if let Some(regs) = self.queues.get_mut(i) {
                 *regs = QueueRegs {
                     size: q.size,
                     ready: q.is_configured() && q.ready,
@@ -507,13 +526,22 @@ impl MmioTransport {
                 };
             }
         }
-        let activation = t
+        let activation = self
             .build_activation()
             .map_err(|_| MmioSnapshotError::NotActive)?;
-        t.device.restore(snapshot, activation)?;
-        t.status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
-        t.activated = true;
-        Ok(t)
+        if let Err(e) = self.device.restore(snapshot, activation) {
+            self.queues.fill(QueueRegs::default());
+            self.driver_features = 0;
+            return Err(e.into());
+        }
+        self.status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        self.activated = true;
+        // An interrupt raised just before the cut may not have reached the
+        // driver; one more is harmless (the driver checks its used rings).
+        self.interrupt_status
+            .fetch_or(INTERRUPT_USED_BUFFER, Ordering::SeqCst);
+        let _ = self.irq.write(1);
+        Ok(())
     }
 }
 

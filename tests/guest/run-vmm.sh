@@ -16,7 +16,9 @@
 # "VBK-RESULT vmm=ok". Env: VBK_MODE (auto|nested|direct), VBK_BIN_DIR
 # (target/release), VBK_OUT (tests/guest/out), VBK_VCPUS (2), VBK_L2_MEM
 # (256, MiB), VBK_DISK_MIB (64), VBK_TEST (blk,rng), VBK_APPEND,
-# VBK_TIMEOUT (400 s), VBK_LOG (keep the console here).
+# VBK_TIMEOUT (400 s), VBK_LOG (keep the console here), VBK_SCENARIO (boot,
+# or snapshot: save and resume the VM twice while its disk changes homes,
+# see rootfs/vbk/test-vmm-snapshot.sh; DEVICEs are then ignored).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -50,6 +52,7 @@ VMM_MEM_MIB=${VBK_L2_MEM:-256}
 VMM_DISK_MIB=${VBK_DISK_MIB:-64}
 VMM_L2_TEST=${VBK_TEST:-blk,rng}
 VMM_L2_APPEND="${VBK_APPEND:-}"
+VMM_SCENARIO=${VBK_SCENARIO:-boot}
 PLAN
 echo "run-vmm: mode=$mode devices='$devices'" >&2
 

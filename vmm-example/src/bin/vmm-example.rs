@@ -3,18 +3,24 @@
 //! ```text
 //! vmm-example --kernel PATH [--initrd PATH] [--cmdline STR] [--mem-mib N] [--vcpus N]
 //!             [--disk FILE[,read-only]]... [--disk-vhost-user SOCKET]...
-//!             [--rng] [--rng-vhost-user SOCKET]
+//!             [--rng] [--rng-vhost-user SOCKET] [--snapshot-to FILE]
+//! vmm-example --restore-from FILE [DEVICES...] [--snapshot-to FILE]
 //! ```
 //!
 //! Devices appear in the guest in the order given on the command line.
-//! Exits 0 when the guest powers off or reboots, 1 on any error.
+//! With `--snapshot-to`, SIGUSR1 saves the whole VM (vCPUs, interrupt
+//! controllers, devices, RAM) to FILE and ends the process; `--restore-from`
+//! carries on from such a file, with each device in the home the command
+//! line gives (or the one it had, when no device is given).
+//! Exits 0 when the guest powers off or reboots or the VM was saved, 1 on
+//! any error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use log::error;
-use vmm_example::vmm::{DeviceSpec, ExitReason, VmConfig, Vmm};
+use vmm_example::vmm::{error_chain, DeviceSpec, ExitReason, VmConfig, Vmm};
 
 /// Boot a Linux guest under KVM with virtio-mmio devices, each served in
 /// this process or by a vhost-user backend.
@@ -22,20 +28,30 @@ use vmm_example::vmm::{DeviceSpec, ExitReason, VmConfig, Vmm};
 #[command(version, about)]
 struct Args {
     /// Kernel (bzImage).
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "restore_from")]
+    kernel: Option<PathBuf>,
     /// Initramfs.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "restore_from")]
     initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(long, default_value = "console=ttyS0 panic=-1")]
+    #[arg(
+        long,
+        default_value = "console=ttyS0 panic=-1",
+        conflicts_with = "restore_from"
+    )]
     cmdline: String,
-    /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 512)]
-    mem_mib: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 2)]
-    vcpus: u8,
+    /// Guest RAM in MiB [default: 512].
+    #[arg(long, conflicts_with = "restore_from")]
+    mem_mib: Option<u64>,
+    /// Number of vCPUs [default: 2].
+    #[arg(long, conflicts_with = "restore_from")]
+    vcpus: Option<u8>,
+    /// On SIGUSR1, save the whole VM to FILE and exit.
+    #[arg(long, value_name = "FILE")]
+    snapshot_to: Option<PathBuf>,
+    /// Resume the VM saved in FILE instead of booting a kernel.
+    #[arg(long, value_name = "FILE", conflicts_with = "kernel")]
+    restore_from: Option<PathBuf>,
     /// A virtio-blk disk served in this process: FILE or FILE,read-only.
     #[arg(long, value_name = "FILE[,read-only]")]
     disk: Vec<String>,
@@ -101,15 +117,22 @@ fn devices(args: &Args, matches: &ArgMatches) -> Result<Vec<DeviceSpec>, String>
 fn run() -> Result<ExitReason, Box<dyn std::error::Error>> {
     let matches = Args::command().get_matches();
     let args = Args::from_arg_matches(&matches)?;
-    let config = VmConfig {
-        devices: devices(&args, &matches)?,
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        mem_mib: args.mem_mib,
-        vcpus: args.vcpus,
+    let devices = devices(&args, &matches)?;
+    let mut vmm = match (args.restore_from, args.kernel) {
+        (Some(snapshot), _) => Vmm::restore(&snapshot, devices)?,
+        (None, Some(kernel)) => Vmm::new(&VmConfig {
+            devices,
+            kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+            mem_mib: args.mem_mib.unwrap_or(512),
+            vcpus: args.vcpus.unwrap_or(2),
+        })?,
+        (None, None) => return Err("--kernel or --restore-from is required".into()),
     };
-    let mut vmm = Vmm::new(&config)?;
+    if let Some(path) = args.snapshot_to {
+        vmm.snapshot_on_signal(path);
+    }
     let reason = vmm.run()?;
     // Leave `vmm` alive: the process ends now, with vCPU threads parked in
     // KVM (see `Vmm::run`).
@@ -120,19 +143,13 @@ fn run() -> Result<ExitReason, Box<dyn std::error::Error>> {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let code = match run() {
-        Ok(ExitReason::PowerOff | ExitReason::Reset) => 0,
+        Ok(ExitReason::PowerOff | ExitReason::Reset | ExitReason::Snapshot) => 0,
         Ok(ExitReason::Failure) => {
             error!("the guest failed");
             1
         }
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = e.source();
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            error!("{msg}");
+            error!("{}", error_chain(e.as_ref()));
             1
         }
     };

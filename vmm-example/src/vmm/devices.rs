@@ -28,7 +28,7 @@ const DISK_QUEUES: u16 = 2;
 const QUEUE_SIZE: u16 = 256;
 
 /// A device the user asked for, in command-line order.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DeviceSpec {
     /// virtio-blk in this process, on a raw image.
     Disk {
@@ -43,6 +43,16 @@ pub enum DeviceSpec {
     Rng,
     /// virtio-rng served by a vhost-user backend on this socket.
     RngVhostUser(PathBuf),
+}
+
+impl DeviceSpec {
+    /// The virtio device ID the guest sees, whichever home serves it.
+    pub fn device_type(&self) -> u32 {
+        match self {
+            DeviceSpec::Disk { .. } | DeviceSpec::DiskVhostUser(_) => VIRTIO_ID_BLOCK,
+            DeviceSpec::Rng | DeviceSpec::RngVhostUser(_) => VIRTIO_ID_RNG,
+        }
+    }
 }
 
 /// Errors attaching a device.

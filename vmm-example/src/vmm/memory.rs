@@ -10,7 +10,9 @@ use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use virtio_backend_kit::vm_memory::{FileOffset, GuestAddress};
+use virtio_backend_kit::vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
+};
 use virtio_backend_kit::GuestMemoryLog;
 
 /// The guest physical address map.
@@ -108,4 +110,9 @@ pub fn create(mib: u64) -> Result<GuestMemoryLog, MemoryError> {
         Some(FileOffset::new(file, 0)),
     )])
     .map_err(MemoryError::Map)
+}
+
+/// The memfd behind guest RAM made by [`create`].
+pub fn ram_file(memory: &GuestMemoryLog) -> Option<&File> {
+    memory.iter().next()?.file_offset().map(FileOffset::file)
 }

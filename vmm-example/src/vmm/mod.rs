@@ -12,10 +12,13 @@
 //! | [`bus`] | MMIO and port-I/O buses, power-off and reset registers |
 //! | [`serial`] | the 16550 console on stdout |
 //! | [`devices`] | virtio devices behind [`virtio_backend_kit::mmio::MmioTransport`] |
+//! | [`snapshot`] | the whole VM in one file: vCPUs, irqchips, devices, RAM |
 //!
-//! [`Vmm::new`] builds the machine; [`Vmm::run`] runs the vCPUs on their own
-//! threads and the devices' data planes on an `event-manager` loop on the
-//! calling thread until the guest powers off, resets or fails.
+//! [`Vmm::new`] builds the machine for a fresh boot and [`Vmm::restore`]
+//! from a snapshot file; [`Vmm::run`] runs the devices' data planes on an
+//! `event-manager` loop on the calling thread, and the vCPUs on their own
+//! threads, until the guest powers off, resets or fails, or (with
+//! [`Vmm::snapshot_on_signal`]) until SIGUSR1 asks for a snapshot.
 
 pub mod acpi;
 pub mod boot;
@@ -23,18 +26,25 @@ pub mod bus;
 pub mod devices;
 pub mod memory;
 pub mod serial;
+pub mod snapshot;
 pub mod vcpu;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_irqchip, kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use log::{error, info};
+use signal_hook::consts::SIGUSR1;
+use signal_hook::iterator::Signals;
 use virtio_backend_kit::kvm::KvmMemorySlots;
-use virtio_backend_kit::vm_memory::GuestAddress;
+use virtio_backend_kit::mmio::MmioTransport;
+use virtio_backend_kit::snapshot::{self as device_snapshot, DeviceSnapshot};
+use virtio_backend_kit::vm_memory::{Bytes, GuestAddress};
+use virtio_backend_kit::GuestMemoryLog;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -42,8 +52,10 @@ pub use devices::DeviceSpec;
 pub use memory::layout;
 
 use bus::{Bus, PowerDevice, ResetDevice};
-use devices::AttachedDevice;
-use vcpu::{Buses, Vcpu};
+use devices::{AttachedDevice, Subscribers};
+use serial::SerialConsole;
+use snapshot::{DeviceRecord, SnapshotFile, VmState};
+use vcpu::{Buses, PauseGate, Vcpu};
 
 /// What to boot, and with what.
 #[derive(Clone, Debug)]
@@ -71,7 +83,12 @@ pub enum ExitReason {
     Reset,
     /// A vCPU failed (see the log).
     Failure,
+    /// The VM was saved to its snapshot file; it carries on when restored.
+    Snapshot,
 }
+
+/// How long vCPUs get to stop for a snapshot.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors building or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +120,7 @@ pub enum VmmError {
     /// A bus refused a device.
     #[error(transparent)]
     Bus(#[from] bus::BusError),
-    /// A vCPU could not be set up.
+    /// A vCPU could not be set up, stopped or saved.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
     /// An eventfd could not be created.
@@ -112,6 +129,15 @@ pub enum VmmError {
     /// The event loop failed.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
+    /// The snapshot file.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::VmSnapshotError),
+    /// Device number `.0`'s state could not be saved or loaded.
+    #[error("device {0}: snapshot")]
+    DeviceSnapshot(usize, #[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A thread or signal handler could not be set up.
+    #[error("{0}")]
+    Setup(&'static str, #[source] std::io::Error),
 }
 
 /// How the vCPUs tell the main thread that the guest is done.
@@ -158,6 +184,10 @@ impl MutEventSubscriber for ExitSubscriber {
     }
 }
 
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A built VM, ready to run.
 pub struct Vmm {
     vcpus: Vec<Vcpu>,
@@ -165,10 +195,18 @@ pub struct Vmm {
     exit: Arc<ExitSignal>,
     event_loop: EventManager<Box<dyn MutEventSubscriber + Send>>,
     devices: Vec<AttachedDevice>,
+    specs: Vec<DeviceSpec>,
+    /// Device states to load once the event loop runs (in-process data
+    /// planes take their queues from it).
+    pending: Vec<Option<DeviceSnapshot>>,
+    memory: GuestMemoryLog,
+    mem_mib: u64,
+    serial: Arc<Mutex<SerialConsole>>,
+    snapshot_to: Option<PathBuf>,
+    vm: Arc<VmFd>,
     // Kept alive for the VM's lifetime.
     _serial_irq: EventFd,
     _slots: KvmMemorySlots,
-    _vm: Arc<VmFd>,
 }
 
 fn create_vm(kvm: &Kvm) -> Result<Arc<VmFd>, VmmError> {
@@ -186,15 +224,145 @@ fn create_vm(kvm: &Kvm) -> Result<Arc<VmFd>, VmmError> {
     Ok(Arc::new(vm))
 }
 
+fn check_vcpus(count: usize) -> Result<u8, VmmError> {
+    u8::try_from(count)
+        .ok()
+        .filter(|n| (1..=32).contains(n))
+        .ok_or_else(|| VmmError::Config(format!("{count} vCPUs (1 to 32 supported)")))
+}
+
+/// KVM's in-kernel interrupt controllers: PIC master, PIC slave, I/O APIC.
+const IRQCHIP_IDS: [u32; 3] = [0, 1, 2];
+
+/// What the fresh-boot and restore paths build the same way.
+struct Machine {
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    memory: GuestMemoryLog,
+    exit: Arc<ExitSignal>,
+    subscribers: Subscribers,
+    mmio: Bus,
+    devices: Vec<AttachedDevice>,
+}
+
+impl Machine {
+    /// A VM with `mem_mib` of RAM (filled by `fill` before KVM sees it) and
+    /// `specs` attached.
+    fn build(
+        mem_mib: u64,
+        specs: &[DeviceSpec],
+        fill: impl FnOnce(&GuestMemoryLog) -> Result<(), VmmError>,
+    ) -> Result<(Self, KvmMemorySlots), VmmError> {
+        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+        let vm = create_vm(&kvm)?;
+        let memory = memory::create(mem_mib)?;
+        fill(&memory)?;
+        let slots =
+            KvmMemorySlots::register(vm.clone(), &memory, 0).map_err(VmmError::MemorySlots)?;
+        let exit = Arc::new(ExitSignal::new().map_err(VmmError::EventFd)?);
+        let mut machine = Machine {
+            kvm,
+            vm,
+            memory,
+            exit,
+            subscribers: Vec::new(),
+            mmio: Bus::default(),
+            devices: Vec::new(),
+        };
+        for (index, spec) in specs.iter().enumerate() {
+            let dev = devices::attach(
+                spec,
+                index,
+                &machine.memory,
+                &machine.vm,
+                &mut machine.subscribers,
+            )
+            .map_err(|e| VmmError::Device(index, e))?;
+            let w = dev.window;
+            info!("{} at {:#x}, GSI {}", dev.description, w.base, w.gsi);
+            machine.mmio.insert(w.base, w.size, dev.transport.clone())?;
+            machine.devices.push(dev);
+        }
+        Ok((machine, slots))
+    }
+
+    /// The port-I/O platform (console, power-off, reset) around `serial`.
+    fn port_bus(&self, serial: Arc<Mutex<SerialConsole>>) -> Result<Bus, VmmError> {
+        let mut pio = Bus::default();
+        pio.insert(layout::SERIAL_PORT.into(), 8, serial)?;
+        pio.insert(
+            layout::SLEEP_CONTROL_PORT.into(),
+            2,
+            Arc::new(Mutex::new(PowerDevice::new(self.exit.clone()))),
+        )?;
+        pio.insert(
+            layout::RESET_PORT.into(),
+            1,
+            Arc::new(Mutex::new(ResetDevice::new(
+                layout::RESET_VALUE,
+                self.exit.clone(),
+            ))),
+        )?;
+        pio.insert(
+            layout::I8042_COMMAND_PORT.into(),
+            1,
+            Arc::new(Mutex::new(ResetDevice::new(0xfe, self.exit.clone()))),
+        )?;
+        Ok(pio)
+    }
+
+    fn serial_irq(&self) -> Result<EventFd, VmmError> {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        self.vm
+            .register_irqfd(&irq, layout::SERIAL_GSI)
+            .map_err(|e| VmmError::VmIoctl("KVM_IRQFD (serial)", e))?;
+        Ok(irq)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn into_vmm(
+        self,
+        slots: KvmMemorySlots,
+        vcpus: Vec<Vcpu>,
+        specs: Vec<DeviceSpec>,
+        pending: Vec<Option<DeviceSnapshot>>,
+        mem_mib: u64,
+        serial: Arc<Mutex<SerialConsole>>,
+        serial_irq: EventFd,
+        pio: Bus,
+    ) -> Result<Vmm, VmmError> {
+        let mut event_loop: EventManager<Box<dyn MutEventSubscriber + Send>> =
+            EventManager::new().map_err(VmmError::EventLoop)?;
+        event_loop.add_subscriber(Box::new(ExitSubscriber(self.exit.clone())));
+        for s in self.subscribers {
+            event_loop.add_subscriber(s);
+        }
+        Ok(Vmm {
+            vcpus,
+            buses: Arc::new(Buses {
+                mmio: self.mmio,
+                pio,
+            }),
+            exit: self.exit,
+            event_loop,
+            devices: self.devices,
+            specs,
+            pending,
+            memory: self.memory,
+            mem_mib,
+            serial,
+            snapshot_to: None,
+            vm: self.vm,
+            _serial_irq: serial_irq,
+            _slots: slots,
+        })
+    }
+}
+
 impl Vmm {
     /// Build the VM: memory, devices, kernel, ACPI tables, vCPUs.
     pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
-        if !(1..=32).contains(&config.vcpus) {
-            return Err(VmmError::Config(format!(
-                "{} vCPUs (1 to 32 supported)",
-                config.vcpus
-            )));
-        }
+        let vcpu_count = check_vcpus(usize::from(config.vcpus))?;
         // Cheap checks first: a typo in a path should not cost a backend
         // connection.
         for (path, what) in [
@@ -208,88 +376,159 @@ impl Vmm {
                 })?;
             }
         }
-        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
-        let vm = create_vm(&kvm)?;
-        let memory = memory::create(config.mem_mib)?;
-        let slots =
-            KvmMemorySlots::register(vm.clone(), &memory, 0).map_err(VmmError::MemorySlots)?;
-        let exit = Arc::new(ExitSignal::new().map_err(VmmError::EventFd)?);
+        let (machine, slots) = Machine::build(config.mem_mib, &config.devices, |_| Ok(()))?;
 
-        let mut subscribers = Vec::new();
-        let mut mmio = Bus::default();
-        let mut devices = Vec::new();
         let mut cmdline = config.cmdline.trim().to_string();
-        for (index, spec) in config.devices.iter().enumerate() {
-            let dev = devices::attach(spec, index, &memory, &vm, &mut subscribers)
-                .map_err(|e| VmmError::Device(index, e))?;
-            let w = dev.window;
-            info!("{} at {:#x}, GSI {}", dev.description, w.base, w.gsi);
-            mmio.insert(w.base, w.size, dev.transport.clone())?;
+        for dev in &machine.devices {
             // For kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES.
+            let w = dev.window;
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", w.base, w.gsi));
-            devices.push(dev);
         }
-
         let rsdp = GuestAddress(layout::ACPI_START);
         let entry = boot::load_linux(
-            &memory,
+            &machine.memory,
             &config.kernel,
             config.initrd.as_deref(),
             &cmdline,
             rsdp,
         )?;
-        let windows: Vec<_> = devices.iter().map(|d| d.window).collect();
-        acpi::write_tables(&memory, config.vcpus, &windows)?;
+        let windows: Vec<_> = machine.devices.iter().map(|d| d.window).collect();
+        acpi::write_tables(&machine.memory, vcpu_count, &windows)?;
 
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        vm.register_irqfd(&serial_irq, layout::SERIAL_GSI)
-            .map_err(|e| VmmError::VmIoctl("KVM_IRQFD (serial)", e))?;
-        let serial_trigger = serial_irq.try_clone().map_err(VmmError::EventFd)?;
-        let mut pio = Bus::default();
-        pio.insert(
-            layout::SERIAL_PORT.into(),
-            8,
-            Arc::new(Mutex::new(serial::SerialConsole::new(serial_trigger))),
-        )?;
-        pio.insert(
-            layout::SLEEP_CONTROL_PORT.into(),
-            2,
-            Arc::new(Mutex::new(PowerDevice::new(exit.clone()))),
-        )?;
-        pio.insert(
-            layout::RESET_PORT.into(),
-            1,
-            Arc::new(Mutex::new(ResetDevice::new(
-                layout::RESET_VALUE,
-                exit.clone(),
-            ))),
-        )?;
-        pio.insert(
-            layout::I8042_COMMAND_PORT.into(),
-            1,
-            Arc::new(Mutex::new(ResetDevice::new(0xfe, exit.clone()))),
-        )?;
-
-        let vcpus = (0..config.vcpus)
-            .map(|id| Vcpu::new(&kvm, &vm, id, config.vcpus, entry))
+        let serial_irq = machine.serial_irq()?;
+        let serial = Arc::new(Mutex::new(SerialConsole::new(
+            serial_irq.try_clone().map_err(VmmError::EventFd)?,
+        )));
+        let pio = machine.port_bus(serial.clone())?;
+        let msrs = vcpu::msr_indices(&machine.kvm)?;
+        let vcpus = (0..vcpu_count)
+            .map(|id| {
+                Vcpu::new(
+                    &machine.kvm,
+                    &machine.vm,
+                    id,
+                    vcpu_count,
+                    entry,
+                    msrs.clone(),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
-
-        let mut event_loop: EventManager<Box<dyn MutEventSubscriber + Send>> =
-            EventManager::new().map_err(VmmError::EventLoop)?;
-        event_loop.add_subscriber(Box::new(ExitSubscriber(exit.clone())));
-        for s in subscribers {
-            event_loop.add_subscriber(s);
-        }
-        Ok(Vmm {
+        let pending = vec![None; config.devices.len()];
+        machine.into_vmm(
+            slots,
             vcpus,
-            buses: Arc::new(Buses { mmio, pio }),
-            exit,
-            event_loop,
-            devices,
-            _serial_irq: serial_irq,
-            _slots: slots,
-            _vm: vm,
-        })
+            config.devices.clone(),
+            pending,
+            config.mem_mib,
+            serial,
+            serial_irq,
+            pio,
+        )
+    }
+
+    /// Build the VM saved in `path`. `devices` chooses each device's home
+    /// (in process or a vhost-user backend); it must list the same kinds of
+    /// device in the same order as the snapshot, or be empty to keep the
+    /// homes the snapshot records.
+    pub fn restore(path: &Path, devices: Vec<DeviceSpec>) -> Result<Self, VmmError> {
+        let started = Instant::now();
+        let file = SnapshotFile::open(path)?;
+        let state = &file.state;
+        let specs = if devices.is_empty() {
+            state.devices.iter().map(|d| d.spec.clone()).collect()
+        } else {
+            devices
+        };
+        if specs.len() != state.devices.len() {
+            return Err(VmmError::Config(format!(
+                "the snapshot has {} device(s), {} given",
+                state.devices.len(),
+                specs.len()
+            )));
+        }
+        let mut pending = Vec::new();
+        for (index, (spec, record)) in specs.iter().zip(&state.devices).enumerate() {
+            let snap = device_snapshot::decode(&record.envelope)
+                .map_err(|e| VmmError::DeviceSnapshot(index, Box::new(e)))?;
+            if snap.device_type != spec.device_type() {
+                return Err(VmmError::Config(format!(
+                    "device {index}: the snapshot holds virtio device type {}, {spec:?} is type {}",
+                    snap.device_type,
+                    spec.device_type()
+                )));
+            }
+            pending.push(Some(snap));
+        }
+        let vcpu_count = check_vcpus(state.vcpus.len())?;
+        let (mut ram_loaded, mut ram_ms) = (0, 0.0);
+        let (machine, slots) = Machine::build(state.mem_mib, &specs, |memory| {
+            let ram = memory::ram_file(memory)
+                .ok_or(VmmError::Config("guest RAM has no backing file".into()))?;
+            let t = Instant::now();
+            ram_loaded = file.load_ram(ram)?;
+            ram_ms = t.elapsed().as_secs_f64() * 1e3;
+            Ok(())
+        })?;
+        let vm = &machine.vm;
+        vm.set_pit2(&state.pit)
+            .map_err(|e| VmmError::VmIoctl("KVM_SET_PIT2", e))?;
+        let mut clock = state.clock;
+        // Only the clock value is restored; the flags describe the source
+        // host's clock.
+        clock.flags = 0;
+        clock.realtime = 0;
+        clock.host_tsc = 0;
+        vm.set_clock(&clock)
+            .map_err(|e| VmmError::VmIoctl("KVM_SET_CLOCK", e))?;
+        if state.irqchips.len() != IRQCHIP_IDS.len() {
+            return Err(VmmError::Config(format!(
+                "{} interrupt controllers in the snapshot",
+                state.irqchips.len()
+            )));
+        }
+        for (chip, id) in state.irqchips.iter().zip(IRQCHIP_IDS) {
+            if chip.chip_id != id {
+                return Err(VmmError::Config(format!(
+                    "irqchip {} out of order",
+                    chip.chip_id
+                )));
+            }
+            vm.set_irqchip(chip)
+                .map_err(|e| VmmError::VmIoctl("KVM_SET_IRQCHIP", e))?;
+        }
+        let serial_irq = machine.serial_irq()?;
+        let serial = SerialConsole::restore(
+            serial_irq.try_clone().map_err(VmmError::EventFd)?,
+            &state.serial,
+        )
+        .map_err(|e| VmmError::Setup("restoring the serial console", e))?;
+        let serial = Arc::new(Mutex::new(serial));
+        let pio = machine.port_bus(serial.clone())?;
+        let msrs = vcpu::msr_indices(&machine.kvm)?;
+        let vcpus = state
+            .vcpus
+            .iter()
+            .map(|s| Vcpu::restore(&machine.kvm, &machine.vm, vcpu_count, s, msrs.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        info!(
+            "restored from {}: {} vCPU(s), {} device(s), {} MiB RAM ({} MiB loaded in {:.1} ms) in {:.1} ms",
+            path.display(),
+            vcpu_count,
+            specs.len(),
+            state.mem_mib,
+            ram_loaded >> 20,
+            ram_ms,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        let mem_mib = state.mem_mib;
+        machine.into_vmm(
+            slots, vcpus, specs, pending, mem_mib, serial, serial_irq, pio,
+        )
+    }
+
+    /// Save the VM to `path` and stop when the process receives SIGUSR1.
+    pub fn snapshot_on_signal(&mut self, path: PathBuf) {
+        self.snapshot_to = Some(path);
     }
 
     /// The attached devices, in guest order.
@@ -297,16 +536,38 @@ impl Vmm {
         &self.devices
     }
 
-    /// Start the vCPUs and serve the devices until the guest stops.
+    /// Start the vCPUs and serve the devices until the guest stops (or is
+    /// saved).
     ///
     /// The vCPU threads are left blocked in KVM when this returns: the
     /// caller is expected to end the process (dropping a running VM would
     /// pull memory from under them).
     pub fn run(&mut self) -> Result<ExitReason, VmmError> {
         let started = Instant::now();
-        for vcpu in self.vcpus.drain(..) {
-            vcpu.spawn(self.buses.clone(), self.exit.clone())?;
-        }
+        let signals = match self.snapshot_to {
+            Some(_) => {
+                Some(Signals::new([SIGUSR1]).map_err(|e| VmmError::Setup("watching SIGUSR1", e))?)
+            }
+            None => None,
+        };
+        let control = Control {
+            vcpus: std::mem::take(&mut self.vcpus),
+            gate: PauseGate::new()?,
+            buses: self.buses.clone(),
+            exit: self.exit.clone(),
+            transports: self.devices.iter().map(|d| d.transport.clone()).collect(),
+            specs: self.specs.clone(),
+            pending: std::mem::take(&mut self.pending),
+            vm: self.vm.clone(),
+            memory: self.memory.clone(),
+            mem_mib: self.mem_mib,
+            serial: self.serial.clone(),
+            save: self.snapshot_to.clone().zip(signals),
+        };
+        std::thread::Builder::new()
+            .name("vmm-control".into())
+            .spawn(move || control.run())
+            .map_err(|e| VmmError::Setup("spawning the control thread", e))?;
         loop {
             if let Some(reason) = self.exit.reason() {
                 info!(
@@ -318,4 +579,142 @@ impl Vmm {
             self.event_loop.run().map_err(VmmError::EventLoop)?;
         }
     }
+}
+
+/// The VM's control thread: loads restored device state, starts the vCPUs,
+/// and saves the VM when asked. Device control calls go through here, off
+/// the event loop's thread, because in-process data planes take their
+/// queues from that loop.
+struct Control {
+    vcpus: Vec<Vcpu>,
+    gate: Arc<PauseGate>,
+    buses: Arc<Buses>,
+    exit: Arc<ExitSignal>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    specs: Vec<DeviceSpec>,
+    pending: Vec<Option<DeviceSnapshot>>,
+    vm: Arc<VmFd>,
+    memory: GuestMemoryLog,
+    mem_mib: u64,
+    serial: Arc<Mutex<SerialConsole>>,
+    save: Option<(PathBuf, Signals)>,
+}
+
+impl Control {
+    fn run(mut self) {
+        if let Err(e) = self.start() {
+            error!("{}", error_chain(&e));
+            self.exit.signal(ExitReason::Failure);
+        }
+    }
+
+    fn start(&mut self) -> Result<(), VmmError> {
+        let pending = std::mem::take(&mut self.pending);
+        for (index, (transport, snap)) in self.transports.iter().zip(pending).enumerate() {
+            if let Some(snap) = snap {
+                lock(transport)
+                    .load_snapshot(snap)
+                    .map_err(|e| VmmError::DeviceSnapshot(index, Box::new(e)))?;
+            }
+        }
+        let mut threads = Vec::new();
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            threads.push(vcpu.spawn(self.buses.clone(), self.exit.clone(), self.gate.clone())?);
+        }
+        let Some((path, mut signals)) = self.save.take() else {
+            return Ok(());
+        };
+        if signals.forever().next().is_none() {
+            return Ok(());
+        }
+        info!("SIGUSR1: saving the VM to {}", path.display());
+        self.save(&threads, &path)?;
+        self.exit.signal(ExitReason::Snapshot);
+        Ok(())
+    }
+
+    /// Stop the vCPUs, pause the devices and write everything to `path`.
+    fn save(&self, threads: &[JoinHandle<()>], path: &Path) -> Result<(), VmmError> {
+        let started = Instant::now();
+        let vcpus = self.gate.stop_all(threads, PAUSE_TIMEOUT)?;
+        let vcpus_stopped = started.elapsed();
+        let mut devices = Vec::new();
+        let (mut queued, mut in_flight) = (0u64, 0u64);
+        for (index, (spec, transport)) in self.specs.iter().zip(&self.transports).enumerate() {
+            let snap = lock(transport)
+                .snapshot()
+                .map_err(|e| VmmError::DeviceSnapshot(index, Box::new(e)))?;
+            for q in snap.queues.iter().filter(|q| q.is_configured()) {
+                // Requests the driver made available that the device had not
+                // taken yet: they wait in guest RAM for the restored device.
+                let avail_idx: u16 = self
+                    .memory
+                    .read_obj(GuestAddress(q.avail_ring + 2))
+                    .unwrap_or(q.next_avail);
+                queued += u64::from(avail_idx.wrapping_sub(q.next_avail));
+                in_flight += u64::from(q.outstanding());
+            }
+            let envelope = device_snapshot::encode(&snap)
+                .map_err(|e| VmmError::DeviceSnapshot(index, Box::new(e)))?;
+            devices.push(DeviceRecord {
+                spec: spec.clone(),
+                envelope,
+            });
+        }
+        let mut irqchips = Vec::new();
+        for id in IRQCHIP_IDS {
+            let mut chip = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut chip)
+                .map_err(|e| VmmError::VmIoctl("KVM_GET_IRQCHIP", e))?;
+            irqchips.push(chip);
+        }
+        let state = VmState {
+            mem_mib: self.mem_mib,
+            vcpus,
+            irqchips,
+            pit: self
+                .vm
+                .get_pit2()
+                .map_err(|e| VmmError::VmIoctl("KVM_GET_PIT2", e))?,
+            clock: self
+                .vm
+                .get_clock()
+                .map_err(|e| VmmError::VmIoctl("KVM_GET_CLOCK", e))?,
+            serial: lock(&self.serial).snapshot(),
+            devices,
+        };
+        let ram = memory::ram_file(&self.memory)
+            .ok_or(VmmError::Config("guest RAM has no backing file".into()))?;
+        let devices_paused = started.elapsed();
+        let size = snapshot::write(path, &state, ram, self.mem_mib << 20)?;
+        info!(
+            "saved to {}: vCPUs stopped in {:.1} ms, devices paused at {:.1} ms; {} device(s), \
+             {in_flight} request(s) in flight and {queued} queued at the cut; state {} bytes, \
+             RAM {} MiB ({} KiB not zero); {:.1} ms in all",
+            path.display(),
+            vcpus_stopped.as_secs_f64() * 1e3,
+            devices_paused.as_secs_f64() * 1e3,
+            self.specs.len(),
+            size.state,
+            self.mem_mib,
+            size.ram_data >> 10,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(())
+    }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    msg
 }

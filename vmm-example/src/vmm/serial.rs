@@ -3,6 +3,8 @@
 
 use std::io::{self, Stdout, Write};
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -40,10 +42,82 @@ impl Write for ConsoleOut {
 /// COM1 as a bus device.
 pub struct SerialConsole(Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOut>);
 
+/// The UART's registers and receive buffer, for a VM snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low and high byte.
+    pub divisor: [u8; 2],
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes received and not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+/// IIR bit 0 clear: an interrupt is pending.
+const IIR_NO_INTERRUPT: u8 = 1;
+
 impl SerialConsole {
     /// A UART that interrupts through `irq` and writes to stdout.
     pub fn new(irq: EventFd) -> Self {
         SerialConsole(Serial::new(IrqTrigger(irq), ConsoleOut(io::stdout())))
+    }
+
+    /// A UART in the state `snapshot` recorded. An interrupt that was
+    /// pending is raised again: its edge may have been lost at the cut.
+    pub fn restore(irq: EventFd, snapshot: &SerialSnapshot) -> io::Result<Self> {
+        let state = SerialState {
+            baud_divisor_low: snapshot.divisor[0],
+            baud_divisor_high: snapshot.divisor[1],
+            interrupt_enable: snapshot.interrupt_enable,
+            interrupt_identification: snapshot.interrupt_identification,
+            line_control: snapshot.line_control,
+            line_status: snapshot.line_status,
+            modem_control: snapshot.modem_control,
+            modem_status: snapshot.modem_status,
+            scratch: snapshot.scratch,
+            in_buffer: snapshot.in_buffer.clone(),
+        };
+        let pending = snapshot.interrupt_identification & IIR_NO_INTERRUPT == 0;
+        let trigger = IrqTrigger(irq);
+        if pending {
+            trigger.trigger()?;
+        }
+        let serial = Serial::from_state(
+            &state,
+            trigger,
+            vm_superio::serial::NoEvents,
+            ConsoleOut(io::stdout()),
+        )
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")))?;
+        Ok(SerialConsole(serial))
+    }
+
+    /// The UART's current state.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.0.state();
+        SerialSnapshot {
+            divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
     }
 }
 

@@ -4,13 +4,26 @@
 //! Only the boot CPU (vCPU 0) gets register state. The others start, as
 //! on real hardware, waiting for the INIT/SIPI sequence the guest kernel
 //! sends through the in-kernel local APIC.
+//!
+//! A running vCPU can be stopped for a snapshot through a [`PauseGate`]: it
+//! finishes the exit it is handling, lets KVM complete any pending port or
+//! MMIO access, hands over its [`VcpuState`] and stays parked. A vCPU
+//! restored from a [`VcpuState`] carries on from there.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MAX_MSR_ENTRIES,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use log::{error, warn};
+use log::{debug, error, warn};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::boot::{BootEntry, GDT};
 use super::bus::Bus;
@@ -34,6 +47,27 @@ pub enum VcpuError {
     /// The thread could not be spawned.
     #[error("cannot spawn vCPU thread")]
     Spawn(#[source] std::io::Error),
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler")]
+    KickHandler(#[source] vmm_sys_util::errno::Error),
+    /// vCPUs did not stop in time.
+    #[error("{stopped} of {expected} vCPUs stopped within {timeout:?}")]
+    PauseTimeout {
+        /// vCPUs that handed over their state.
+        stopped: usize,
+        /// vCPUs asked to stop.
+        expected: usize,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// The saved state does not fit this host's KVM.
+    #[error("vCPU {cpu}: saved state unusable: {why}")]
+    State {
+        /// The vCPU.
+        cpu: u8,
+        /// What is wrong.
+        why: String,
+    },
 }
 
 /// The buses a vCPU dispatches its exits to.
@@ -51,21 +85,131 @@ const APIC_LVT_LINT1: usize = 0x360;
 const APIC_MODE_EXTINT: u32 = 0x7;
 const APIC_MODE_NMI: u32 = 0x4;
 
+/// Everything KVM holds for one vCPU that a snapshot must carry, in the
+/// kernel's own layouts (serialized as their bytes by kvm-bindings).
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    /// The vCPU's index (and APIC ID).
+    pub id: u8,
+    /// Running, halted, waiting for SIPI, ...
+    pub mp_state: kvm_mp_state,
+    /// General-purpose registers, `rip` and `rflags`.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers, EFER, APIC base.
+    pub sregs: kvm_sregs,
+    /// x87, SSE and AVX state (the legacy 4 KiB XSAVE area).
+    pub xsave: kvm_xsave,
+    /// Extended control registers (XCR0).
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debug_regs: kvm_debugregs,
+    /// The local APIC's register page.
+    pub lapic: kvm_lapic_state,
+    /// Every MSR KVM lets us read, by index.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending exceptions, interrupts and NMIs.
+    pub events: kvm_vcpu_events,
+}
+
+/// Stops running vCPUs at a consistent point and collects their state.
+pub struct PauseGate {
+    requested: AtomicBool,
+    states: Mutex<Vec<Result<VcpuState, VcpuError>>>,
+    arrived: Condvar,
+}
+
+/// The real-time signal that kicks a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: interrupting KVM_RUN (EINTR) is the whole point.
+}
+
+impl PauseGate {
+    /// A gate nobody has closed, with the kick signal's handler installed.
+    pub fn new() -> Result<Arc<Self>, VcpuError> {
+        register_signal_handler(kick_signal(), on_kick).map_err(VcpuError::KickHandler)?;
+        Ok(Arc::new(PauseGate {
+            requested: AtomicBool::new(false),
+            states: Mutex::new(Vec::new()),
+            arrived: Condvar::new(),
+        }))
+    }
+
+    fn is_closed(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    fn hand_over(&self, state: Result<VcpuState, VcpuError>) {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        states.push(state);
+        self.arrived.notify_all();
+    }
+
+    /// Stop every vCPU in `threads` and return their states by vCPU index.
+    /// A vCPU can be between its check of the gate and `KVM_RUN` when the
+    /// kick lands, so the kick is repeated until all have stopped.
+    pub fn stop_all(
+        &self,
+        threads: &[JoinHandle<()>],
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, VcpuError> {
+        self.requested.store(true, Ordering::Release);
+        let deadline = Instant::now() + timeout;
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        while states.len() < threads.len() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VcpuError::PauseTimeout {
+                    stopped: states.len(),
+                    expected: threads.len(),
+                    timeout,
+                });
+            }
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                // A thread that already parked ignores the signal.
+                let _ = t.kill(kick_signal());
+            }
+            let wait = (deadline - now).min(Duration::from_millis(10));
+            states = self
+                .arrived
+                .wait_timeout(states, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let mut out = states.drain(..).collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|s| s.id);
+        Ok(out)
+    }
+}
+
 /// One configured vCPU, ready to run.
 pub struct Vcpu {
     fd: VcpuFd,
     id: u8,
+    msr_indices: Arc<Vec<u32>>,
+}
+
+/// The MSRs KVM can save and restore on this host.
+pub fn msr_indices(kvm: &Kvm) -> Result<Arc<Vec<u32>>, VcpuError> {
+    let list = kvm.get_msr_index_list().map_err(|source| VcpuError::Kvm {
+        cpu: 0,
+        what: "KVM_GET_MSR_INDEX_LIST",
+        source,
+    })?;
+    Ok(Arc::new(list.as_slice().to_vec()))
 }
 
 impl Vcpu {
-    /// Create vCPU `id` of `count` and set its CPUID, MSRs and LAPIC; the
-    /// boot CPU also gets `entry`'s register state.
-    pub fn new(
+    /// Create vCPU `id` of `count` with its CPUID set.
+    fn create(
         kvm: &Kvm,
         vm: &VmFd,
         id: u8,
         count: u8,
-        entry: BootEntry,
+        msr_indices: Arc<Vec<u32>>,
     ) -> Result<Self, VcpuError> {
         let err = |what| {
             move |source| VcpuError::Kvm {
@@ -82,6 +226,32 @@ impl Vcpu {
             .map_err(err("KVM_GET_SUPPORTED_CPUID"))?;
         patch_cpuid(&mut cpuid, id, count);
         fd.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
+        Ok(Vcpu {
+            fd,
+            id,
+            msr_indices,
+        })
+    }
+
+    /// Create vCPU `id` of `count` and set its CPUID, MSRs and LAPIC; the
+    /// boot CPU also gets `entry`'s register state.
+    pub fn new(
+        kvm: &Kvm,
+        vm: &VmFd,
+        id: u8,
+        count: u8,
+        entry: BootEntry,
+        msr_indices: Arc<Vec<u32>>,
+    ) -> Result<Self, VcpuError> {
+        let err = |what| {
+            move |source| VcpuError::Kvm {
+                cpu: id,
+                what,
+                source,
+            }
+        };
+        let vcpu = Self::create(kvm, vm, id, count, msr_indices)?;
+        let fd = &vcpu.fd;
         let msrs = Msrs::from_entries(&[
             msr(MSR_IA32_MISC_ENABLE, 1),          // fast string operations
             msr(MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, write-back by default
@@ -97,29 +267,131 @@ impl Vcpu {
         set_lvt_mode(&mut lapic.regs, APIC_LVT_LINT1, APIC_MODE_NMI);
         fd.set_lapic(&lapic).map_err(err("KVM_SET_LAPIC"))?;
         if id == 0 {
-            set_boot_state(&fd, entry).map_err(err("setting boot registers"))?;
+            set_boot_state(fd, entry).map_err(err("setting boot registers"))?;
         }
-        Ok(Vcpu { fd, id })
+        Ok(vcpu)
+    }
+
+    /// Create a vCPU of `count` that resumes from `state`.
+    pub fn restore(
+        kvm: &Kvm,
+        vm: &VmFd,
+        count: u8,
+        state: &VcpuState,
+        msr_indices: Arc<Vec<u32>>,
+    ) -> Result<Self, VcpuError> {
+        let id = state.id;
+        let err = |what| {
+            move |source| VcpuError::Kvm {
+                cpu: id,
+                what,
+                source,
+            }
+        };
+        // KVM_SET_XSAVE reads as many bytes as the vCPU's enabled XSAVE
+        // features need; refuse hosts where that exceeds `kvm_xsave`.
+        let needed = kvm.check_extension_int(kvm_ioctls::Cap::Xsave2);
+        if usize::try_from(needed).unwrap_or(0) > std::mem::size_of::<kvm_xsave>() {
+            return Err(VcpuError::State {
+                cpu: id,
+                why: format!("this host's XSAVE area needs {needed} bytes"),
+            });
+        }
+        let vcpu = Self::create(kvm, vm, id, count, msr_indices)?;
+        let fd = &vcpu.fd;
+        // Control state first (modes, APIC base), then what depends on it.
+        fd.set_sregs(&state.sregs).map_err(err("KVM_SET_SREGS"))?;
+        fd.set_regs(&state.regs).map_err(err("KVM_SET_REGS"))?;
+        // SAFETY: `state.xsave` is a whole `kvm_xsave`, and the check above
+        // makes sure KVM reads no more than that from it.
+        unsafe { fd.set_xsave(&state.xsave) }.map_err(err("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&state.xcrs).map_err(err("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&state.debug_regs)
+            .map_err(err("KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&state.lapic).map_err(err("KVM_SET_LAPIC"))?;
+        write_msrs(fd, id, &state.msrs)?;
+        fd.set_mp_state(state.mp_state)
+            .map_err(err("KVM_SET_MP_STATE"))?;
+        fd.set_vcpu_events(&state.events)
+            .map_err(err("KVM_SET_VCPU_EVENTS"))?;
+        Ok(vcpu)
+    }
+
+    /// Read this vCPU's state. Call it only while the vCPU is not running
+    /// and after KVM has completed its last exit (see [`Vcpu::settle`]).
+    fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        let id = self.id;
+        let err = |what| {
+            move |source| VcpuError::Kvm {
+                cpu: id,
+                what,
+                source,
+            }
+        };
+        let fd = &self.fd;
+        Ok(VcpuState {
+            id,
+            mp_state: fd.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?,
+            regs: fd.get_regs().map_err(err("KVM_GET_REGS"))?,
+            sregs: fd.get_sregs().map_err(err("KVM_GET_SREGS"))?,
+            xsave: fd.get_xsave().map_err(err("KVM_GET_XSAVE"))?,
+            xcrs: fd.get_xcrs().map_err(err("KVM_GET_XCRS"))?,
+            debug_regs: fd.get_debug_regs().map_err(err("KVM_GET_DEBUGREGS"))?,
+            lapic: fd.get_lapic().map_err(err("KVM_GET_LAPIC"))?,
+            msrs: read_msrs(fd, id, &self.msr_indices)?,
+            events: fd.get_vcpu_events().map_err(err("KVM_GET_VCPU_EVENTS"))?,
+        })
+    }
+
+    /// Let KVM finish the port or MMIO access of the last exit (it does so
+    /// on the next `KVM_RUN`) without running guest code: enter once with
+    /// `immediate_exit` set.
+    fn settle(&mut self) -> Result<(), VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match result {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Ok(()) => Ok(()),
+            Err(source) => Err(VcpuError::Kvm {
+                cpu: self.id,
+                what: "KVM_RUN (immediate exit)",
+                source,
+            }),
+        }
     }
 
     /// Run on a thread of its own until the guest stops or fails; either
     /// way `exit` learns why.
+    /// If `gate` closes, the vCPU stops, hands its state to the gate and
+    /// parks for good.
     pub fn spawn(
         self,
         buses: Arc<Buses>,
         exit: Arc<ExitSignal>,
+        gate: Arc<PauseGate>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
-            .spawn(move || {
-                let reason = self.run(&buses);
-                exit.signal(reason);
+            .spawn(move || match self.run(&buses, &gate) {
+                Ok(reason) => exit.signal(reason),
+                Err(mut vcpu) => {
+                    let state = vcpu.settle().and_then(|()| vcpu.save_state());
+                    gate.hand_over(state);
+                    loop {
+                        std::thread::park();
+                    }
+                }
             })
             .map_err(VcpuError::Spawn)
     }
 
-    fn run(mut self, buses: &Buses) -> ExitReason {
+    /// Run until the guest stops (`Ok`) or the gate closes (`Err(self)`).
+    fn run(mut self, buses: &Buses, gate: &PauseGate) -> Result<ExitReason, Self> {
         loop {
+            if gate.is_closed() {
+                return Err(self);
+            }
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     buses.pio.read(u64::from(port), data);
@@ -138,25 +410,89 @@ impl Vcpu {
                     }
                 }
                 Ok(VcpuExit::Hlt) => {}
-                Ok(VcpuExit::Shutdown) => return ExitReason::Reset,
+                Ok(VcpuExit::Shutdown) => return Ok(ExitReason::Reset),
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
-                    return match kind {
+                    return Ok(match kind {
                         kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
                         _ => ExitReason::Reset,
-                    };
+                    });
                 }
                 Ok(other) => {
                     error!("vCPU {}: unexpected exit {other:?}", self.id);
-                    return ExitReason::Failure;
+                    return Ok(ExitReason::Failure);
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Err(e) => {
                     error!("vCPU {}: KVM_RUN failed: {e}", self.id);
-                    return ExitReason::Failure;
+                    return Ok(ExitReason::Failure);
                 }
             }
         }
     }
+}
+
+fn msr_list(cpu: u8, entries: &[kvm_msr_entry]) -> Result<Msrs, VcpuError> {
+    Msrs::from_entries(entries).map_err(|_| VcpuError::Kvm {
+        cpu,
+        what: "building MSR list",
+        source: kvm_ioctls::Error::new(libc::EINVAL),
+    })
+}
+
+/// Read every MSR in `indices` that KVM will give. KVM stops a batch at
+/// the first MSR it refuses; that one is skipped and the rest retried.
+fn read_msrs(fd: &VcpuFd, cpu: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+    let mut out = Vec::with_capacity(indices.len());
+    let mut rest = indices;
+    while !rest.is_empty() {
+        let batch: Vec<_> = rest
+            .iter()
+            .take(KVM_MAX_MSR_ENTRIES)
+            .map(|&i| msr(i, 0))
+            .collect();
+        let mut msrs = msr_list(cpu, &batch)?;
+        let read = fd.get_msrs(&mut msrs).map_err(|source| VcpuError::Kvm {
+            cpu,
+            what: "KVM_GET_MSRS",
+            source,
+        })?;
+        out.extend_from_slice(&msrs.as_slice()[..read]);
+        if read < batch.len() {
+            debug!(
+                "vCPU {cpu}: MSR {:#x} is not readable; not saved",
+                batch[read].index
+            );
+            rest = &rest[read + 1..];
+        } else {
+            rest = &rest[read..];
+        }
+    }
+    Ok(out)
+}
+
+/// Write `entries`, skipping (and reporting) any this host's KVM refuses.
+fn write_msrs(fd: &VcpuFd, cpu: u8, entries: &[kvm_msr_entry]) -> Result<(), VcpuError> {
+    let mut rest = entries;
+    while !rest.is_empty() {
+        let batch = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
+        let written = fd
+            .set_msrs(&msr_list(cpu, batch)?)
+            .map_err(|source| VcpuError::Kvm {
+                cpu,
+                what: "KVM_SET_MSRS",
+                source,
+            })?;
+        if written < batch.len() {
+            warn!(
+                "vCPU {cpu}: MSR {:#x} was refused on restore",
+                batch[written].index
+            );
+            rest = &rest[written + 1..];
+        } else {
+            rest = &rest[written..];
+        }
+    }
+    Ok(())
 }
 
 fn msr(index: u32, data: u64) -> kvm_msr_entry {

@@ -6,10 +6,14 @@
 #   VMM_VCPUS (2) VMM_MEM_MIB (256) VMM_DISK_MIB (64)
 #   VMM_L2_TEST (blk,rng)  VMM_L2_APPEND (extra L2 kernel args)
 #   VMM_DIR (/vmm: bin/, vmlinuz, initramfs.gz)  VMM_WORK (/tmp/vmm)
+#   VMM_SCENARIO  boot (default) or snapshot (test-vmm-snapshot.sh instead)
 # The L2 console is echoed with an "L2| " prefix. Prints
 #   VBK-RESULT vmm=ok|fail rc=N run_cs=N devices=...
 plan=${VMM_PLAN:-/vmm/plan}
 [ -f "$plan" ] && . "$plan"
+if [ "${VMM_SCENARIO:-boot}" = snapshot ]; then
+    exec sh "$(dirname "$0")/test-vmm-snapshot.sh"
+fi
 dir=${VMM_DIR:-/vmm}; bin=$dir/bin; work=${VMM_WORK:-/tmp/vmm}
 mib=${VMM_DISK_MIB:-64}
 mkdir -p "$work"
