@@ -11,14 +11,27 @@
 //! `VBK-RESULT restart records=N errors=0 ...` and powers off, and the host
 //! checks every record in the image file.
 //!
-//! Each cut is made, if it can be within ~1.5 s, while the daemon has a
-//! request marked in its in-flight area (SIGSTOP, read the area through
-//! /proc/PID/fd, SIGKILL if marked, else SIGCONT and retry); the next
-//! process must resubmit what was marked.
+//! Every daemon runs with the `--latency-us` test knob (a simulated slow
+//! disk): each request stays marked in the in-flight area for
+//! [`LATENCY_US`], half of it before it is performed and half after (data
+//! moved, status written, not yet on the used ring). Without it requests
+//! complete in microseconds and no cut ever lands with one in flight.
 //!
-//! Summary line: `VBK-RESTART kills=N marked_at_cuts=a,b,c probe_attempts=..
-//! inflight_at_cuts=a,b,c (resubmitted by the next process) resubmitted=N
-//! lost=0 records=N errors=0 reconnect_ms=... guest_stall_ms=... ...`.
+//! Each cut is made while the daemon has a request marked in its in-flight
+//! area: SIGSTOP, wait until every thread is stopped, read the area through
+//! /proc/PID/fd, SIGKILL if marked, else SIGCONT and retry (for up to
+//! ~1.5 s). The test requires every cut to have at least one request marked,
+//! the next process to log resubmitting them ("queue Q: resubmitting N
+//! in-flight request(s)", N equal to the marks, or one less if the daemon
+//! died between publishing a used entry and clearing its mark), at least one
+//! request resubmitted in all, the guest's read-back check of every record
+//! clean, every record found in the image (lost=0), and no used entry the
+//! guest driver did not expect (a request completed twice).
+//!
+//! Summary line: `VBK-RESTART kills=N latency_us=N marked_at_cuts=a,b,c
+//! probe_attempts=.. inflight_at_cuts=a,b,c (resubmitted by the next
+//! process) resubmitted=N lost=0 records=N errors=0 reconnect_ms=...
+//! guest_stall_ms=... ...`.
 //!
 //! Without qemu-system-x86_64 the test FAILS unless VBK_ALLOW_SKIP_QEMU=1.
 //! Run: `cargo build --release --workspace && cargo test --release --test qemu_restart -- --nocapture`.
@@ -36,6 +49,19 @@ const TAG: &str = "restart";
 const KILLS: usize = 3;
 /// Records (both writers together) that must complete between cuts.
 const RECORDS_BETWEEN_CUTS: u64 = 24;
+/// Simulated disk latency per request (`vhost-user-blk --latency-us`).
+const LATENCY_US: u32 = 50_000;
+
+/// Starts `vhost-user-blk` with the simulated latency.
+fn spawn_slow_daemon(
+    name: &'static str,
+    sock: &std::path::Path,
+    img: &std::path::Path,
+    log: std::path::PathBuf,
+) -> process::Backend {
+    let latency = LATENCY_US.to_string();
+    spawn_daemon_with(name, sock, img, log, &["--latency-us", &latency])
+}
 
 fn join_u64(v: &[u64]) -> String {
     v.iter()
@@ -89,7 +115,29 @@ fn inflight_marked(pid: i32) -> Option<u64> {
     None
 }
 
-/// SIGKILLs the daemon, preferably while it has a request in flight: stops
+/// Waits (up to 100 ms) until every thread of `pid` is stopped, so that the
+/// in-flight area cannot change while it is read.
+fn wait_stopped(pid: i32) {
+    let deadline = Instant::now() + Duration::from_millis(100);
+    while Instant::now() < deadline {
+        let all_stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|dir| {
+                dir.flatten().all(|t| {
+                    let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                    // The state follows the parenthesised command name.
+                    let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+                    matches!(state, Some('T' | 't') | None)
+                })
+            })
+            .unwrap_or(true);
+        if all_stopped {
+            return;
+        }
+        sleep(Duration::from_micros(100));
+    }
+}
+
+/// SIGKILLs the daemon while it has a request in flight if it can: stops
 /// it (SIGSTOP), reads its in-flight area, and kills it right there if a
 /// request is marked; otherwise lets it run a few milliseconds and tries
 /// again, for up to ~1.5 s. Returns (requests marked at the cut, None if no
@@ -102,7 +150,7 @@ fn cut(pid: i32) -> (Option<u64>, u32) {
         // SAFETY: signals to our own child process, which is not reaped
         // before `cut` returns (the caller waits for it afterwards).
         unsafe { libc::kill(pid, libc::SIGSTOP) };
-        sleep(Duration::from_micros(300)); // let the stop take effect
+        wait_stopped(pid);
         let marked = inflight_marked(pid);
         if marked.unwrap_or(0) > 0 || Instant::now() > deadline {
             // SAFETY: as above.
@@ -131,7 +179,7 @@ fn sigkill_restart_of_vhost_user_blk_loses_no_request() {
         .and_then(|f| f.set_len(IMAGE_SIZE))
         .expect("create image");
 
-    let mut daemon = spawn_daemon(
+    let mut daemon = spawn_slow_daemon(
         "vhost-user-blk#0",
         &sock,
         &img,
@@ -181,7 +229,7 @@ fn sigkill_restart_of_vhost_user_blk_loses_no_request() {
         sleep(Duration::from_millis(300));
         let name: &'static str =
             ["vhost-user-blk#1", "vhost-user-blk#2", "vhost-user-blk#3"][(i - 1).min(2)];
-        daemon = spawn_daemon(name, &sock, &img, dir.path().join(format!("daemon{i}.log")));
+        daemon = spawn_slow_daemon(name, &sock, &img, dir.path().join(format!("daemon{i}.log")));
         // QEMU retries every second: wait for its SET_INFLIGHT_FD session.
         let deadline = Instant::now() + Duration::from_secs(30);
         while !daemon.log_text().contains("frontend connected") {
@@ -258,7 +306,7 @@ fn sigkill_restart_of_vhost_user_blk_loses_no_request() {
             .join(",")
     };
     println!(
-        "VBK-RESTART kills={KILLS} marked_at_cuts={} probe_attempts={} inflight_at_cuts={} resubmitted={} lost={lost} records={} \
+        "VBK-RESTART kills={KILLS} latency_us={LATENCY_US} marked_at_cuts={} probe_attempts={} inflight_at_cuts={} resubmitted={} lost={lost} records={} \
          verified={verified} errors={} reconnect_ms={} resume_ms={} guest_maxgap_ms={} \
          guest_stall_ms={} daemon_warnings={warnings} test_s={:.1}",
         join_u64(&cut_marked),
@@ -292,14 +340,40 @@ fn sigkill_restart_of_vhost_user_blk_loses_no_request() {
         tracked > 0,
         "the in-flight area never recorded a popped request"
     );
-    for (m, n) in cut_marked.iter().zip(&inflight) {
+    for (i, (m, n)) in cut_marked.iter().zip(&inflight).enumerate() {
+        // With the simulated latency a request is almost always in flight.
+        assert!(
+            *m > 0,
+            "cut {}: no request marked in flight after {} probe(s)",
+            i + 1,
+            cut_attempts[i]
+        );
         // Recovery may clear one mark (died between publishing the used
         // index and clearing the flag); it must never invent requests.
         assert!(
             n <= m && *n + 1 >= *m,
-            "marked {m} at the cut but resubmitted {n}"
+            "cut {}: marked {m} at the cut but resubmitted {n}",
+            i + 1
         );
     }
+    assert!(
+        inflight.iter().sum::<u64>() > 0,
+        "no restarted daemon resubmitted an in-flight request: the \
+         resubmission path was not exercised"
+    );
+    // A used entry for a head the driver has no request on (a request
+    // completed twice) makes Linux's virtio_ring report it and break the
+    // queue ("req.0:id 3 is not a head!", "req.1:id 300 out of range").
+    let ring_errors: Vec<&str> = console
+        .lines()
+        .filter(|l| {
+            l.contains("is not a head") || (l.contains(":id ") && l.contains("out of range"))
+        })
+        .collect();
+    assert!(
+        ring_errors.is_empty(),
+        "guest kernel complained about the used ring: {ring_errors:?}"
+    );
     assert!(
         r.counts.len() == 2 && r.counts.iter().all(|&c| c > 0),
         "both writers must have written: {}",

@@ -119,6 +119,17 @@ pub fn accel_args() -> Vec<String> {
 /// Starts `vhost-user-blk --socket SOCK --image IMG --queues 2` with
 /// RUST_LOG=info (or the caller's RUST_LOG), logging to `log`.
 pub fn spawn_daemon(name: &'static str, sock: &Path, img: &Path, log: PathBuf) -> process::Backend {
+    spawn_daemon_with(name, sock, img, log, &[])
+}
+
+/// [`spawn_daemon`] with `extra` arguments appended (e.g. `--latency-us N`).
+pub fn spawn_daemon_with(
+    name: &'static str,
+    sock: &Path,
+    img: &Path,
+    log: PathBuf,
+    extra: &[&str],
+) -> process::Backend {
     let bin = process::binary("vhost-user-blk").unwrap_or_else(|e| panic!("{e}"));
     let mut c = Command::new(&bin);
     c.arg("--socket")
@@ -126,7 +137,8 @@ pub fn spawn_daemon(name: &'static str, sock: &Path, img: &Path, log: PathBuf) -
         .arg("--image")
         .arg(img)
         .arg("--queues")
-        .arg(QUEUES.to_string());
+        .arg(QUEUES.to_string())
+        .args(extra);
     c.env(
         "RUST_LOG",
         std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

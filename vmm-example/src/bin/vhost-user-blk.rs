@@ -3,10 +3,12 @@
 //! ```text
 //! vhost-user-blk --socket /tmp/blk.sock --image disk.raw [--queues 2] [--read-only]
 //! vhost-user-blk --socket /tmp/blk.sock --null --size 1073741824
+//! vhost-user-blk --socket /tmp/blk.sock --image disk.raw --latency-us 20000   # test knob: slow disk
 //! ```
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{ArgGroup, Parser};
 use log::info;
@@ -50,6 +52,14 @@ struct Args {
     /// rewritten as it settles, so a restarted daemon gets it back.
     #[arg(long)]
     state_file: Option<PathBuf>,
+    /// Testing knob (fault injection), simulating a slow disk: hold every
+    /// request this many microseconds after it is taken from the ring (so
+    /// it is marked in flight) before completing it, half before and half
+    /// after performing it. Lets crash-restart tests kill the daemon with
+    /// requests in flight. 0 (the default) disables it.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    latency_us: u32,
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -62,6 +72,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         queues: args.queues,
         queue_size: args.queue_size,
         read_only: args.read_only,
+        injected_latency: (args.latency_us > 0)
+            .then(|| Duration::from_micros(u64::from(args.latency_us))),
         ..BlkConfig::default()
     };
     let device = BlkDevice::new(target, cfg)?;
@@ -75,6 +87,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             "read-write"
         }
     );
+    if let Some(d) = device.config().injected_latency {
+        info!("virtio-blk: test knob on: every request is held {d:?} (--latency-us)");
+    }
     serve(
         device,
         &ServeOptions {

@@ -55,6 +55,7 @@ use std::ops::Deref;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use log::warn;
 use virtio_backend_kit::virtio_queue::desc::split::Descriptor;
@@ -94,6 +95,9 @@ pub const CONFIG_SIZE: usize = 60;
 /// Largest `seg_max` the device accepts; it bounds the per-batch descriptor
 /// scratch array (two more slots for header and status).
 pub const MAX_SEG_MAX: u32 = 254;
+
+/// Largest [`BlkConfig::injected_latency`] accepted.
+pub const MAX_INJECTED_LATENCY: Duration = Duration::from_secs(1);
 
 const SCRATCH_DESCS: usize = MAX_SEG_MAX as usize + 2;
 const HEADER_LEN: usize = 16;
@@ -287,6 +291,14 @@ pub struct BlkConfig {
     /// `GET_ID` serial (at most 20 bytes); `None` derives one from the
     /// target, see [`Target::default_serial`].
     pub serial: Option<String>,
+    /// Fault injection for tests, simulating a slow disk: hold every request
+    /// this long after it was taken from the ring (and so marked in the
+    /// in-flight area) before it is completed, half before it is performed
+    /// and half after, so that a backend killed meanwhile leaves requests in
+    /// flight, both not yet performed and performed but not completed. The
+    /// worker thread sleeps; its queue makes no progress meanwhile. `None`
+    /// (the default) injects nothing.
+    pub injected_latency: Option<Duration>,
 }
 
 impl Default for BlkConfig {
@@ -305,6 +317,7 @@ impl Default for BlkConfig {
             max_write_zeroes_seg: 32,
             write_zeroes_may_unmap: true,
             serial: None,
+            injected_latency: None,
         }
     }
 }
@@ -342,6 +355,14 @@ impl BlkConfig {
         }
         if self.serial.as_ref().is_some_and(|s| s.len() > ID_LEN) {
             return Err(BlkError::InvalidConfig("serial is longer than 20 bytes"));
+        }
+        if self
+            .injected_latency
+            .is_some_and(|d| d > MAX_INJECTED_LATENCY)
+        {
+            return Err(BlkError::InvalidConfig(
+                "injected latency must be at most one second",
+            ));
         }
         Ok(())
     }
@@ -784,12 +805,23 @@ impl BlkDevice {
     }
 
     fn drain_vring(&self, vr: &mut Vring, scratch: &mut ChainScratch) -> Result<(), VringError> {
+        let hold = self.cfg.injected_latency;
         let mut completed = false;
         loop {
             vr.disable_notification()?;
             let batch = vr.process_available_descs(|mut chain| {
                 let (head, mem) = (chain.head_index(), chain.memory());
-                self.process_descs(head, mem, &mut chain, scratch)
+                if let Some(d) = hold {
+                    // Test knob: the request is marked in flight, not yet
+                    // performed.
+                    std::thread::sleep(d / 2);
+                }
+                let len = self.process_descs(head, mem, &mut chain, scratch);
+                if let Some(d) = hold {
+                    // Performed (data moved, status written), not completed.
+                    std::thread::sleep(d - d / 2);
+                }
+                len
             })?;
             if batch > 0 {
                 completed = true;

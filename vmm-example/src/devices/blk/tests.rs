@@ -975,3 +975,101 @@ fn event_idx_suppresses_notifications_the_driver_did_not_ask_for() {
     assert_eq!(h.request(&dev, VIRTIO_BLK_T_FLUSH, 0, &[]), (1, OK));
     assert!(h.call.read().is_err());
 }
+
+#[test]
+fn injected_latency_holds_each_request_and_is_bounded() {
+    let img = image();
+    let latency = Duration::from_millis(20);
+    let cfg = BlkConfig {
+        injected_latency: Some(latency),
+        ..BlkConfig::default()
+    };
+    let dev = image_device(&img, cfg);
+    let mut h = Harness::new();
+    let data = pattern(512, 5);
+    let a = h.alloc(512, 0);
+    h.write(a, &data);
+    let t = std::time::Instant::now();
+    let (len, status) = h.request(&dev, VIRTIO_BLK_T_OUT, 3, &[(a, 512, false)]);
+    assert!(t.elapsed() >= latency);
+    assert_eq!((len, status), (1, OK));
+    assert_eq!(file_bytes(&img, 3 * 512, 512), data);
+
+    let too_slow = BlkConfig {
+        injected_latency: Some(MAX_INJECTED_LATENCY + Duration::from_micros(1)),
+        ..BlkConfig::default()
+    };
+    assert!(matches!(
+        BlkDevice::new(Target::null(1 << 20), too_slow),
+        Err(BlkError::InvalidConfig(_))
+    ));
+}
+
+#[test]
+fn mixed_batch_of_writes_flush_and_reads() {
+    let img = image();
+    let dev = image_device(&img, BlkConfig::default());
+    let mut h = Harness::new();
+    // One batch: two writes (one vectored), a flush, two reads.
+    let data = pattern(2048, 5);
+    let w1 = h.alloc(1024, 0);
+    let w2 = h.alloc(1024, 0);
+    h.write(w1, &data[..1024]);
+    h.write(w2, &data[1024..]);
+    let mut st = Vec::new();
+    let mut chain = |h: &mut Harness, t: u32, sector: u64, data: &[D]| {
+        let hdr = h.header(t, sector);
+        let s = h.alloc(1, 0xff);
+        let mut d = vec![(hdr, 16, false)];
+        d.extend_from_slice(data);
+        d.push((s, 1, true));
+        h.push(&d);
+        st.push(s);
+    };
+    chain(
+        &mut h,
+        VIRTIO_BLK_T_OUT,
+        4,
+        &[(w1, 1024, false), (w2, 1024, false)],
+    );
+    chain(&mut h, VIRTIO_BLK_T_FLUSH, 0, &[]);
+    let r1 = h.alloc(2048, 0xee);
+    let r2 = h.alloc(512, 0xee);
+    chain(&mut h, VIRTIO_BLK_T_IN, 4, &[(r1, 2048, true)]);
+    // Beyond the end of the image: refused before any I/O.
+    chain(
+        &mut h,
+        VIRTIO_BLK_T_IN,
+        IMAGE_SIZE / 512,
+        &[(r2, 512, true)],
+    );
+    h.run(&dev);
+    assert_eq!(h.used_idx(), 4);
+    let lens: Vec<u32> = (0..4).map(|i| h.used(i).1).collect();
+    assert_eq!(lens, [1, 1, 2049, 1]);
+    let status: Vec<u8> = st.iter().map(|s| h.read(*s, 1)[0]).collect();
+    assert_eq!(status, [OK, OK, OK, IOERR]);
+    assert_eq!(h.read(r1, 2048), data);
+    assert_eq!(file_bytes(&img, 4 * 512, 2048), data);
+}
+
+#[test]
+fn an_image_truncated_underneath_gives_io_errors() {
+    let img = image();
+    let dev = image_device(&img, BlkConfig::default());
+    // Someone else shrinks the file after the device sized itself.
+    img.as_file().set_len(IMAGE_SIZE / 2).unwrap();
+    let mut h = Harness::new();
+    let mut st = Vec::new();
+    for sector in [0, IMAGE_SIZE / 512 - 8, IMAGE_SIZE / 512 - 16] {
+        let hdr = h.header(VIRTIO_BLK_T_IN, sector);
+        let buf = h.alloc(4096, 0);
+        let s = h.alloc(1, 0xff);
+        h.push(&[(hdr, 16, false), (buf, 4096, true), (s, 1, true)]);
+        st.push(s);
+    }
+    h.run(&dev);
+    assert_eq!(h.used_idx(), 3);
+    let status: Vec<u8> = st.iter().map(|s| h.read(*s, 1)[0]).collect();
+    assert_eq!(status, [OK, IOERR, IOERR]);
+}
