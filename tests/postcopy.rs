@@ -688,8 +688,7 @@ fn qemu_postcopy_migration_of_writing_guest_loses_no_request() {
     );
     assert!(seen_postcopy, "never saw a postcopy state: {last}");
     let during = progress(&src.console_text());
-    let _ = sq.execute("quit", json!({}));
-    src.wait_exit(Duration::from_secs(20));
+    src.quit_after_migration(&mut sq);
     daemon_a.stop(Duration::from_secs(5));
     wait_console(
         &mut dst,

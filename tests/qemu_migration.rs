@@ -151,8 +151,7 @@ fn live_migration_of_writing_guest_loses_no_request() {
     );
     let src_state = sq.execute("query-status", json!({})).expect("src status");
     println!("source after migration: {src_state}");
-    let _ = sq.execute("quit", json!({}));
-    src.wait_exit(Duration::from_secs(20));
+    src.quit_after_migration(&mut sq);
     daemon_a.stop(Duration::from_secs(5));
 
     // Destination runs the guest on: wait for records written there.

@@ -253,6 +253,21 @@ impl Qemu {
     }
 
     /// Waits for QEMU to exit by itself; kills it after `timeout`.
+    /// Ends a source QEMU after migration: `quit` through QMP, then wait.
+    /// A source that had already exited is reported with its status and
+    /// log (it should not have).
+    pub fn quit_after_migration(&mut self, qmp: &mut Qmp) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            println!(
+                "NOTE: {} QEMU had already exited ({status}); its log:\n{}",
+                self.name,
+                self.qemu_log()
+            );
+        }
+        qmp.quit();
+        self.wait_exit(Duration::from_secs(20));
+    }
+
     pub fn wait_exit(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
@@ -313,6 +328,17 @@ impl Qmp {
         let n = self.reader.read_line(&mut line).expect("QMP read");
         assert!(n > 0, "QMP connection closed");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP: bad JSON {line:?}: {e}"))
+    }
+
+    /// Asks QEMU to quit. A QEMU that already went away (its QMP socket
+    /// closed) is fine: the caller waits for the process either way.
+    pub fn quit(&mut self) {
+        let msg = json!({"execute": "quit", "arguments": {}});
+        if writeln!(self.writer, "{msg}").is_err() {
+            return;
+        }
+        let mut line = String::new();
+        let _ = self.reader.read_line(&mut line);
     }
 
     /// Runs a command; Ok(return) or Err(error object). Events are skipped.
