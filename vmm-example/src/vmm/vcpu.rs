@@ -194,11 +194,9 @@ pub struct Vcpu {
 
 /// The MSRs KVM can save and restore on this host.
 pub fn msr_indices(kvm: &Kvm) -> Result<Arc<Vec<u32>>, VcpuError> {
-    let list = kvm.get_msr_index_list().map_err(|source| VcpuError::Kvm {
-        cpu: 0,
-        what: "KVM_GET_MSR_INDEX_LIST",
-        source,
-    })?;
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(kvm_error(0, "KVM_GET_MSR_INDEX_LIST"))?;
     Ok(Arc::new(list.as_slice().to_vec()))
 }
 
@@ -211,13 +209,7 @@ impl Vcpu {
         count: u8,
         msr_indices: Arc<Vec<u32>>,
     ) -> Result<Self, VcpuError> {
-        let err = |what| {
-            move |source| VcpuError::Kvm {
-                cpu: id,
-                what,
-                source,
-            }
-        };
+        let err = |what| kvm_error(id, what);
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(err("KVM_CREATE_VCPU"))?;
@@ -243,24 +235,16 @@ impl Vcpu {
         entry: BootEntry,
         msr_indices: Arc<Vec<u32>>,
     ) -> Result<Self, VcpuError> {
-        let err = |what| {
-            move |source| VcpuError::Kvm {
-                cpu: id,
-                what,
-                source,
-            }
-        };
+        let err = |what| kvm_error(id, what);
         let vcpu = Self::create(kvm, vm, id, count, msr_indices)?;
         let fd = &vcpu.fd;
-        let msrs = Msrs::from_entries(&[
-            msr(MSR_IA32_MISC_ENABLE, 1),          // fast string operations
-            msr(MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, write-back by default
-        ])
-        .map_err(|_| VcpuError::Kvm {
-            cpu: id,
-            what: "building MSR list",
-            source: kvm_ioctls::Error::new(libc::EINVAL),
-        })?;
+        let msrs = msr_list(
+            id,
+            &[
+                msr(MSR_IA32_MISC_ENABLE, 1),          // fast string operations
+                msr(MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, write-back by default
+            ],
+        )?;
         fd.set_msrs(&msrs).map_err(err("KVM_SET_MSRS"))?;
         let mut lapic = fd.get_lapic().map_err(err("KVM_GET_LAPIC"))?;
         set_lvt_mode(&mut lapic.regs, APIC_LVT_LINT0, APIC_MODE_EXTINT);
@@ -281,13 +265,7 @@ impl Vcpu {
         msr_indices: Arc<Vec<u32>>,
     ) -> Result<Self, VcpuError> {
         let id = state.id;
-        let err = |what| {
-            move |source| VcpuError::Kvm {
-                cpu: id,
-                what,
-                source,
-            }
-        };
+        let err = |what| kvm_error(id, what);
         // KVM_SET_XSAVE reads as many bytes as the vCPU's enabled XSAVE
         // features need; refuse hosts where that exceeds `kvm_xsave`.
         let needed = kvm.check_extension_int(kvm_ioctls::Cap::Xsave2);
@@ -321,13 +299,7 @@ impl Vcpu {
     /// and after KVM has completed its last exit (see [`Vcpu::settle`]).
     fn save_state(&self) -> Result<VcpuState, VcpuError> {
         let id = self.id;
-        let err = |what| {
-            move |source| VcpuError::Kvm {
-                cpu: id,
-                what,
-                source,
-            }
-        };
+        let err = |what| kvm_error(id, what);
         let fd = &self.fd;
         Ok(VcpuState {
             id,
@@ -353,11 +325,7 @@ impl Vcpu {
         match result {
             Err(e) if e.errno() == libc::EINTR => Ok(()),
             Ok(()) => Ok(()),
-            Err(source) => Err(VcpuError::Kvm {
-                cpu: self.id,
-                what: "KVM_RUN (immediate exit)",
-                source,
-            }),
+            Err(source) => Err(kvm_error(self.id, "KVM_RUN (immediate exit)")(source)),
         }
     }
 
@@ -432,11 +400,8 @@ impl Vcpu {
 }
 
 fn msr_list(cpu: u8, entries: &[kvm_msr_entry]) -> Result<Msrs, VcpuError> {
-    Msrs::from_entries(entries).map_err(|_| VcpuError::Kvm {
-        cpu,
-        what: "building MSR list",
-        source: kvm_ioctls::Error::new(libc::EINVAL),
-    })
+    Msrs::from_entries(entries)
+        .map_err(|_| kvm_error(cpu, "building MSR list")(kvm_ioctls::Error::new(libc::EINVAL)))
 }
 
 /// Read every MSR in `indices` that KVM will give. KVM stops a batch at
@@ -451,11 +416,9 @@ fn read_msrs(fd: &VcpuFd, cpu: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entry>
             .map(|&i| msr(i, 0))
             .collect();
         let mut msrs = msr_list(cpu, &batch)?;
-        let read = fd.get_msrs(&mut msrs).map_err(|source| VcpuError::Kvm {
-            cpu,
-            what: "KVM_GET_MSRS",
-            source,
-        })?;
+        let read = fd
+            .get_msrs(&mut msrs)
+            .map_err(kvm_error(cpu, "KVM_GET_MSRS"))?;
         out.extend_from_slice(&msrs.as_slice()[..read]);
         if read < batch.len() {
             debug!(
@@ -477,11 +440,7 @@ fn write_msrs(fd: &VcpuFd, cpu: u8, entries: &[kvm_msr_entry]) -> Result<(), Vcp
         let batch = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
         let written = fd
             .set_msrs(&msr_list(cpu, batch)?)
-            .map_err(|source| VcpuError::Kvm {
-                cpu,
-                what: "KVM_SET_MSRS",
-                source,
-            })?;
+            .map_err(kvm_error(cpu, "KVM_SET_MSRS"))?;
         if written < batch.len() {
             warn!(
                 "vCPU {cpu}: MSR {:#x} was refused on restore",
@@ -493,6 +452,11 @@ fn write_msrs(fd: &VcpuFd, cpu: u8, entries: &[kvm_msr_entry]) -> Result<(), Vcp
         }
     }
     Ok(())
+}
+
+/// Maps a failed KVM ioctl `what` on vCPU `cpu` to a [`VcpuError`].
+fn kvm_error(cpu: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Kvm { cpu, what, source }
 }
 
 fn msr(index: u32, data: u64) -> kvm_msr_entry {
