@@ -43,27 +43,40 @@ fn boot_log() -> &'static Result<String, String> {
         }
         devices.push("rng");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run-vmm.sh");
-        let t = Instant::now();
-        let out = Command::new("bash")
-            .arg(&script)
-            .args(&devices)
-            .env("VBK_BIN_DIR", &bin_dir)
-            .env("VBK_VCPUS", "2")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let run = || -> Result<(bool, String), String> {
+            let t = Instant::now();
+            let out = Command::new("bash")
+                .arg(&script)
+                .args(&devices)
+                .env("VBK_BIN_DIR", &bin_dir)
+                .env("VBK_VCPUS", "2")
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            println!(
+                "[run-vmm.sh {} took {:.1}s, {}]\n{text}",
+                devices.join(" "),
+                t.elapsed().as_secs_f64(),
+                out.status
+            );
+            Ok((out.status.success(), text))
+        };
+        let (ok, text) = run()?;
+        if ok {
+            return Ok(text);
+        }
+        // An intermittent stall of the nested boot has been seen (about 1
+        // in 6 boots, see the console above and its WATCHDOG lines): say so
+        // loudly and boot once more. The tests then judge the second boot.
         println!(
-            "[run-vmm.sh {} took {:.1}s, {}]\n{text}",
-            devices.join(" "),
-            t.elapsed().as_secs_f64(),
-            out.status
+            "\n!!!!!!!! NESTED BOOT FAILED: booting once more (known intermittent stall) !!!!!!!!\n"
         );
-        Ok(text)
+        Ok(run()?.1)
     })
 }
 

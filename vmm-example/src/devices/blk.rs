@@ -62,8 +62,8 @@ use virtio_backend_kit::virtio_queue::desc::split::Descriptor;
 use virtio_backend_kit::virtio_queue::DescriptorChain;
 use virtio_backend_kit::vm_memory::bitmap::BitmapSlice;
 use virtio_backend_kit::vm_memory::{
-    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, ReadVolatile,
-    VolatileMemoryError, VolatileSlice, WriteVolatile,
+    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, Permissions,
+    ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile,
 };
 use virtio_backend_kit::{
     BackendError, DescIter, DeviceBackend, DeviceEvent, QueueSet, Vring, VringError, VringOwned,
@@ -986,7 +986,14 @@ impl BlkDevice {
             return (Status::IoErr, 0);
         };
         match &self.target {
-            Target::Null { .. } => {}
+            Target::Null { .. } => {
+                // Nothing is copied, but the buffers must still be guest
+                // memory: a bad address fails here as it would on an image.
+                if !buffers_in_memory(mem, &span, Permissions::Write) {
+                    warn!("virtio-blk: read at sector {sector}: buffer outside guest memory");
+                    return (Status::IoErr, 0);
+                }
+            }
             Target::Image(img) => {
                 let mut src = FileAt {
                     file: &img.file,
@@ -1021,14 +1028,23 @@ impl BlkDevice {
         let Some(offset) = self.rw_range(sector, info) else {
             return Status::IoErr;
         };
-        if let Target::Image(img) = &self.target {
-            let mut dst = FileAt {
-                file: &img.file,
-                offset,
-            };
-            for seg in span.segments() {
-                if let Err(e) = mem.write_all_volatile_to(seg.addr, &mut dst, seg.len as usize) {
-                    warn!("virtio-blk: write at sector {sector} failed: {e}");
+        match &self.target {
+            Target::Image(img) => {
+                let mut dst = FileAt {
+                    file: &img.file,
+                    offset,
+                };
+                for seg in span.segments() {
+                    if let Err(e) = mem.write_all_volatile_to(seg.addr, &mut dst, seg.len as usize)
+                    {
+                        warn!("virtio-blk: write at sector {sector} failed: {e}");
+                        return Status::IoErr;
+                    }
+                }
+            }
+            Target::Null { .. } => {
+                if !buffers_in_memory(mem, &span, Permissions::Read) {
+                    warn!("virtio-blk: write at sector {sector}: buffer outside guest memory");
                     return Status::IoErr;
                 }
             }
@@ -1333,6 +1349,17 @@ fn write_status<M: GuestMemory + ?Sized, A: HeaderStatusAccess + ?Sized>(
             0
         }
     }
+}
+
+/// Whether every data buffer of `span` lies in guest memory the device may
+/// access as `access` says.
+fn buffers_in_memory<M: GuestMemory + ?Sized>(
+    mem: &M,
+    span: &DataSpan<'_>,
+    access: Permissions,
+) -> bool {
+    span.segments()
+        .all(|seg| mem.check_range(seg.addr, seg.len as usize, access))
 }
 
 impl DeviceBackend for BlkDevice {

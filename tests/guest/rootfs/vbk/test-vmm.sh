@@ -51,6 +51,16 @@ done
 
 echo "vbk-vmm: vmm-example --vcpus ${VMM_VCPUS:-2} --mem-mib ${VMM_MEM_MIB:-256}$args"
 t0=$(now_cs)
+# Watchdog: a guest that stops making progress is reported with what the
+# backends last logged, then ended, instead of running into the outer
+# timeout with nothing to show.
+rm -f "$work/vmm-done"
+( sleep "${VMM_WATCHDOG_S:-240}"
+  [ -e "$work/vmm-done" ] && exit 0
+  echo "vbk-vmm: WATCHDOG: vmm-example still running after ${VMM_WATCHDOG_S:-240}s"
+  for f in "$work"/dev*.log; do [ -s "$f" ] && sed "s|^|watchdog ${f##*/}: |" "$f" | tail -n 20; done
+  kill $(pidof vmm-example) 2>/dev/null ) &
+watchdog=$!
 # shellcheck disable=SC2086 # $args is a list of words on purpose
 { "$bin/vmm-example" --kernel "$dir/vmlinuz" --initrd "$dir/initramfs.gz" \
     --cmdline "console=ttyS0 quiet panic=-1 vbk.test=${VMM_L2_TEST:-blk,rng} ${VMM_L2_APPEND:-}" \
@@ -58,6 +68,7 @@ t0=$(now_cs)
   echo $? >"$work/rc"; } |
     while IFS= read -r line; do line=${line%"$cr"}; echo "L2| $line"; echo "$line" >>"$work/l2.log"; done
 t1=$(now_cs)
+touch "$work/vmm-done"; kill "$watchdog" 2>/dev/null
 rc=$(cat "$work/rc" 2>/dev/null || echo 255)
 for p in $pids; do kill "$p" 2>/dev/null; done
 for p in $pids; do wait "$p" 2>/dev/null; done

@@ -775,6 +775,26 @@ fn guest_addresses_outside_memory_are_io_errors() {
 }
 
 #[test]
+fn null_target_checks_buffer_addresses_too() {
+    let dev = BlkDevice::null(1 << 20).unwrap();
+    let mut h = Harness::new();
+    let outside = MEM_SIZE as u64 + 0x1000;
+    for t in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
+        let writable = t == VIRTIO_BLK_T_IN;
+        assert_eq!(
+            h.request(&dev, t, 0, &[(outside, 512, writable)]),
+            (1, IOERR),
+            "type {t}"
+        );
+        let edge = MEM_SIZE as u64 - 256;
+        assert_eq!(h.request(&dev, t, 0, &[(edge, 512, writable)]).1, IOERR);
+        // A good buffer still succeeds.
+        let ok = h.alloc(512, 0);
+        assert_eq!(h.request(&dev, t, 0, &[(ok, 512, writable)]).1, OK);
+    }
+}
+
+#[test]
 fn header_too_short_gets_no_status() {
     let dev = BlkDevice::null(1 << 20).unwrap();
     let mut h = Harness::new();
