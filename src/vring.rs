@@ -134,12 +134,17 @@ pub const INTERRUPT_CONFIG_CHANGE: u32 = 0x2;
 pub struct Notifier {
     fd: EventFd,
     status: Option<(Arc<std::sync::atomic::AtomicU32>, u32)>,
+    trace: Option<Arc<crate::mmio::InterruptTrace>>,
 }
 
 impl Notifier {
     /// A plain eventfd notifier.
     pub fn new(fd: EventFd) -> Self {
-        Notifier { fd, status: None }
+        Notifier {
+            fd,
+            status: None,
+            trace: None,
+        }
     }
 
     /// A notifier that sets `bit` in `status` before signalling `fd`.
@@ -147,7 +152,14 @@ impl Notifier {
         Notifier {
             fd,
             status: Some((status, bit)),
+            trace: None,
         }
+    }
+
+    /// The same notifier, counting what it raises in `trace`.
+    pub fn traced(mut self, trace: Arc<crate::mmio::InterruptTrace>) -> Self {
+        self.trace = Some(trace);
+        self
     }
 
     /// The eventfd.
@@ -160,7 +172,14 @@ impl Notifier {
         if let Some((status, bit)) = &self.status {
             status.fetch_or(*bit, Ordering::SeqCst);
         }
-        self.fd.write(1)
+        if let Some(trace) = &self.trace {
+            trace.raising();
+        }
+        let result = self.fd.write(1);
+        if let (Err(_), Some(trace)) = (&result, &self.trace) {
+            trace.failed();
+        }
+        result
     }
 }
 

@@ -89,6 +89,12 @@ pub trait DeviceControl: Send {
         snapshot: DeviceSnapshot,
         activation: Activation,
     ) -> Result<(), ControlError>;
+    /// One line for a stall report: what the device knows beyond the
+    /// transport's registers and guest memory (for example a vhost-user
+    /// adapter's connection state and relay counters). `None` by default.
+    fn diagnostics(&self) -> Option<String> {
+        None
+    }
 }
 
 impl<B: DeviceBackend> DeviceControl for DeviceCore<B> {

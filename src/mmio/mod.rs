@@ -16,6 +16,7 @@
 //! accesses are ignored (reads return zeroes). Nothing a guest does panics.
 
 mod regs;
+mod trace;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use crate::core::{Activation, DeviceControl, QueueActivation};
 use crate::memory::GuestMemoryLog;
 use crate::vring::{Notifier, VringState, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER};
 pub use regs::*;
+pub use trace::{InterruptTrace, QueueDiagnostics, TransportDiagnostics};
 
 /// Errors creating a transport.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +64,8 @@ pub struct MmioTransport {
     config_generation: Arc<AtomicU32>,
     kicks: Vec<EventFd>,
     irq: EventFd,
+    /// Per queue, the interrupt counters of the current activation.
+    traces: Vec<Option<Arc<InterruptTrace>>>,
 }
 
 fn set_half(value: &mut u64, high: bool, half: u32) {
@@ -106,6 +110,7 @@ impl MmioTransport {
             config_generation,
             kicks,
             irq,
+            traces: Vec::new(),
         })
     }
 
@@ -413,10 +418,16 @@ impl MmioTransport {
         }
     }
 
-    fn build_activation(&self) -> Result<Activation, String> {
+    fn build_activation(&mut self) -> Result<Activation, String> {
         let mut queues = Vec::new();
-        for (i, q) in self.queues.iter().enumerate().filter(|(_, q)| q.ready) {
+        self.traces = vec![None; self.queues.len()];
+        let ready: Vec<(usize, QueueRegs)> = (self.queues.iter().copied().enumerate())
+            .filter(|(_, q)| q.ready)
+            .collect();
+        for (i, q) in ready {
             let dup = |fd: &EventFd| fd.try_clone().map_err(|e| format!("eventfd: {e}"));
+            let trace = Arc::new(InterruptTrace::new(self.memory.clone(), q.used));
+            self.traces[i] = Some(trace.clone());
             queues.push(QueueActivation {
                 index: i as u16,
                 size: q.size,
@@ -428,7 +439,8 @@ impl MmioTransport {
                     dup(&self.irq)?,
                     self.interrupt_status.clone(),
                     INTERRUPT_USED_BUFFER,
-                ),
+                )
+                .traced(trace),
             });
         }
         Ok(Activation {

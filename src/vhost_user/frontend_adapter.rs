@@ -206,6 +206,12 @@ struct ConfigCache {
 struct RelayedCall {
     backend_call: EventFd,
     notifier: Notifier,
+    /// Wake-ups read from `backend_call` (each may stand for several calls).
+    received: u64,
+    /// Interrupts passed on to the notifier.
+    relayed: u64,
+    /// Reads or notifications that failed.
+    errors: u64,
 }
 
 /// State shared by the control side and the relay thread.
@@ -326,18 +332,26 @@ impl Relay {
     }
 
     fn relay_call(&self, queue: usize) {
-        let calls = lock(&self.shared.calls);
-        let Some(Some(call)) = calls.get(queue) else {
+        let mut calls = lock(&self.shared.calls);
+        let Some(Some(call)) = calls.get_mut(queue) else {
             return;
         };
         match call.backend_call.read() {
             Ok(_) => {
-                if let Err(e) = call.notifier.notify() {
-                    warn!("queue {queue}: cannot raise the interrupt: {e}");
+                call.received += 1;
+                match call.notifier.notify() {
+                    Ok(()) => call.relayed += 1,
+                    Err(e) => {
+                        call.errors += 1;
+                        warn!("queue {queue}: cannot raise the interrupt: {e}");
+                    }
                 }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(e) => warn!("queue {queue}: cannot read the call eventfd: {e}"),
+            Err(e) => {
+                call.errors += 1;
+                warn!("queue {queue}: cannot read the call eventfd: {e}");
+            }
         }
     }
 
@@ -808,6 +822,9 @@ impl VhostUserFrontendDevice {
         calls[index] = Some(RelayedCall {
             backend_call,
             notifier,
+            received: 0,
+            relayed: 0,
+            errors: 0,
         });
         Ok(())
     }
@@ -892,6 +909,25 @@ impl ActiveState {
 impl DeviceControl for VhostUserFrontendDevice {
     fn device_type(&self) -> u32 {
         self.device_type
+    }
+
+    fn diagnostics(&self) -> Option<String> {
+        let connected = self.shared.connected.load(Ordering::SeqCst);
+        let relay = match self.shared.calls.try_lock() {
+            Ok(calls) => calls
+                .iter()
+                .enumerate()
+                .filter_map(|(q, c)| c.as_ref().map(|c| (q, c)))
+                .map(|(q, c)| {
+                    format!(
+                        " q{q}: calls={} relayed={} errors={}",
+                        c.received, c.relayed, c.errors
+                    )
+                })
+                .collect::<String>(),
+            Err(_) => " relay busy (its lock is held)".to_string(),
+        };
+        Some(format!("vhost-user connected={connected}{relay}"))
     }
 
     fn num_queues(&self) -> usize {

@@ -24,6 +24,7 @@ pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod devices;
+pub mod diagnostics;
 pub mod memory;
 pub mod serial;
 pub mod snapshot;
@@ -564,6 +565,15 @@ impl Vmm {
             serial: self.serial.clone(),
             save: self.snapshot_to.clone().zip(signals),
         };
+        diagnostics::report_on_signal(
+            (self.devices.iter())
+                .map(|d| diagnostics::Reported {
+                    description: d.description.clone(),
+                    base: d.window.base,
+                    transport: d.transport.clone(),
+                })
+                .collect(),
+        );
         std::thread::Builder::new()
             .name("vmm-control".into())
             .spawn(move || control.run())

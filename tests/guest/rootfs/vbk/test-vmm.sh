@@ -58,6 +58,10 @@ rm -f "$work/vmm-done"
 ( sleep "${VMM_WATCHDOG_S:-240}"
   [ -e "$work/vmm-done" ] && exit 0
   echo "vbk-vmm: WATCHDOG: vmm-example still running after ${VMM_WATCHDOG_S:-240}s"
+  # The VMM logs a stall report (VBK-STALL-REPORT lines, per device and
+  # queue) on SIGUSR2; give it a moment before it is ended.
+  kill -USR2 $(pidof vmm-example) 2>/dev/null; sleep 3
+  echo "vbk-vmm: WATCHDOG: last L2 console lines:"; tail -n 15 "$work/l2.log" | sed 's/^/watchdog l2: /'
   for f in "$work"/dev*.log; do [ -s "$f" ] && sed "s|^|watchdog ${f##*/}: |" "$f" | tail -n 20; done
   kill $(pidof vmm-example) 2>/dev/null ) &
 watchdog=$!
