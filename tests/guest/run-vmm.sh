@@ -18,7 +18,10 @@
 # (256, MiB), VBK_DISK_MIB (64), VBK_TEST (blk,rng), VBK_APPEND,
 # VBK_TIMEOUT (400 s), VBK_L1_VCPUS (1: with 2, TCG's nested SVM itself
 # loses L2 guests now and then, see tests/guest/README.md), VBK_WATCHDOG
-# (240 s: the L1 watchdog asks the VMM for a stall report), VBK_LOG (keep the console here), VBK_SCENARIO (boot,
+# (240 s: the L1 watchdog asks the VMM for a stall report), VBK_QSD_QUEUES
+# (2: queues of a qsd-blk disk), VBK_L2_VMM (vmm: our vmm-example; qemu:
+# QEMU runs the same L2 guest with the same disks on virtio-pci, the
+# environment's baseline for stall rates), VBK_LOG (keep the console here), VBK_SCENARIO (boot,
 # or snapshot: save and resume the VM twice while its disk changes homes,
 # see rootfs/vbk/test-vmm-snapshot.sh; DEVICEs are then ignored).
 set -euo pipefail
@@ -56,6 +59,8 @@ VMM_L2_TEST=${VBK_TEST:-blk,rng}
 VMM_L2_APPEND="${VBK_APPEND:-}"
 VMM_SCENARIO=${VBK_SCENARIO:-boot}
 VMM_WATCHDOG_S=${VBK_WATCHDOG:-240}
+VMM_QSD_QUEUES=${VBK_QSD_QUEUES:-2}
+VMM_L2_VMM=${VBK_L2_VMM:-vmm}
 PLAN
 echo "run-vmm: mode=$mode devices='$devices'" >&2
 
@@ -73,6 +78,16 @@ else
         q=$(command -v qemu-storage-daemon) || die "qemu-storage-daemon missing (qsd-blk)"
         progs+=("$q") ;;
     esac
+    if [ "${VBK_L2_VMM:-vmm}" = qemu ]; then
+        # QEMU as the L2 VMM: the binary, its libraries and the firmware
+        # a q35 machine with -kernel needs.
+        progs+=("$(command -v qemu-system-x86_64)")
+        mkdir -p "$stage/vmm/qemu-share"
+        for f in /usr/share/seabios/bios-256k.bin /usr/share/qemu/kvmvapic.bin \
+                 /usr/share/qemu/linuxboot_dma.bin /usr/share/qemu/linuxboot.bin; do
+            cp -L "$f" "$stage/vmm/qemu-share/"
+        done
+    fi
     for p in "${progs[@]}"; do
         cp "$p" "$stage/vmm/bin/"
         # The shared libraries and the ELF loader, at their host paths.
