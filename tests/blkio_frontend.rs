@@ -145,8 +145,8 @@ fn blkio_null_target_random_reads() {
 }
 
 #[test]
-fn keep_serving_accepts_a_second_frontend() {
-    let mut s = start(&["--keep-serving"], true);
+fn serves_frontend_after_frontend_by_default() {
+    let mut s = start(&[], true);
     for round in 0..3u8 {
         let mut c = connect(&s.sock, 1);
         c.verified_io(0, 1 << 20, 64 << 10, round)
@@ -154,7 +154,7 @@ fn keep_serving_accepts_a_second_frontend() {
     }
     assert!(
         s.daemon.child.try_wait().unwrap().is_none(),
-        "daemon exited although --keep-serving"
+        "daemon exited after a frontend left"
     );
     s.daemon.stop(Duration::from_millis(100));
 }

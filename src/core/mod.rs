@@ -100,7 +100,9 @@ pub struct DeviceCore<B: DeviceBackend> {
 }
 
 impl<B: DeviceBackend> DeviceCore<B> {
-    /// Create the core and spawn the device's worker threads.
+    /// Create the core. Each queue group's worker thread is spawned when
+    /// the group's first queue starts, so queues a driver never enables
+    /// cost no thread.
     pub fn new(backend: Arc<B>) -> Result<Self> {
         let groups = backend.queue_groups().len().max(1);
         let workers = (0..groups)
@@ -163,6 +165,12 @@ impl<B: DeviceBackend> DeviceCore<B> {
     /// The device.
     pub fn backend(&self) -> &Arc<B> {
         &self.backend
+    }
+
+    /// Worker threads running now (a queue group gets its thread when its
+    /// first queue starts; workers on an event loop have none).
+    pub fn worker_threads(&self) -> usize {
+        self.workers.iter().filter(|w| w.has_thread()).count()
     }
 
     /// Number of queues.
@@ -531,7 +539,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
                 log::info!("queue {q}: resubmitting {resubmitted} in-flight request(s)");
             }
         }
-        let worker = &self.workers[self.worker_of_queue[q as usize]];
+        let worker = &mut self.workers[self.worker_of_queue[q as usize]];
         if !worker.send(WorkerCommand::Start { vring, kick }) {
             return Err(CoreError::WorkerGone(q));
         }
@@ -546,7 +554,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
             return Ok(());
         }
         slot.running = false;
-        let worker = &self.workers[self.worker_of_queue[q as usize]];
+        let worker = &mut self.workers[self.worker_of_queue[q as usize]];
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         if !worker.send(WorkerCommand::Stop {
             index: q,

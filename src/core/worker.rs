@@ -80,12 +80,17 @@ pub(crate) enum Flow {
     Exit,
 }
 
+/// Starts a worker thread the first time it is needed.
+type PendingSpawn = Box<dyn FnOnce() -> std::io::Result<JoinHandle<()>> + Send>;
+
 /// The control core's handle to one data-plane loop.
 pub(crate) struct WorkerHandle {
     commands: Sender<WorkerCommand>,
     wake: EventFd,
     exit: EventFd,
     thread: Option<JoinHandle<()>>,
+    /// A threaded worker not spawned yet: idle queues cost no thread.
+    pending: Option<PendingSpawn>,
 }
 
 impl WorkerHandle {
@@ -113,25 +118,42 @@ impl WorkerHandle {
             wake,
             exit,
             thread: None,
+            pending: None,
         };
         Ok((handle, worker))
     }
 
-    /// Spawn worker `id` for `backend` on a thread of its own.
+    /// Worker `id` for `backend` on a thread of its own, spawned when the
+    /// first command (a queue start) arrives.
     pub(crate) fn spawn<B: DeviceBackend>(id: usize, backend: Arc<B>) -> Result<Self, WorkerError> {
         let (mut handle, worker) = Self::new_loop(id, backend)?;
         let mut epoll = Epoll::new().map_err(WorkerError::Setup)?;
         worker.register(&mut epoll).map_err(WorkerError::Setup)?;
-        let thread = std::thread::Builder::new()
-            .name(format!("vbk-worker-{id}"))
-            .spawn(move || worker.run(epoll))
-            .map_err(WorkerError::Spawn)?;
-        handle.thread = Some(thread);
+        handle.pending = Some(Box::new(move || {
+            std::thread::Builder::new()
+                .name(format!("vbk-worker-{id}"))
+                .spawn(move || worker.run(epoll))
+        }));
         Ok(handle)
     }
 
+    /// Whether the worker's thread runs (false before its first queue and
+    /// for workers on an event loop).
+    pub(crate) fn has_thread(&self) -> bool {
+        self.thread.is_some()
+    }
+
     /// Send a command and wake the worker. Returns false if the worker is gone.
-    pub(crate) fn send(&self, cmd: WorkerCommand) -> bool {
+    pub(crate) fn send(&mut self, cmd: WorkerCommand) -> bool {
+        if let Some(spawn) = self.pending.take() {
+            match spawn() {
+                Ok(thread) => self.thread = Some(thread),
+                Err(e) => {
+                    error!("cannot spawn a worker thread: {e}");
+                    return false;
+                }
+            }
+        }
         if self.commands.send(cmd).is_err() {
             return false;
         }
@@ -142,8 +164,8 @@ impl WorkerHandle {
     pub(crate) fn is_alive(&self) -> bool {
         match &self.thread {
             Some(t) => !t.is_finished(),
-            // On an event loop: alive as long as it holds the receiver,
-            // which `send` detects.
+            // Not spawned yet, or on an event loop: alive as long as it
+            // holds the receiver, which `send` detects.
             None => true,
         }
     }

@@ -1,8 +1,10 @@
 //! The out-of-process home: a vhost-user backend daemon on a unix socket.
 
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{info, warn};
@@ -27,6 +29,20 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// A live daemon already listens on the socket path.
+    #[error("{} is served by another live daemon", .0.display())]
+    InUse(PathBuf),
+    /// The socket path exists and is not a socket.
+    #[error("{} exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    /// An inherited fd (`--fd`, socket activation) is not a listening unix socket.
+    #[error("fd {fd} cannot be served: {why}")]
+    BadFd {
+        /// The fd.
+        fd: i32,
+        /// What is wrong with it.
+        why: String,
+    },
     /// accept() failed.
     #[error("cannot accept a connection")]
     Accept(#[source] std::io::Error),
@@ -38,6 +54,10 @@ pub enum DaemonError {
         /// What is wrong with it.
         reason: String,
     },
+    /// In `--once` mode: the one session ended on an error (a protocol
+    /// violation, a broken connection) rather than a clean hang-up.
+    #[error("the session ended on an error")]
+    Session(#[source] ConnectionError),
     /// connect() failed.
     #[error("cannot connect to {path}")]
     Connect {
@@ -71,6 +91,49 @@ pub enum ServeMode {
 pub struct VhostUserDaemon<B: DeviceBackend> {
     core: DeviceCore<B>,
     state_file: Option<PathBuf>,
+    stop: DaemonStopper,
+}
+
+/// Ends a running daemon from another thread (for example on SIGTERM):
+/// the daemon stops accepting, its session ends as if the frontend had
+/// hung up (the rings are stopped, so requests being processed finish),
+/// and [`VhostUserDaemon::run`] returns `Ok`.
+#[derive(Clone, Debug, Default)]
+pub struct DaemonStopper {
+    inner: Arc<StopState>,
+}
+
+#[derive(Debug, Default)]
+struct StopState {
+    stopping: AtomicBool,
+    /// A duplicate of the listening socket, shut down to end `accept`.
+    listener: Mutex<Option<OwnedFd>>,
+    /// The connected frontend, shut down to end the session.
+    stream: Mutex<Option<UnixStream>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl DaemonStopper {
+    /// Stop the daemon. Safe to call from any thread, more than once.
+    pub fn stop(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        if let Some(l) = lock(&self.inner.listener).as_ref() {
+            // SAFETY: shutdown(2) on an fd we own; it wakes a blocked
+            // accept(), which then fails with EINVAL.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        if let Some(s) = lock(&self.inner.stream).as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Whether [`DaemonStopper::stop`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.inner.stopping.load(Ordering::SeqCst)
+    }
 }
 
 impl<B: DeviceBackend> VhostUserDaemon<B> {
@@ -79,6 +142,7 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
         Ok(VhostUserDaemon {
             core: DeviceCore::new(backend)?,
             state_file: None,
+            stop: DaemonStopper::default(),
         })
     }
 
@@ -117,12 +181,23 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
         &self.core
     }
 
+    /// A handle that stops this daemon from another thread.
+    pub fn stopper(&self) -> DaemonStopper {
+        self.stop.clone()
+    }
+
     /// Serve one connected frontend until it disconnects.
     pub fn serve_stream(&mut self, stream: UnixStream) -> ConnectionError {
+        *lock(&self.stop.inner.stream) = stream.try_clone().ok();
+        if self.stop.is_stopping() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
         let end = Session::new(&mut self.core, stream)
             .with_state_file(self.state_file.clone())
             .run();
+        *lock(&self.stop.inner.stream) = None;
         match &end {
+            _ if self.stop.is_stopping() => info!("session ended: the daemon is stopping"),
             ConnectionError::Closed => info!("frontend disconnected"),
             e => warn!("session ended: {e}"),
         }
@@ -135,12 +210,34 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
         listener: &UnixListener,
         mode: ServeMode,
     ) -> Result<(), DaemonError> {
+        if let Ok(dup) = listener.as_fd().try_clone_to_owned() {
+            *lock(&self.stop.inner.listener) = Some(dup);
+        }
+        let result = self.accept_loop(listener, mode);
+        *lock(&self.stop.inner.listener) = None;
+        result
+    }
+
+    fn accept_loop(&mut self, listener: &UnixListener, mode: ServeMode) -> Result<(), DaemonError> {
         loop {
-            let (stream, _) = listener.accept().map_err(DaemonError::Accept)?;
-            info!("frontend connected");
-            self.serve_stream(stream);
-            if mode == ServeMode::Once {
+            if self.stop.is_stopping() {
                 return Ok(());
+            }
+            let stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(_) if self.stop.is_stopping() => return Ok(()),
+                Err(e) => return Err(DaemonError::Accept(e)),
+            };
+            info!("frontend connected");
+            let end = self.serve_stream(stream);
+            if self.stop.is_stopping() {
+                return Ok(());
+            }
+            if mode == ServeMode::Once {
+                return match end {
+                    ConnectionError::Closed => Ok(()),
+                    e => Err(DaemonError::Session(e)),
+                };
             }
         }
     }
@@ -156,28 +253,22 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
             Endpoint::Connect(path) => loop {
                 let stream = connect_retrying(path, mode)?;
                 info!("connected to {}", path.display());
-                self.serve_stream(stream);
-                if mode == ServeMode::Once {
+                let end = self.serve_stream(stream);
+                if self.stop.is_stopping() {
                     return Ok(());
+                }
+                if mode == ServeMode::Once {
+                    return match end {
+                        ConnectionError::Closed => Ok(()),
+                        e => Err(DaemonError::Session(e)),
+                    };
                 }
             },
         }
     }
 }
 
-/// Bind a listening socket at `path`, replacing a stale socket file.
-pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if meta.file_type().is_socket() {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-    UnixListener::bind(path).map_err(|source| DaemonError::Bind {
-        path: path.to_owned(),
-        source,
-    })
-}
+pub use super::listener::bind;
 
 fn connect_retrying(path: &Path, mode: ServeMode) -> Result<UnixStream, DaemonError> {
     let mut delay = Duration::from_millis(10);

@@ -9,6 +9,7 @@ pub mod backend_channel;
 pub mod connection;
 pub mod daemon;
 pub mod frontend_adapter;
+pub mod listener;
 pub mod memory_table;
 #[cfg(feature = "postcopy")]
 pub mod postcopy;
@@ -16,6 +17,6 @@ pub mod session;
 #[cfg(feature = "postcopy")]
 pub mod userfaultfd;
 
-pub use daemon::{DaemonError, Endpoint, ServeMode, VhostUserDaemon};
+pub use daemon::{DaemonError, DaemonStopper, Endpoint, ServeMode, VhostUserDaemon};
 pub use frontend_adapter::{FrontendError, FrontendOptions, VhostUserFrontendDevice};
 pub use session::{kit_protocol_features, RequestError, Session};

@@ -1,10 +1,17 @@
 //! `vhost-user-blk`: the reference virtio-blk device served over vhost-user.
 //!
 //! ```text
-//! vhost-user-blk --socket /tmp/blk.sock --image disk.raw [--queues 2] [--read-only]
-//! vhost-user-blk --socket /tmp/blk.sock --null --size 1073741824
-//! vhost-user-blk --socket /tmp/blk.sock --image disk.raw --latency-us 20000   # test knob: slow disk
+//! vhost-user-blk --socket-path /tmp/blk.sock --blk-file disk.raw [--read-only]
+//! vhost-user-blk --socket-path /tmp/blk.sock --null --size 1073741824
+//! vhost-user-blk --fd 3 --blk-file disk.raw          # an inherited listening socket
+//! vhost-user-blk --print-capabilities
 //! ```
+//!
+//! The defaults fit QEMU's: as many queues as a frontend asks for by
+//! default (the host's CPU count, at least 8; a queue the driver never
+//! enables costs no thread), queues of 1024, serving the next frontend
+//! after a disconnect. See `daemon_cli` for the options every daemon has,
+//! the signals and the exit status.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,23 +19,43 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Parser};
 use log::info;
-use vmm_example::daemon_cli::{exit_code, serve, ServeOptions};
+use vmm_example::daemon_cli::{exit_code, init_logging, serve, DaemonArgs, DaemonKind};
 use vmm_example::devices::{BlkConfig, BlkDevice, Target};
 
-/// Serve a virtio-blk device to a vhost-user frontend (QEMU, Cloud
-/// Hypervisor, crosvm, libblkio, ...).
+const KIND: DaemonKind = DaemonKind {
+    name: "vhost-user-blk",
+    backend_type: "block",
+    features: &["read-only", "blk-file"],
+    description: "virtio-blk backend of virtio-backend-kit (raw images and block devices)",
+};
+
+/// Fewest queues offered by default: what common frontends ask for.
+const MIN_DEFAULT_QUEUES: usize = 8;
+
+fn default_queues() -> u16 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cpus.max(MIN_DEFAULT_QUEUES).min(64) as u16
+}
+
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{s}': expected on or off")),
+    }
+}
+
+/// vhost-user-blk: serve a virtio-blk device (a raw image, a block device
+/// or a null disk) to a vhost-user frontend such as QEMU, Cloud
+/// Hypervisor, crosvm or libblkio.
 #[derive(Debug, Parser)]
-#[command(version, about)]
-#[command(group(ArgGroup::new("target").required(true).args(["image", "null"])))]
+#[command(name = "vhost-user-blk", version)]
+#[command(group(ArgGroup::new("target").args(["image", "null"])))]
 struct Args {
-    /// Unix socket path: listened on, or connected to with --client.
-    #[arg(long)]
-    socket: PathBuf,
-    /// Connect to a frontend listening on --socket instead of listening.
-    #[arg(long)]
-    client: bool,
-    /// Raw disk image to serve.
-    #[arg(long)]
+    #[command(flatten)]
+    daemon: DaemonArgs,
+    /// Raw disk image or block device to serve.
+    #[arg(long = "blk-file", visible_alias = "image", value_name = "PATH")]
     image: Option<PathBuf>,
     /// Serve a null device that completes requests without touching data.
     #[arg(long, requires = "size")]
@@ -36,51 +63,63 @@ struct Args {
     /// Size in bytes of the --null device.
     #[arg(long)]
     size: Option<u64>,
-    /// Number of virtqueues.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    queues: u16,
-    /// Queue size offered to the driver (power of two).
-    #[arg(long, default_value_t = 256)]
+    /// Number of virtqueues offered [default: the CPU count, at least 8].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: Option<u16>,
+    /// Queue size offered to the driver (a power of two).
+    #[arg(long, default_value_t = 1024)]
     queue_size: u16,
     /// Refuse writes.
     #[arg(long)]
     read_only: bool,
-    /// After a frontend disconnects, serve the next one instead of exiting.
+    /// Logical block size offered to the driver (512 to 65536, a power of two).
+    #[arg(long, default_value_t = 512)]
+    logical_block_size: u32,
+    /// Serial number the driver reads (GET_ID, at most 20 bytes)
+    /// [default: derived from the image].
     #[arg(long)]
-    keep_serving: bool,
-    /// Keep the device state in this file: restored at start if it exists,
-    /// rewritten as it settles, so a restarted daemon gets it back.
+    serial: Option<String>,
+    /// Offer DISCARD.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off)]
+    discard: bool,
+    /// Offer WRITE_ZEROES.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off)]
+    write_zeroes: bool,
+    /// Do not lock the image (by default it is locked: shared when
+    /// read-only, exclusive when read-write).
     #[arg(long)]
-    state_file: Option<PathBuf>,
+    no_lock: bool,
     /// Testing knob (fault injection), simulating a slow disk: hold every
-    /// request this many microseconds after it is taken from the ring (so
-    /// it is marked in flight) before completing it, half before and half
-    /// after performing it. Lets crash-restart tests kill the daemon with
-    /// requests in flight. 0 (the default) disables it.
-    #[arg(long, value_name = "N", default_value_t = 0,
+    /// request this many microseconds after it is taken from the ring.
+    #[arg(long, hide = true, value_name = "N", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     latency_us: u32,
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let target = match (&args.image, args.null, args.size) {
-        (Some(path), _, _) => Target::open_image(path, args.read_only)?,
+        (Some(path), _, _) => Target::open_image_locked(path, args.read_only, !args.no_lock)?,
         (None, true, Some(size)) => Target::null(size),
-        _ => return Err("give --image FILE or --null --size BYTES".into()),
+        _ => return Err("give --blk-file PATH or --null --size BYTES".into()),
     };
+    let queues = args.queues.unwrap_or_else(default_queues);
     let cfg = BlkConfig {
-        queues: args.queues,
+        queues,
         queue_size: args.queue_size,
         read_only: args.read_only,
+        blk_size: args.logical_block_size,
+        serial: args.serial.clone(),
+        discard: args.discard,
+        write_zeroes: args.write_zeroes,
         injected_latency: (args.latency_us > 0)
             .then(|| Duration::from_micros(u64::from(args.latency_us))),
         ..BlkConfig::default()
     };
     let device = BlkDevice::new(target, cfg)?;
     info!(
-        "virtio-blk: {} sectors, {} queue(s), {}",
+        "virtio-blk: {} sectors, {queues} queue(s) of {}, {}",
         device.capacity_sectors(),
-        args.queues,
+        args.queue_size,
         if device.is_read_only() {
             "read-only"
         } else {
@@ -90,18 +129,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(d) = device.config().injected_latency {
         info!("virtio-blk: test knob on: every request is held {d:?} (--latency-us)");
     }
-    serve(
-        device,
-        &ServeOptions {
-            socket: args.socket,
-            client: args.client,
-            keep_serving: args.keep_serving,
-            state_file: args.state_file,
-        },
-    )
+    serve(device, &args.daemon)
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    exit_code(run(Args::parse()))
+    let args = Args::parse();
+    if let Some(code) = args.daemon.early_exit(&KIND) {
+        return code;
+    }
+    init_logging();
+    exit_code(run(args))
 }

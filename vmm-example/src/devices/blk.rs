@@ -141,6 +141,15 @@ pub enum BlkError {
         #[source]
         source: io::Error,
     },
+    /// Another process holds a conflicting lock on the image.
+    #[error("image {path} is in use by another process (locked); --no-lock overrides")]
+    Locked {
+        /// The image path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// The target is smaller than one sector.
     #[error("the target is smaller than one {SECTOR_SIZE}-byte sector")]
     TooSmall,
@@ -206,6 +215,26 @@ impl Target {
             path,
             read_only,
         }))
+    }
+
+    /// Open a raw image as a daemon does: [`Target::open_image`], then,
+    /// with `lock`, an OFD lock over the whole file (shared when read-only,
+    /// exclusive when read-write, as QEMU locks its images), so that two
+    /// writers, or a writer and a reader, never share an image. The lock
+    /// lives as long as the target.
+    pub fn open_image_locked(
+        path: impl AsRef<Path>,
+        read_only: bool,
+        lock: bool,
+    ) -> Result<Self, BlkError> {
+        let target = Self::open_image(path, read_only)?;
+        if let (true, Target::Image(img)) = (lock, &target) {
+            super::image_lock::lock(&img.file, read_only).map_err(|source| BlkError::Locked {
+                path: img.path.clone(),
+                source,
+            })?;
+        }
+        Ok(target)
     }
 
     /// A null target of `size` bytes.
@@ -276,8 +305,10 @@ pub struct BlkConfig {
     /// Logical block size advertised to the driver (a power of two from 512
     /// to 65536). Capacity is still counted in 512-byte sectors.
     pub blk_size: u32,
-    /// Offer `DISCARD` and `WRITE_ZEROES`.
+    /// Offer `DISCARD`.
     pub discard: bool,
+    /// Offer `WRITE_ZEROES`.
+    pub write_zeroes: bool,
     /// Maximum sectors in one discard segment.
     pub max_discard_sectors: u32,
     /// Maximum discard segments in one request.
@@ -311,6 +342,7 @@ impl Default for BlkConfig {
             size_max: 1 << 20,
             blk_size: 512,
             discard: true,
+            write_zeroes: true,
             max_discard_sectors: 1 << 22,
             max_discard_seg: 32,
             max_write_zeroes_sectors: 1 << 22,
@@ -343,11 +375,9 @@ impl BlkConfig {
                 "blk_size must be a power of two from 512 to 65536",
             ));
         }
-        if self.discard
-            && (self.max_discard_sectors == 0
-                || self.max_discard_seg == 0
-                || self.max_write_zeroes_sectors == 0
-                || self.max_write_zeroes_seg == 0)
+        if (self.discard && (self.max_discard_sectors == 0 || self.max_discard_seg == 0))
+            || (self.write_zeroes
+                && (self.max_write_zeroes_sectors == 0 || self.max_write_zeroes_seg == 0))
         {
             return Err(BlkError::InvalidConfig(
                 "discard and write-zeroes limits must be non-zero",
@@ -687,7 +717,10 @@ impl BlkDevice {
             features |= 1 << VIRTIO_BLK_F_MQ;
         }
         if cfg.discard {
-            features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
+            features |= 1 << VIRTIO_BLK_F_DISCARD;
+        }
+        if cfg.write_zeroes {
+            features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
         if read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
@@ -717,6 +750,8 @@ impl BlkDevice {
             );
             put(CFG_MAX_DISCARD_SEG, &cfg.max_discard_seg.to_le_bytes());
             put(CFG_DISCARD_SECTOR_ALIGNMENT, &align.to_le_bytes());
+        }
+        if cfg.write_zeroes {
             put(
                 CFG_MAX_WRITE_ZEROES_SECTORS,
                 &cfg.max_write_zeroes_sectors.to_le_bytes(),
@@ -944,7 +979,7 @@ impl BlkDevice {
             VIRTIO_BLK_T_DISCARD if self.cfg.discard => {
                 (self.discard_or_zero(mem, span, &info, false), 0)
             }
-            VIRTIO_BLK_T_WRITE_ZEROES if self.cfg.discard => {
+            VIRTIO_BLK_T_WRITE_ZEROES if self.cfg.write_zeroes => {
                 (self.discard_or_zero(mem, span, &info, true), 0)
             }
             _ => (Status::Unsupp, 0),

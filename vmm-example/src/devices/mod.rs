@@ -6,6 +6,7 @@
 //!   `getrandom`, see [`RngDevice`].
 
 pub mod blk;
+mod image_lock;
 pub mod rng;
 
 pub use blk::{BlkConfig, BlkDevice, BlkError, Target};
