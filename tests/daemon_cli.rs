@@ -408,3 +408,32 @@ fn an_inherited_socket_and_socket_activation_are_served() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("fd 0 cannot be served"));
 }
+
+#[test]
+fn direct_opens_the_image_with_o_direct() {
+    let dir = Dir::new();
+    let (sock, image) = (dir.path("blk.sock"), dir.image("disk.raw"));
+    let mut d = started(&dir, &sock, &image, &["--direct"]);
+    let mut c = connect(&sock, 1);
+    c.verified_io(0, 1 << 20, 64 << 10, 5).unwrap();
+    drop(c);
+    let pid = d.child.id();
+    let image = image.canonicalize().unwrap();
+    let direct = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| std::fs::read_link(e.path()).ok().as_deref() == Some(image.as_path()))
+        .any(|e| {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                e.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            info.lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                .is_some_and(|f| f & libc::O_DIRECT as u32 != 0)
+        });
+    assert!(direct, "no O_DIRECT descriptor of the image");
+    d.stop(Duration::from_millis(10));
+}

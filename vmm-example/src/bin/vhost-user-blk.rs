@@ -20,7 +20,7 @@ use std::time::Duration;
 use clap::{ArgGroup, Parser};
 use log::info;
 use vmm_example::daemon_cli::{exit_code, init_logging, serve, DaemonArgs, DaemonKind};
-use vmm_example::devices::{BlkConfig, BlkDevice, Target};
+use vmm_example::devices::{BlkConfig, BlkDevice, ImageOptions, Target};
 
 const KIND: DaemonKind = DaemonKind {
     name: "vhost-user-blk",
@@ -85,6 +85,9 @@ struct Args {
     /// Offer WRITE_ZEROES.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off)]
     write_zeroes: bool,
+    /// Bypass the host page cache (O_DIRECT) for aligned requests.
+    #[arg(long)]
+    direct: bool,
     /// Do not lock the image (by default it is locked: shared when
     /// read-only, exclusive when read-write).
     #[arg(long)]
@@ -98,7 +101,14 @@ struct Args {
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let target = match (&args.image, args.null, args.size) {
-        (Some(path), _, _) => Target::open_image_locked(path, args.read_only, !args.no_lock)?,
+        (Some(path), _, _) => Target::open_image_with(
+            path,
+            ImageOptions {
+                read_only: args.read_only,
+                lock: !args.no_lock,
+                direct: args.direct,
+            },
+        )?,
         (None, true, Some(size)) => Target::null(size),
         _ => return Err("give --blk-file PATH or --null --size BYTES".into()),
     };

@@ -162,6 +162,9 @@ pub enum BlkError {
 #[derive(Debug)]
 pub struct ImageFile {
     file: File,
+    /// The same image opened with `O_DIRECT` (`--direct`): aligned
+    /// requests bypass the host page cache through it.
+    direct: Option<File>,
     path: PathBuf,
     read_only: bool,
 }
@@ -176,6 +179,23 @@ impl ImageFile {
     pub fn file(&self) -> &File {
         &self.file
     }
+}
+
+/// How a daemon opens its image ([`Target::open_image_with`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ImageOptions {
+    /// Open it read-only.
+    pub read_only: bool,
+    /// Take an OFD lock over the whole file: shared when read-only,
+    /// exclusive when read-write (as QEMU locks its images), so that two
+    /// writers, or a writer and a reader, never share an image. The lock
+    /// lives as long as the target.
+    pub lock: bool,
+    /// Also open it with `O_DIRECT`: requests whose buffers, lengths and
+    /// offsets are 512-byte aligned (what a guest's page cache and its own
+    /// O_DIRECT produce) bypass the host page cache; others, and any the
+    /// kernel refuses with EINVAL, go through the page cache.
+    pub direct: bool,
 }
 
 /// What the device stores its data in.
@@ -212,27 +232,38 @@ impl Target {
             })?;
         Ok(Target::Image(ImageFile {
             file,
+            direct: None,
             path,
             read_only,
         }))
     }
 
-    /// Open a raw image as a daemon does: [`Target::open_image`], then,
-    /// with `lock`, an OFD lock over the whole file (shared when read-only,
-    /// exclusive when read-write, as QEMU locks its images), so that two
-    /// writers, or a writer and a reader, never share an image. The lock
-    /// lives as long as the target.
-    pub fn open_image_locked(
-        path: impl AsRef<Path>,
-        read_only: bool,
-        lock: bool,
-    ) -> Result<Self, BlkError> {
-        let target = Self::open_image(path, read_only)?;
-        if let (true, Target::Image(img)) = (lock, &target) {
-            super::image_lock::lock(&img.file, read_only).map_err(|source| BlkError::Locked {
-                path: img.path.clone(),
-                source,
-            })?;
+    /// Open a raw image as a daemon does: [`Target::open_image`], then
+    /// what `opts` asks for (see [`ImageOptions`]).
+    pub fn open_image_with(path: impl AsRef<Path>, opts: ImageOptions) -> Result<Self, BlkError> {
+        let mut target = Self::open_image(path, opts.read_only)?;
+        if let Target::Image(img) = &mut target {
+            if opts.lock {
+                super::image_lock::lock(&img.file, opts.read_only).map_err(|source| {
+                    BlkError::Locked {
+                        path: img.path.clone(),
+                        source,
+                    }
+                })?;
+            }
+            if opts.direct {
+                use std::os::unix::fs::OpenOptionsExt;
+                let direct = OpenOptions::new()
+                    .read(true)
+                    .write(!opts.read_only)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&img.path)
+                    .map_err(|source| BlkError::Open {
+                        path: img.path.clone(),
+                        source,
+                    })?;
+                img.direct = Some(direct);
+            }
         }
         Ok(target)
     }
@@ -543,13 +574,33 @@ impl<'a> DataSpan<'a> {
 /// memory.
 struct FileAt<'a> {
     file: &'a File,
+    /// The `O_DIRECT` descriptor of the same image, if any.
+    direct: Option<&'a File>,
     offset: u64,
 }
+
+/// The alignment `O_DIRECT` requests need here (buffer, length, offset).
+const DIRECT_ALIGN: usize = 512;
 
 impl FileAt<'_> {
     fn off(&self) -> Result<libc::off_t, VolatileMemoryError> {
         libc::off_t::try_from(self.offset)
             .map_err(|_| VolatileMemoryError::IOError(io::Error::from_raw_os_error(libc::EINVAL)))
+    }
+
+    /// The descriptor for a transfer of `len` bytes at `addr`: the direct
+    /// one when everything is aligned for it.
+    fn fd_for(&self, addr: *const u8, len: usize) -> (libc::c_int, bool) {
+        match self.direct {
+            Some(d)
+                if (addr as usize) % DIRECT_ALIGN == 0
+                    && len % DIRECT_ALIGN == 0
+                    && self.offset % DIRECT_ALIGN as u64 == 0 =>
+            {
+                (d.as_raw_fd(), true)
+            }
+            _ => (self.file.as_raw_fd(), false),
+        }
     }
 }
 
@@ -564,21 +615,20 @@ impl ReadVolatile for FileAt<'_> {
         let mut done = 0usize;
         while done < len {
             let off = self.off()?;
+            let (fd, direct) = self.fd_for(base.wrapping_add(done).cast_const(), len - done);
             // SAFETY: `base` points to `len` bytes of guest memory that stay
             // mapped while `guard` lives (VolatileSlice invariant), so the
             // kernel may write `len - done` bytes at `base + done`; the fd is
-            // open for as long as `self.file` is borrowed.
-            let n = unsafe {
-                libc::pread(
-                    self.file.as_raw_fd(),
-                    base.add(done).cast(),
-                    len - done,
-                    off,
-                )
-            };
+            // open for as long as `self.file` (and `self.direct`) is borrowed.
+            let n = unsafe { libc::pread(fd, base.add(done).cast(), len - done, off) };
             if n < 0 {
                 let err = io::Error::last_os_error();
                 if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if direct && err.raw_os_error() == Some(libc::EINVAL) {
+                    // The file system wants a larger alignment.
+                    self.direct = None;
                     continue;
                 }
                 // The kernel may have written part of the range.
@@ -607,20 +657,19 @@ impl WriteVolatile for FileAt<'_> {
         let mut done = 0usize;
         while done < len {
             let off = self.off()?;
+            let (fd, direct) = self.fd_for(base.wrapping_add(done), len - done);
             // SAFETY: `base` points to `len` readable bytes of guest memory
             // that stay mapped while `guard` lives (VolatileSlice invariant);
             // the fd is open for as long as `self.file` is borrowed.
-            let n = unsafe {
-                libc::pwrite(
-                    self.file.as_raw_fd(),
-                    base.add(done).cast(),
-                    len - done,
-                    off,
-                )
-            };
+            let n = unsafe { libc::pwrite(fd, base.add(done).cast(), len - done, off) };
             if n < 0 {
                 let err = io::Error::last_os_error();
                 if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if direct && err.raw_os_error() == Some(libc::EINVAL) {
+                    // The file system wants a larger alignment.
+                    self.direct = None;
                     continue;
                 }
                 return Err(VolatileMemoryError::IOError(err));
@@ -1022,6 +1071,7 @@ impl BlkDevice {
             Target::Image(img) => {
                 let mut src = FileAt {
                     file: &img.file,
+                    direct: img.direct.as_ref(),
                     offset,
                 };
                 let mut done = 0u32;
@@ -1057,6 +1107,7 @@ impl BlkDevice {
             Target::Image(img) => {
                 let mut dst = FileAt {
                     file: &img.file,
+                    direct: img.direct.as_ref(),
                     offset,
                 };
                 for seg in span.segments() {

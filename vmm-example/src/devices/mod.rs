@@ -9,5 +9,5 @@ pub mod blk;
 mod image_lock;
 pub mod rng;
 
-pub use blk::{BlkConfig, BlkDevice, BlkError, Target};
+pub use blk::{BlkConfig, BlkDevice, BlkError, ImageOptions, Target};
 pub use rng::{RngDevice, RngError};

@@ -1093,3 +1093,53 @@ fn an_image_truncated_underneath_gives_io_errors() {
     let status: Vec<u8> = st.iter().map(|s| h.read(*s, 1)[0]).collect();
     assert_eq!(status, [OK, IOERR, IOERR]);
 }
+
+/// With `--direct`, aligned transfers go through the `O_DIRECT` descriptor
+/// and unaligned ones through the page cache; both land in the image.
+#[test]
+fn direct_image_serves_aligned_and_unaligned_transfers() {
+    use virtio_backend_kit::vm_memory::{ReadVolatile, VolatileSlice, WriteVolatile};
+    let img = image();
+    let target = Target::open_image_with(
+        img.path(),
+        ImageOptions {
+            direct: true,
+            ..ImageOptions::default()
+        },
+    )
+    .unwrap();
+    let Target::Image(file) = &target else {
+        unreachable!()
+    };
+    assert!(file.direct.is_some());
+    // An aligned buffer (a page of an anonymous mapping) and an unaligned
+    // one inside it.
+    let mut page = vec![0u8; 5 * 4096];
+    let aligned = page.as_ptr().align_offset(4096);
+    let (data, rest) = page[aligned..].split_at_mut(8192);
+    data.iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i % 251) as u8);
+    for (start, len, offset) in [(0usize, 4096usize, 0u64), (3, 1000, 70_001)] {
+        let buf = &mut data[start..start + len];
+        // SAFETY: `buf` is a live, exclusively borrowed byte slice.
+        let slice = unsafe { VolatileSlice::new(buf.as_mut_ptr(), buf.len()) };
+        let mut at = FileAt {
+            file: &file.file,
+            direct: file.direct.as_ref(),
+            offset,
+        };
+        assert_eq!(at.write_volatile(&slice).unwrap(), len);
+        assert_eq!(file_bytes(&img, offset, len), buf.to_vec());
+        let back = &mut rest[..len];
+        // SAFETY: as above.
+        let mut slice = unsafe { VolatileSlice::new(back.as_mut_ptr(), back.len()) };
+        let mut at = FileAt {
+            file: &file.file,
+            direct: file.direct.as_ref(),
+            offset,
+        };
+        assert_eq!(at.read_volatile(&mut slice).unwrap(), len);
+        assert_eq!(back, &data[start..start + len]);
+    }
+}
