@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Cost of one virtio-blk request round trip through the virtio-mmio
 //! transport, side by side in the three homes the conformance suite covers:
 //! in process on worker threads, in process on an `event-manager` loop, and

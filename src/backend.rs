@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The one trait a device author implements.
 //!
 //! [`DeviceBackend`] describes a virtio device (its queues, features and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! In-flight request tracking in shared memory, so that a backend process
 //! that dies mid-I/O can be restarted without losing a request.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 

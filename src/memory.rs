@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest memory as the kit sees it: an mmap-backed `vm-memory` collection
 //! whose regions carry a [`DirtyLogBitmap`], so that every write the kit (or a
 //! device) makes through `vm-memory` can be recorded in a live-migration dirty

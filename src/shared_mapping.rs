@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A read-write `MAP_SHARED` mapping of a file handed over by a peer (the
 //! dirty log, the in-flight area). The raw `mmap`/`munmap` calls for such
 //! areas live here only.

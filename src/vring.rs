@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Vring access for device code.
 //!
 //! [`Vring`] is one live virtqueue: a `virtio-queue` [`Queue`], the guest
@@ -109,13 +110,13 @@ impl VringState {
         if self.size == 0 || !self.size.is_power_of_two() || self.size > max_size {
             return Err(VringError::InvalidState("queue size"));
         }
-        if self.desc_table % 16 != 0 {
+        if !self.desc_table.is_multiple_of(16) {
             return Err(VringError::InvalidState("descriptor table alignment"));
         }
-        if self.avail_ring % 2 != 0 {
+        if !self.avail_ring.is_multiple_of(2) {
             return Err(VringError::InvalidState("available ring alignment"));
         }
-        if self.used_ring % 4 != 0 {
+        if !self.used_ring.is_multiple_of(4) {
             return Err(VringError::InvalidState("used ring alignment"));
         }
         Ok(())

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A real third-party frontend: the `blkio` crate's `virtio-blk-vhost-user`
 //! driver (libblkio, as used by QEMU's blkio block driver) against our
 //! `vhost-user-blk` daemon running as a separate process.

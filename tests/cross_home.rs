@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Moving a running device between homes without losing a request: the
 //! reference virtio-blk device runs in process behind the virtio-mmio
 //! transport, is snapshotted (through the versioned envelope), restored into

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemons as an operator runs them: `vhost-user-blk` started with its
 //! defaults, driven by libblkio's `virtio-blk-vhost-user` driver, stopped
 //! with signals, started twice on one socket or one image, given its

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The reference virtio-blk device's data path, driven from the driver side:
 //! requests are laid out as descriptor chains in memfd guest memory shared
 //! over a real vhost-user socket, the queue is kicked, and the results are

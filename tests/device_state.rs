@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Device state over vhost-user (`DEVICE_STATE`: SET_DEVICE_STATE_FD and
 //! CHECK_DEVICE_STATE), as a migration carries it: the source backend
 //! writes a versioned snapshot into a pipe, the destination reads it,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The VMM-side vhost-user frontend adapter against real backends served by
 //! the kit's daemon on real sockets: the virtio-blk device from
 //! `vmm-example` and the suite's `TestDevice`.

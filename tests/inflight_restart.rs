@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! In-flight tracking across a backend restart (`INFLIGHT_SHMFD`), driven
 //! over real sockets with memfd memory.
 //!

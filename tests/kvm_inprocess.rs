@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The in-process home on a real KVM VM.
 //!
 //! A VM with 1 MiB of memfd-backed RAM (the same `GuestMemoryLog` the device

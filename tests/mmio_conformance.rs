@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One driver-side conformance suite for the in-process home, run against
 //! the reference virtio-blk device in every set-up:
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Postcopy live migration (`VHOST_USER_PROTOCOL_F_PAGEFAULT`), driven from
 //! the frontend side over a real socket with memfd guest memory.
 //!

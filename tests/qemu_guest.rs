@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End-to-end tests with a real Linux guest: QEMU boots the Debian 6.1 cloud
 //! kernel with the busybox initramfs from `tests/guest/`, whose virtio-blk
 //! disk is served over vhost-user by

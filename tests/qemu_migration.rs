@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Live migration of a guest that is writing, both QEMUs on our backend.
 //!
 //! Source QEMU uses `vhost-user-blk` daemon A on socket SA; the destination
@@ -117,7 +118,7 @@ fn live_migration_of_writing_guest_loses_no_request() {
             .unwrap_or("?")
             .to_string();
         polls += 1;
-        if polls % 10 == 0 {
+        if polls.is_multiple_of(10) {
             println!(
                 "migration {s}: {:.1}s transferred={:?} remaining={:?} dirty-sync-count={:?}",
                 t_mig.elapsed().as_secs_f64(),

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Backend restart with no lost request, with a real QEMU guest.
 //!
 //! QEMU boots the test guest with `vhost-user-blk-pci` on our daemon's

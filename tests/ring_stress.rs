@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Split-ring stress: a driver thread and a device thread race on shared
 //! guest memory, and a missed kick or a missed interrupt is a hang that the
 //! test reports.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The whole test suite, from a fresh machine: installs what the guest tests
 # need, builds the guest image and the release binaries, then runs every
 # test of the workspace. This is the command the README and .ci/run use.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The snapshot format against the golden files in `snapshots/`.
 //!
 //! - every file of every version folder still decodes, and round-trips

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user protocol conformance of the kit's daemon, over a real unix
 //! socket with real memfd guest memory.
 //!

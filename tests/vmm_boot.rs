@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End-to-end tests of `vmm-example`, booting the real Debian 6.1 cloud
 //! kernel with the busybox test initramfs of `tests/guest/`.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Whole-VM snapshots with `vmm-example`, and moving a running guest's disk
 //! between homes through them.
 //!

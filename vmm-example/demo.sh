@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The main job: boot a stock Debian kernel on vmm-example with one virtio-blk
 # disk served in-process (/dev/vda), one served by the vhost-user-blk daemon
 # in another process (/dev/vdb) and a virtio-rng; the guest writes, reads

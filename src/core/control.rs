@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The transport-facing view of a device: what an in-process transport
 //! (virtio-mmio) needs from whatever implements the device, be it a
 //! [`DeviceCore`] in this process or a vhost-user backend in another one.

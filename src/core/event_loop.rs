@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The data plane as an `event-manager` subscriber, for VMMs that want a
 //! device's queues served on their own event loop instead of on the kit's
 //! worker threads.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control core: one device's vrings, features, guest memory and
 //! workers, behind transport-neutral operations.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Per-queue configuration held by the control core while a queue is not
 //! owned by a worker.
 

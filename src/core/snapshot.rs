@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Pausing a device and moving its state in and out of the control core as a
 //! [`DeviceSnapshot`].
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The data plane: the loop that owns a queue group's vrings.
 //!
 //! A [`WorkerLoop`] owns the vrings of its queue group and reacts to their

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! KVM wiring for the in-process home.
 //!
 //! A virtio-mmio device inside a KVM-based VMM needs three things from KVM,

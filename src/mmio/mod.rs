@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The in-process front door: a virtio-mmio transport (virtio 1.x, register
 //! layout version 2) that a VMM's MMIO bus calls on guest reads and writes.
 //!
@@ -158,7 +159,7 @@ impl MmioTransport {
             }
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             warn!(
                 "virtio-mmio: refused {}-byte read at {offset:#x}",
                 data.len()
@@ -211,7 +212,7 @@ impl MmioTransport {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             warn!("virtio-mmio: refused unaligned write at {offset:#x}");
             return;
         }

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! virtio-mmio register offsets and values (virtio 1.x, section 4.2.2).
 
 /// "virt" in little endian.

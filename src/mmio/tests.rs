@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Register-level tests of the virtio-mmio transport, over a real control
 //! core and a small real device.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What a transport can tell about a queue that seems stuck.
 //!
 //! A stalled disk shows up in the guest as a request that never completes,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The versioned, checksummed envelope around a snapshot payload.
 
 use std::io::{Read, Write};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Byte strings as lowercase hex in the JSON payload: readable, and one
 //! canonical spelling per value (so decode then encode gives the same bytes).
 
@@ -25,7 +26,7 @@ fn nibble(c: u8) -> Option<u8> {
 
 pub(crate) fn from_hex(s: &str) -> Result<Vec<u8>, &'static str> {
     let s = s.as_bytes();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err("odd number of hex digits");
     }
     s.chunks_exact(2)

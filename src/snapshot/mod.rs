@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Versioned device snapshots: the data model, the on-disk envelope and the
 //! validation that loaded state goes through before it touches a device.
 //!

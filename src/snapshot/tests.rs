@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Envelope and validation tests: every corruption refused, every old
 //! version read, arbitrary valid snapshots round-tripped, random input never
 //! panicking.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Format version 1, frozen.
 //!
 //! These structs are the payload of every version-1 snapshot ever written.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Checks a loaded snapshot against the device it is meant for.
 //!
 //! Everything in a snapshot may come from a file someone edited or from a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `versionize::Versionize` for [`DeviceSnapshot`], behind the `versionize`
 //! cargo feature, for VMMs that still embed device state in versionize
 //! snapshots.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The backend-to-frontend request channel (`SET_BACKEND_REQ_FD`), used to
 //! tell the frontend the device config space changed.
 

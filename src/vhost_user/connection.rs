@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Framing of vhost-user messages on a unix stream socket: a 12-byte header
 //! (request, flags, payload size), the payload, and file descriptors passed
 //! as `SCM_RIGHTS` ancillary data with the first bytes of the message.

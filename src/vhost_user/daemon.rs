@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The out-of-process home: a vhost-user backend daemon on a unix socket.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

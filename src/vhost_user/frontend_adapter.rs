@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The VMM side of vhost-user: a device whose data plane runs in another
 //! process, driven through the same [`DeviceControl`] trait as an
 //! in-process [`DeviceCore`](crate::core::DeviceCore).

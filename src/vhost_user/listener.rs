@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Where a daemon's listening socket comes from: a path it binds (refusing
 //! one that a live daemon serves), a file descriptor it inherited
 //! (`--fd FDNUM` in the spec's backend program conventions), or systemd

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The frontend's memory regions: mapping the fds it sends, and translating
 //! its virtual addresses (used for vring addresses) to guest physical ones.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The out-of-process home: serving a [`crate::DeviceBackend`] to any
 //! vhost-user frontend (QEMU, Cloud Hypervisor, crosvm, libblkio) over a
 //! unix socket.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Postcopy live migration on the backend side
 //! (`VHOST_USER_PROTOCOL_F_PAGEFAULT`): the state a session walks through
 //! and the userfaultfd registrations it holds.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The request dispatcher: one frontend connection, each message turned into
 //! control-core operations.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A Linux userfaultfd (see userfaultfd(2)): creation, the `UFFDIO_API`
 //! handshake, and registration of mapped ranges in MISSING mode.
 //!

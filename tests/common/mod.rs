@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Shared support for the integration tests.
 //!
 //! * memfd-backed guest memory, mapped on the test (driver) side as a

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Boot the nested VMM again and again and count the boots that fail.
 #   tests/guest/boot-loop.sh [-n BOOTS] [-l L1_VCPUS] [-- DEVICE...]
 # Devices default to the three disk homes and an rng:

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Build the guest kernel + initramfs for the QEMU/VMM guest tests.
 #   tests/guest/build-image.sh [OUTDIR]     (default: tests/guest/out)
 # Produces OUTDIR/vmlinuz and OUTDIR/initramfs.gz (busybox + rootfs/ + the

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Install what the QEMU guest tests need on a Debian bookworm host:
 #   qemu-system-x86_64 (from bookworm-backports, so it coexists with the
 #   preinstalled qemu-utils 10.0), qemu-utils (qemu-storage-daemon),

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Boot the test guest in QEMU with one vhost-user-blk-pci disk per socket.
 #   tests/guest/run-qemu-blk.sh SOCK[,SOCK2...] [extra qemu args...]
 # Prints the guest console; exits 0 only if the guest printed "VBK-DONE status=ok".

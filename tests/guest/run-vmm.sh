@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Boot a Linux guest on our vmm-example and run the guest tests in it.
 #   tests/guest/run-vmm.sh [DEVICE...]     (default: disk vhost-user-blk rng)
 # DEVICE: disk | disk-ro | vhost-user-blk | qsd-blk | rng | rng-vhost-user,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Shared support for the QEMU tests that drive the guest's write/verify loop
 //! (`tests/guest/rootfs/vbk/test-writeloop.sh`) while the host disturbs the
 //! backend: `tests/qemu_restart.rs` (SIGKILL + restart of `vhost-user-blk`)

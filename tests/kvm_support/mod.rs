@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Support for the KVM tests: a one-vCPU VM running tiny 32-bit guest
 //! programs, a small device backend, and the vCPU loop that plays the VMM's
 //! MMIO bus.

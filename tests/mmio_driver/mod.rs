@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A guest-side virtio-mmio driver for tests: programs the transport's
 //! registers, lays out split virtqueues and virtio-blk requests in memfd
 //! guest memory, notifies through the kick eventfds (as a KVM ioeventfd

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Support for tests that run the workspace's binaries and peer programs as
 //! real processes.
 #![allow(dead_code)]

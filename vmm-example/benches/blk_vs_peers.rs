@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blk_vs_peers`: our `vhost-user-blk` against the backends people run
 //! today, through a real vhost-user frontend (libblkio's
 //! `virtio-blk-vhost-user` driver, the library QEMU's `blkio` driver uses).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `peer_vub_blk`: a virtio-blk vhost-user backend written on rust-vmm's
 //! `vhost-user-backend` crate, as a user of that crate writes one.
 //!

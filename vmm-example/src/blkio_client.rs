@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A small safe wrapper around the `blkio` crate's `virtio-blk-vhost-user`
 //! driver (the library QEMU's `blkio` block driver uses), used by the demo,
 //! the tests and the benchmark as a real third-party vhost-user frontend.

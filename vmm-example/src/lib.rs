@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Example devices, daemons and a small VMM built on `virtio-backend-kit`.
 //!
 //! The [`devices`] module holds reference device backends. Each implements

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blk-demo`: the kit's out-of-process home end to end.
 //!
 //! Starts `vhost-user-blk` (built next to this binary) on a fresh raw image,

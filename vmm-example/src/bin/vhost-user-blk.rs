@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-user-blk`: the reference virtio-blk device served over vhost-user.
 //!
 //! ```text
@@ -34,7 +35,7 @@ const MIN_DEFAULT_QUEUES: usize = 8;
 
 fn default_queues() -> u16 {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    cpus.max(MIN_DEFAULT_QUEUES).min(64) as u16
+    cpus.clamp(MIN_DEFAULT_QUEUES, 64) as u16
 }
 
 fn on_off(s: &str) -> Result<bool, String> {

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-user-rng`: the virtio-rng device served over vhost-user.
 //!
 //! ```text

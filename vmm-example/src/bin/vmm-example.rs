@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vmm-example`: boot a Linux guest with virtio devices served by the kit.
 //!
 //! ```text

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What a daemon tells management tools about itself, in the JSON of
 //! QEMU's `docs/interop/vhost-user.json`: `--print-capabilities` prints a
 //! `VHostUserBackendCapabilities` object, and `--install-descriptor DIR`

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The command line every daemon of the kit shares, so that a device
 //! author's daemon gets it by flattening one struct into its arguments:
 //!

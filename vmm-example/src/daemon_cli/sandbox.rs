@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemons' seccomp sandbox: an allow-list of the system calls a
 //! vhost-user daemon of this kit makes once it serves, built with
 //! `seccompiler` and installed on every thread (`TSYNC`) after the socket
@@ -174,10 +175,8 @@ mod tests {
     #[test]
     fn a_call_outside_the_list_is_refused() {
         // SAFETY: getppid has no preconditions.
-        assert!(
-            unsafe { libc::getppid() } > 0,
-            "control: getppid works unfiltered"
-        );
+        let control = unsafe { libc::getppid() };
+        assert!(control > 0, "control: getppid works unfiltered");
         let prog = program().unwrap();
         let (ppid, errno, pid) = std::thread::spawn(move || {
             seccompiler::apply_filter(&prog).unwrap();

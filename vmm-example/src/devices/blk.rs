@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A virtio-blk device (virtio 1.x, device ID 2).
 //!
 //! [`BlkDevice`] serves a [`Target`], either a raw image file (or block
@@ -593,9 +594,9 @@ impl FileAt<'_> {
     fn fd_for(&self, addr: *const u8, len: usize) -> (libc::c_int, bool) {
         match self.direct {
             Some(d)
-                if (addr as usize) % DIRECT_ALIGN == 0
-                    && len % DIRECT_ALIGN == 0
-                    && self.offset % DIRECT_ALIGN as u64 == 0 =>
+                if (addr as usize).is_multiple_of(DIRECT_ALIGN)
+                    && len.is_multiple_of(DIRECT_ALIGN)
+                    && self.offset.is_multiple_of(DIRECT_ALIGN as u64) =>
             {
                 (d.as_raw_fd(), true)
             }

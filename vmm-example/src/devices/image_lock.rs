@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Whole-file OFD locks on disk images.
 //!
 //! Open file description locks (`F_OFD_SETLK`) belong to the open file,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Reference virtio device backends.
 //!
 //! - [`blk`]: a virtio-blk device (device ID 2) serving a raw image file or a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A virtio-rng device (device ID 4): one request queue whose
 //! device-writable buffers are filled with entropy from the host's
 //! `getrandom(2)`.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! ACPI tables: how a stock x86 Linux learns about our CPUs, our virtio-mmio
 //! devices and how to power the machine off.
 //!

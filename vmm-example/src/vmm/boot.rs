@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Loading Linux: the bzImage, the initramfs, the command line and the zero
 //! page (`boot_params` with the e820 map), plus the page tables and GDT the
 //! 64-bit boot protocol expects to find when the boot CPU starts.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Address-range buses (one for MMIO, one for port I/O) and the small
 //! platform devices on them: power-off and reset.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Attaching virtio devices: each gets a virtio-mmio window, an interrupt
 //! line, a [`MmioTransport`] and its KVM wiring (an ioeventfd per queue, an
 //! irqfd for the interrupt). Behind the transport sits either the kit's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Stall reports: on SIGUSR2 the VMM logs, per device, what its transport
 //! and guest memory say about every queue (see
 //! [`MmioTransport::diagnostics`]). The nested test's watchdog sends it

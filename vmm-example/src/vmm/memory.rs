@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest RAM and the guest physical address map.
 //!
 //! RAM is one memfd mapped shared, so that a vhost-user backend in another

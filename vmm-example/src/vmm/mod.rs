@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A small VMM on rust-vmm crates that boots a stock x86-64 Linux with
 //! virtio-mmio devices served by the kit, in-process or out of process.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The guest's console: a 16550 UART (vm-superio) on COM1 whose output goes
 //! to our stdout and whose interrupt is an irqfd.
 

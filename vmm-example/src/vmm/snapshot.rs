@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A whole VM in one file: vCPUs, the in-kernel interrupt controllers and
 //! timers, the console, every device (in the kit's versioned device
 //! snapshot envelope) and guest RAM.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vCPUs: CPUID, MSRs and local APIC setup, the boot CPU's 64-bit entry
 //! state, and the run loop that sends port and MMIO exits to the buses.
 //!

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # blk test, for every virtio disk /dev/vd*:
 #  1. write VBK_MIB MiB of /vbk/pattern.awk output at offset 0 with O_DIRECT,
 #     split over one dd per CPU (pinned with taskset, so several queues see I/O),

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # rng test: read 64 bytes from /dev/hwrng (virtio-rng), with a timeout.
 if [ ! -c /dev/hwrng ]; then echo "VBK-RESULT rng=missing"; exit 1; fi
 n=$(timeout 20 dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c)

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # vmm snapshot test (run by test-vmm.sh when VMM_SCENARIO=snapshot): an L2
 # guest writing numbered records (test-writeloop.sh) is saved and resumed
 # twice by vmm-example, its disk changing homes each time:

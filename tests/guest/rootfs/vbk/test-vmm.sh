@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # vmm test: boot an L2 guest with our vmm-example (runs inside the L1 guest
 # of tests/guest/run-vmm.sh, or directly on a host whose KVM is real).
 # Settings come from $VMM_PLAN (default /vmm/plan, a sourced file):

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # writeloop test: numbered, self-describing 4 KiB records written to /dev/vda
 # with O_DIRECT and read back (O_DIRECT) at once, until the host asks to stop.
 # Used by tests/qemu_restart.rs (backend killed mid-I/O) and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Tests driving [`BlkDevice`] through a real [`Vring`] in real guest memory.
 
 use std::sync::Arc;
