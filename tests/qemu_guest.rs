@@ -36,13 +36,26 @@ const PATTERN_SEED: u64 = 1;
 const MARKER_OFFSET: usize = 32 << 20;
 const QUEUES: u32 = 2;
 
+/// How QEMU is configured for a run.
+#[derive(Clone, Copy)]
+struct Frontend {
+    /// vCPUs.
+    smp: u32,
+    /// `num-queues` of the disk; `None` leaves QEMU's default (one per vCPU).
+    queues: Option<u32>,
+}
+
 /// Runs tests/guest/run-qemu-blk.sh; returns (success, console text).
-fn run_guest(sock: &Path) -> (bool, String) {
+fn run_guest(sock: &Path, fe: Frontend) -> (bool, String) {
     let t = Instant::now();
     let out = Command::new("bash")
         .arg(guest_dir().join("run-qemu-blk.sh"))
         .arg(sock)
-        .env("VBK_QUEUES", QUEUES.to_string())
+        .env(
+            "VBK_QUEUES",
+            fe.queues.map(|q| q.to_string()).unwrap_or_default(),
+        )
+        .env("VBK_SMP", fe.smp.to_string())
         .env("VBK_TEST", "blk")
         .stdin(Stdio::null())
         .output()
@@ -178,12 +191,13 @@ fn verify_image(img: &Path) {
 fn guest_test(
     name: &'static str,
     exit_grace: Duration,
+    fe: Frontend,
     make_backend: impl FnOnce(&Path, &Path) -> Command,
-) {
+) -> String {
     let _serial = machine_lock();
     if let Err(e) = prepare_guest() {
         if skip_or_fail(&e) {
-            return;
+            return String::new();
         }
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -199,7 +213,7 @@ fn guest_test(
         dir.path().join("backend.log"),
     );
     backend.wait_for_socket(&sock);
-    let (ok, console) = run_guest(&sock);
+    let (ok, console) = run_guest(&sock, fe);
     backend.stop(exit_grace);
     let log = backend.log_text();
     if !log.trim().is_empty() {
@@ -211,33 +225,47 @@ fn guest_test(
     }
     check_console(name, ok, &console);
     verify_image(&img);
+    console
 }
 
+/// QEMU's default configuration: `-smp 4` and no `num-queues` (QEMU asks
+/// for one queue per vCPU), against the daemon's default flags.
 #[test]
 fn vhost_user_blk_daemon_with_qemu_guest() {
-    // The daemon exits by itself when its frontend disconnects.
-    guest_test("vhost-user-blk", Duration::from_secs(5), |sock, img| {
+    let fe = Frontend {
+        smp: 4,
+        queues: None,
+    };
+    // The daemon keeps serving after QEMU quits: it is stopped with SIGTERM.
+    let console = guest_test("vhost-user-blk", Duration::ZERO, fe, |sock, img| {
         let bin = process::binary("vhost-user-blk").unwrap_or_else(|e| panic!("{e}"));
         println!("daemon: {}", bin.display());
         let mut c = Command::new(&bin);
-        c.arg("--socket")
-            .arg(sock)
-            .arg("--image")
-            .arg(img)
-            .arg("--queues")
-            .arg(QUEUES.to_string());
+        c.arg("--socket-path").arg(sock).arg("--blk-file").arg(img);
         c.env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         );
         c
     });
+    let Some(line) = console.lines().find(|l| l.contains("VBK-RESULT disk=vda")) else {
+        return; // skipped
+    };
+    assert_eq!(
+        field(line, "queues"),
+        Some("4"),
+        "the guest should use one queue per vCPU: {line}"
+    );
 }
 
 #[test]
 fn qemu_storage_daemon_with_qemu_guest() {
     // qemu-storage-daemon keeps serving: stop it right away.
-    guest_test("qemu-storage-daemon", Duration::ZERO, |sock, img| {
+    let fe = Frontend {
+        smp: 2,
+        queues: Some(QUEUES),
+    };
+    guest_test("qemu-storage-daemon", Duration::ZERO, fe, |sock, img| {
         let mut c = Command::new("qemu-storage-daemon");
         c.arg("--blockdev")
             .arg(format!(

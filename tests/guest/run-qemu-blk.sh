@@ -3,7 +3,7 @@
 # Boot the test guest in QEMU with one vhost-user-blk-pci disk per socket.
 #   tests/guest/run-qemu-blk.sh SOCK[,SOCK2...] [extra qemu args...]
 # Prints the guest console; exits 0 only if the guest printed "VBK-DONE status=ok".
-# Env: VBK_OUT (kernel+initramfs dir, default tests/guest/out), VBK_QUEUES (2),
+# Env: VBK_OUT (kernel+initramfs dir, default tests/guest/out), VBK_QUEUES (2; empty: QEMU's default),
 #      VBK_SMP (2), VBK_MEM (512M), VBK_TIMEOUT seconds (240), VBK_TEST (blk),
 #      VBK_APPEND (extra kernel args), VBK_ACCEL (auto|tcg|kvm), VBK_LOG (console copy).
 set -euo pipefail
@@ -30,10 +30,13 @@ case "$accel" in
     *) echo "run-qemu-blk: bad VBK_ACCEL=$accel" >&2; exit 2 ;;
 esac
 
+# VBK_QUEUES unset: 2; set but empty: no num-queues (QEMU's default, one
+# queue per vCPU).
+queues=${VBK_QUEUES-2}
 disks=(); i=0
 for s in ${socks//,/ }; do
     disks+=(-chardev "socket,id=c$i,path=$s"
-            -device "vhost-user-blk-pci,chardev=c$i,num-queues=${VBK_QUEUES:-2}")
+            -device "vhost-user-blk-pci,chardev=c$i${queues:+,num-queues=$queues}")
     i=$((i + 1))
 done
 

@@ -26,6 +26,7 @@ pub const RECORD: usize = 4096;
 pub const PER_WORKER: u64 = 4096;
 /// 4 KiB block index of the stop marker (the guest default: 48 MiB).
 pub const CTL_BLOCK: u64 = 12288;
+/// Queues of the disk: QEMU's default for the `-smp 2` guest (one per vCPU).
 pub const QUEUES: u32 = 2;
 pub const GUEST_MEM: &str = "256M";
 
@@ -117,8 +118,9 @@ pub fn accel_args() -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
 
-/// Starts `vhost-user-blk --socket SOCK --image IMG --queues 2` with
-/// RUST_LOG=info (or the caller's RUST_LOG), logging to `log`.
+/// Starts `vhost-user-blk --socket-path SOCK --blk-file IMG` (its default
+/// queues, as an operator would run it) with RUST_LOG=info (or the
+/// caller's RUST_LOG), logging to `log`.
 pub fn spawn_daemon(name: &'static str, sock: &Path, img: &Path, log: PathBuf) -> process::Backend {
     spawn_daemon_with(name, sock, img, log, &[])
 }
@@ -133,12 +135,10 @@ pub fn spawn_daemon_with(
 ) -> process::Backend {
     let bin = process::binary("vhost-user-blk").unwrap_or_else(|e| panic!("{e}"));
     let mut c = Command::new(&bin);
-    c.arg("--socket")
+    c.arg("--socket-path")
         .arg(sock)
-        .arg("--image")
+        .arg("--blk-file")
         .arg(img)
-        .arg("--queues")
-        .arg(QUEUES.to_string())
         .args(extra);
     c.env(
         "RUST_LOG",
@@ -201,7 +201,8 @@ impl Qemu {
                 o.sock.display()
             ))
             .arg("-device")
-            .arg(format!("vhost-user-blk-pci,chardev=c0,num-queues={QUEUES}"))
+            // No num-queues: QEMU's default, one queue per vCPU.
+            .arg("vhost-user-blk-pci,chardev=c0")
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
         if let Some(mig) = o.incoming {
