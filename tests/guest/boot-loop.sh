@@ -2,6 +2,8 @@
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Boot the nested VMM again and again and count the boots that fail.
 #   tests/guest/boot-loop.sh [-n BOOTS] [-l L1_VCPUS] [-- DEVICE...]
+# With VBK_L2_VMM=qemu, QEMU runs the same L2 guest and disks instead of
+# vmm-example: the environment's own failure rate, for comparison.
 # Devices default to the three disk homes and an rng:
 #   disk vhost-user-blk qsd-blk rng
 # Each boot is one tests/guest/run-vmm.sh; the console of every failed boot
@@ -53,6 +55,6 @@ for i in $(seq 1 "$boots"); do
         elif grep -q 'TIMEOUT' "$dir/boot-$i.err" 2>/dev/null; then reason=timeout
         else reason=other; fi
     fi
-    echo "VBK-LOOP boot=$i l1_vcpus=$l1 result=$result secs=$secs stalled=$stalled reason=$reason"
+    echo "VBK-LOOP boot=$i l1_vcpus=$l1 l2_vmm=${VBK_L2_VMM:-vmm} result=$result secs=$secs stalled=$stalled reason=$reason"
 done
-echo "VBK-LOOP-SUMMARY boots=$boots ok=$ok failed=$failed l1_vcpus=$l1 devices=$(echo $devices | tr ' ' ,) logs=$dir"
+echo "VBK-LOOP-SUMMARY boots=$boots ok=$ok failed=$failed l1_vcpus=$l1 l2_vmm=${VBK_L2_VMM:-vmm} devices=$(echo $devices | tr ' ' ,) logs=$dir"
