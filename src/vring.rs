@@ -176,7 +176,14 @@ impl Notifier {
         if let Some(trace) = &self.trace {
             trace.raising();
         }
-        let result = self.fd.write(1);
+        let result = match self.fd.write(1) {
+            // A non-blocking fd that cannot take more: an eventfd whose
+            // counter is saturated (the peer has a notification pending
+            // already) or a pipe nobody reads. Dropping this one loses
+            // nothing the peer could still read, and never blocks.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            r => r,
+        };
         if let (Err(_), Some(trace)) = (&result, &self.trace) {
             trace.failed();
         }

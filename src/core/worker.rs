@@ -253,15 +253,38 @@ impl<B: DeviceBackend> WorkerLoop<B> {
             }
             t if (TOKEN_KICK_BASE..TOKEN_DEVICE_BASE).contains(&t) => {
                 let index = (t - TOKEN_KICK_BASE) as u16;
-                if let Some(Some(kick)) = self.kicks.get(usize::from(index)) {
-                    // Consume the counter; the device drains the ring.
-                    let _ = kick.read();
-                    self.dispatch(DeviceEvent::Queue(index));
+                let Some(Some(kick)) = self.kicks.get(usize::from(index)) else {
+                    return Flow::Continue;
+                };
+                // Consume the counter; the device drains the ring.
+                match kick.read() {
+                    // An eventfd never reads 0: this is a pipe or socket at
+                    // EOF, readable forever. Stop polling it (no spinning)
+                    // and report the queue broken; a new SET_VRING_KICK
+                    // restarts it.
+                    Ok(0) => self.kick_broken(index, t, reg, "at end of file"),
+                    Ok(_) => self.dispatch(DeviceEvent::Queue(index)),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => self.kick_broken(index, t, reg, &e.to_string()),
                 }
             }
             t => self.dispatch(DeviceEvent::Fd(t - TOKEN_DEVICE_BASE)),
         }
         Flow::Continue
+    }
+
+    fn kick_broken(&mut self, index: u16, token: u64, reg: &mut dyn FdRegistry, why: &str) {
+        if let Some(Some(kick)) = self.kicks.get(usize::from(index)) {
+            let _ = reg.remove(kick.as_raw_fd(), token);
+        }
+        error!(
+            "worker {}: kick fd of queue {index} {why}; no longer polled",
+            self.id
+        );
+        if let Some(v) = self.queues.get(index) {
+            v.lock().signal_error();
+        }
     }
 
     fn dispatch(&mut self, event: DeviceEvent) {

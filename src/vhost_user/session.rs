@@ -700,6 +700,13 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
             expected: 1,
             got: msg.files.len(),
         })?;
+        // The peer chose this fd: it may be a full eventfd or a pipe that
+        // nobody reads. Non-blocking, a write to it fails with EAGAIN (the
+        // notification is dropped, see `Notifier::notify`) instead of
+        // wedging the worker, and a read of a kick that is not ready
+        // returns instead of blocking. The flag is on the shared open file
+        // description; the frontend's eventfds are non-blocking anyway.
+        set_nonblocking(&file);
         Ok((index, Some(file_to_eventfd(file))))
     }
 
@@ -935,6 +942,18 @@ impl<B: DeviceBackend> Session<'_, B> {
         );
         self.postcopy.add_pending(mapped);
         Ok(Outcome::Reply(reply.as_slice().to_vec()))
+    }
+}
+
+fn set_nonblocking(file: &File) {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on an fd we own; F_GETFL/F_SETFL touch only flags.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
     }
 }
 
