@@ -211,6 +211,9 @@ pub struct Vring {
     notified_used: Wrapping<u16>,
     inflight: Option<InflightQueue>,
     resubmit: Option<Resubmit>,
+    /// The device stopped with work left and wants to run again (see
+    /// [`Vring::defer`]).
+    deferred: bool,
 }
 
 /// Chains to hand out again after a restart: a private available ring (in a
@@ -320,6 +323,7 @@ impl Vring {
             notified_used: Wrapping(state.next_used),
             inflight: None,
             resubmit: None,
+            deferred: false,
         })
     }
 
@@ -475,8 +479,9 @@ impl Vring {
         let mut next_avail = Wrapping(self.queue.next_avail());
         let mut next_used = Wrapping(self.queue.next_used());
         let mut avail_idx = rings.avail_idx(next_avail).map_err(qerr)?;
+        let limit = self.batch_limit();
         let mut done = 0;
-        loop {
+        while done < limit {
             if next_avail == avail_idx {
                 avail_idx = rings.avail_idx(next_avail).map_err(qerr)?;
                 if next_avail == avail_idx {
@@ -534,7 +539,8 @@ impl Vring {
         let guard = self.mem.memory();
         let mem: &GuestMemoryLog = &guard;
         let table = DescTable::new(mem, &self.queue);
-        loop {
+        let limit = self.batch_limit();
+        while done < limit {
             let next = self
                 .queue
                 .iter(mem)
@@ -668,6 +674,35 @@ impl Vring {
             event_idx: self.queue.event_idx_enabled(),
             signalled_used: self.signalled_used,
         }
+    }
+
+    /// The next used-ring index the device will write (what it completed
+    /// so far, modulo 2^16).
+    pub fn next_used(&self) -> u16 {
+        self.queue.next_used()
+    }
+
+    /// Most chains one call of [`Vring::process_available`] or
+    /// [`Vring::process_available_descs`] takes: the queue size, all a
+    /// well-behaved driver can have outstanding. A driver that keeps
+    /// republishing buffers cannot keep a worker in one call: when a call
+    /// returns this many, more may be waiting, and the device should
+    /// [`Vring::defer`] rather than loop, so that the worker serves its
+    /// other queues and the control path (a stop, a reset) in between.
+    pub fn batch_limit(&self) -> usize {
+        usize::from(self.queue.size()).max(1)
+    }
+
+    /// Ask the worker to run this queue's event again soon, after the other
+    /// events and commands already pending: for a device that stopped a
+    /// batch with work left (see [`Vring::batch_limit`]).
+    pub fn defer(&mut self) {
+        self.deferred = true;
+    }
+
+    /// Whether [`Vring::defer`] was called since the last check.
+    pub(crate) fn take_deferred(&mut self) -> bool {
+        std::mem::take(&mut self.deferred)
     }
 
     /// Number of chains the driver has made available that we have not

@@ -113,6 +113,7 @@ impl WorkerHandle {
             wake: wake.try_clone().map_err(WorkerError::Setup)?,
             exit: exit.try_clone().map_err(WorkerError::Setup)?,
             kicks: Vec::new(),
+            deferred: Vec::new(),
         };
         let handle = WorkerHandle {
             commands: tx,
@@ -195,6 +196,8 @@ pub(crate) struct WorkerLoop<B: DeviceBackend> {
     kicks: Vec<Option<EventFd>>,
     device_exit: Option<EventFd>,
     device_fds: Vec<(RawFd, u64)>,
+    /// Queues whose device asked to run again ([`Vring::defer`]).
+    deferred: Vec<u16>,
 }
 
 impl<B: DeviceBackend> WorkerLoop<B> {
@@ -241,6 +244,14 @@ impl<B: DeviceBackend> WorkerLoop<B> {
             TOKEN_CONTROL => {
                 let _ = self.wake.read();
                 self.drain_commands(reg);
+                // Queues whose device stopped a batch with work left run
+                // again now: after the kicks and commands that were
+                // pending, so no queue and no stop request waits for them.
+                for index in std::mem::take(&mut self.deferred) {
+                    if self.queues.get(index).is_some() {
+                        self.dispatch(DeviceEvent::Queue(index));
+                    }
+                }
             }
             TOKEN_EXIT => {
                 self.stop_all(reg);
@@ -294,6 +305,18 @@ impl<B: DeviceBackend> WorkerLoop<B> {
                 if let Some(v) = self.queues.get(index) {
                     v.lock().signal_error();
                 }
+            }
+        }
+        if let DeviceEvent::Queue(index) = event {
+            let again = self
+                .queues
+                .get(index)
+                .is_some_and(|v| v.lock().take_deferred());
+            if again && !self.deferred.contains(&index) {
+                self.deferred.push(index);
+                // Our own control eventfd: the loop comes back after the
+                // other ready events.
+                let _ = self.wake.write(1);
             }
         }
     }
