@@ -359,6 +359,12 @@ impl Vring {
             .0;
         let recovered = inflight.recover(used_idx);
         let count = recovered.resubmit.len();
+        // The area comes from the frontend and may be sized for a larger
+        // ring than this one: a head this ring cannot have is corruption.
+        let size = self.queue.size();
+        if recovered.resubmit.iter().any(|h| *h >= size) || count > usize::from(size) {
+            return Err(VringError::InvalidState("in-flight head beyond the queue"));
+        }
         // Keep the entries added since the last notification check pending.
         let added = Wrapping(self.queue.next_used()) - self.notified_used;
         self.notified_used = Wrapping(used_idx) - added;
@@ -1188,5 +1194,37 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// An in-flight area sized for a larger ring cannot make this ring
+    /// resubmit a head it cannot have.
+    #[test]
+    fn inflight_heads_beyond_the_ring_are_refused() {
+        let mem: GuestMemoryLog =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let state = VringState {
+            size: SIZE,
+            ready: true,
+            enabled: true,
+            desc_table: DESC,
+            avail_ring: AVAIL,
+            used_ring: USED,
+            next_avail: 0,
+            next_used: 0,
+            event_idx: false,
+            signalled_used: None,
+        };
+        let slot = || Arc::new(ArcSwapOption::empty());
+        let area = Arc::new(crate::inflight::InflightArea::create(1, 1024).unwrap());
+        let mut q = area.queue(0).unwrap();
+        q.recover(0);
+        q.begin(SIZE + 100);
+        let handle = GuestMemoryHandle::new(mem);
+        let mut vring = Vring::new(0, SIZE, &state, handle, slot(), slot()).unwrap();
+        let err = vring.attach_inflight(area.queue(0).unwrap()).unwrap_err();
+        assert!(
+            matches!(err, VringError::InvalidState(m) if m.contains("beyond the queue")),
+            "{err}"
+        );
     }
 }

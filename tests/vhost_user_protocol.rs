@@ -775,6 +775,12 @@ fn mem_table_region_larger_than_file_is_refused() {
     // The same through ADD_MEM_REG.
     let single = u64s(&[0, small.gpa, 0x10_0000, small.host_addr(small.gpa), 0]);
     assert_ne!(raw.ack(code(FrontendReq::ADD_MEM_REG), &single, &fd), 0);
+    // A guest address that is not page-aligned: its rings would sit at
+    // misaligned host addresses and never be served.
+    let p = mem_table_payload(1, &[(small.gpa + 4, 0x1000, small.host_addr(small.gpa), 0)]);
+    assert_ne!(raw.ack(set, &p, &fd), 0);
+    let single = u64s(&[0, small.gpa + 4, 0x1000, small.host_addr(small.gpa), 0]);
+    assert_ne!(raw.ack(code(FrontendReq::ADD_MEM_REG), &single, &fd), 0);
 
     // The earlier, valid table is still in place: traffic works, so nothing
     // maps beyond a file (that would SIGBUS the daemon).
