@@ -1012,8 +1012,10 @@ impl BlkDevice {
 
         let descs = &scratch.descs[..n];
         let Some((header, first, skip)) = read_header(mem, descs) else {
-            warn!("virtio-blk: chain {head} has no readable 16-byte header; dropping it");
-            return 0;
+            // The status byte is reachable: the guest is told, rather than
+            // left to read whatever its status buffer held.
+            warn!("virtio-blk: chain {head} has no readable 16-byte header");
+            return write_status(mem, status_addr, Status::IoErr, 0, head);
         };
         let span = DataSpan {
             descs: &descs[first..],
