@@ -1209,10 +1209,7 @@ mod tests {
             desc_table: DESC,
             avail_ring: AVAIL,
             used_ring: USED,
-            next_avail: 0,
-            next_used: 0,
-            event_idx: false,
-            signalled_used: None,
+            ..VringState::default()
         };
         let slot = || Arc::new(ArcSwapOption::empty());
         let area = Arc::new(crate::inflight::InflightArea::create(1, 1024).unwrap());

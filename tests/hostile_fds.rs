@@ -21,13 +21,8 @@ const NUM_QUEUES: usize = 2;
 
 fn rig() -> (Daemon<TestDevice>, Client, GuestMem) {
     let daemon = spawn_daemon(TestDevice::new(NUM_QUEUES), ServeMode::KeepServing);
-    let mut client = daemon.frontend(NUM_QUEUES as u64);
-    client.negotiate(TEST_FEATURES, Client::default_protocol());
-    let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
-    client
-        .frontend
-        .set_mem_table(&[guest.region_info()])
-        .unwrap();
+    let (client, guest) =
+        daemon.ready_frontend(NUM_QUEUES as u64, TEST_FEATURES, GUEST_GPA, GUEST_SIZE);
     (daemon, client, guest)
 }
 

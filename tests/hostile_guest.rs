@@ -51,6 +51,16 @@ fn read_request(q: &mut SplitQueue) -> Vec<Buf> {
     ]
 }
 
+/// The blk device (null target) configured by `cfg`, served by the kit's
+/// daemon, with a ready frontend.
+fn blk_rig(cfg: BlkConfig) -> (Daemon<BlkDevice>, Client, GuestMem) {
+    let queues = u64::from(cfg.queues);
+    let device = BlkDevice::new(Target::null(1 << 20), cfg).unwrap();
+    let daemon = spawn_daemon(Arc::new(device), ServeMode::KeepServing);
+    let (client, guest) = daemon.ready_frontend(queues, VIRTIO_F_VERSION_1, GUEST_GPA, GUEST_SIZE);
+    (daemon, client, guest)
+}
+
 #[test]
 fn an_endless_batch_does_not_hold_the_worker() {
     let cfg = BlkConfig {
@@ -62,15 +72,7 @@ fn an_endless_batch_does_not_hold_the_worker() {
         injected_latency: Some(Duration::from_millis(1)),
         ..BlkConfig::default()
     };
-    let device = BlkDevice::new(Target::null(1 << 20), cfg).unwrap();
-    let daemon = spawn_daemon(Arc::new(device), ServeMode::KeepServing);
-    let mut client = daemon.frontend(2);
-    client.negotiate(VIRTIO_F_VERSION_1, Client::default_protocol());
-    let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
-    client
-        .frontend
-        .set_mem_table(&[guest.region_info()])
-        .unwrap();
+    let (daemon, mut client, guest) = blk_rig(cfg);
 
     let mut q0 = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
     let bufs = read_request(&mut q0);
@@ -136,15 +138,7 @@ fn completions_before_an_error_mid_batch_are_signalled() {
         injected_latency: Some(Duration::from_millis(20)),
         ..BlkConfig::default()
     };
-    let device = BlkDevice::new(Target::null(1 << 20), cfg).unwrap();
-    let daemon = spawn_daemon(Arc::new(device), ServeMode::KeepServing);
-    let mut client = daemon.frontend(1);
-    client.negotiate(VIRTIO_F_VERSION_1, Client::default_protocol());
-    let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
-    client
-        .frontend
-        .set_mem_table(&[guest.region_info()])
-        .unwrap();
+    let (daemon, mut client, guest) = blk_rig(cfg);
     let mut q = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
     client.start_queue(&q, 0);
     let mut status = Vec::new();

@@ -49,13 +49,8 @@ impl Rig {
     }
 
     fn connect(daemon: Daemon<TestDevice>, features: u64) -> Rig {
-        let mut client = daemon.frontend(NUM_QUEUES as u64);
-        client.negotiate(features, Client::default_protocol());
-        let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
-        client
-            .frontend
-            .set_mem_table(&[guest.region_info()])
-            .unwrap();
+        let (client, guest) =
+            daemon.ready_frontend(NUM_QUEUES as u64, features, GUEST_GPA, GUEST_SIZE);
         Rig {
             daemon,
             client,
