@@ -431,7 +431,8 @@ fn fault_resolved_from_another_process_than_the_backend() {
     let bin = process::binary("vhost-user-blk").unwrap_or_else(|e| panic!("{e}"));
     let mut cmd = Command::new(bin);
     cmd.arg("--socket").arg(&sock).arg("--image").arg(&path);
-    cmd.args(["--queue-size", &QSIZE.to_string()]);
+    // One queue, as the in-process daemon of the other tests has.
+    cmd.args(["--queue-size", &QSIZE.to_string(), "--queues", "1"]);
     cmd.env("RUST_LOG", "info");
     let mut backend = process::Backend::spawn("vhost-user-blk", cmd, dir.path().join("blk.log"));
     backend.wait_for_socket(&sock);
