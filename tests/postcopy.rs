@@ -743,3 +743,43 @@ fn qemu_postcopy_migration_of_writing_guest_loses_no_request() {
     assert_eq!(lost, 0);
     assert!(dst_console.contains("VBK-DONE status=ok"));
 }
+
+/// Regions added while postcopy listens are parked until the ack; they
+/// count against the memory-slot limit like installed ones.
+#[test]
+fn regions_parked_while_listening_count_against_the_slot_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _image) = new_image(dir.path());
+    let daemon = blk_daemon(&path);
+    let client = {
+        let mut c = daemon.frontend(1);
+        c.negotiate(VIRTIO_F_VERSION_1, with_pagefault());
+        c
+    };
+    let _uffd = advise(&client.raw);
+    assert_eq!(listen(&client.raw), 0, "POSTCOPY_LISTEN refused");
+    let slots = client
+        .raw
+        .call(code(FrontendReq::GET_MAX_MEM_SLOTS), &[], &[])
+        .u64();
+    let regions: Vec<GuestMem> = (0..=slots)
+        .map(|i| GuestMem::new(GUEST_GPA + i * PAGE, PAGE))
+        .collect();
+    for g in &regions[..slots as usize] {
+        postcopy_add_mem_reg(&client.raw, g);
+    }
+    // One more: refused (the empty reply, no region), and the session goes
+    // on.
+    let extra = &regions[slots as usize];
+    let add = code(FrontendReq::ADD_MEM_REG);
+    let req = u64s(&[0, extra.gpa, extra.size, extra.host_addr(extra.gpa), 0]);
+    client
+        .raw
+        .send(add, FLAG_VERSION_1, &req, &[extra.file.as_raw_fd()]);
+    let reply = client.raw.reply_to(add);
+    assert!(
+        reply.payload.is_empty(),
+        "a region beyond the slot limit was mapped: {reply:?}"
+    );
+    assert_eq!(client.raw.get_queue_num(), 1);
+}
