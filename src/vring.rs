@@ -177,7 +177,14 @@ impl Notifier {
         if let Some(trace) = &self.trace {
             trace.raising();
         }
-        let result = self.fd.write(1);
+        let result = match self.fd.write(1) {
+            // A non-blocking fd that cannot take more: an eventfd whose
+            // counter is saturated (the peer has a notification pending
+            // already) or a pipe nobody reads. Dropping this one loses
+            // nothing the peer could still read, and never blocks.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            r => r,
+        };
         if let (Err(_), Some(trace)) = (&result, &self.trace) {
             trace.failed();
         }
@@ -205,6 +212,9 @@ pub struct Vring {
     notified_used: Wrapping<u16>,
     inflight: Option<InflightQueue>,
     resubmit: Option<Resubmit>,
+    /// The device stopped with work left and wants to run again (see
+    /// [`Vring::defer`]).
+    deferred: bool,
 }
 
 /// Chains to hand out again after a restart: a private available ring (in a
@@ -314,6 +324,7 @@ impl Vring {
             notified_used: Wrapping(state.next_used),
             inflight: None,
             resubmit: None,
+            deferred: false,
         })
     }
 
@@ -349,6 +360,12 @@ impl Vring {
             .0;
         let recovered = inflight.recover(used_idx);
         let count = recovered.resubmit.len();
+        // The area comes from the frontend and may be sized for a larger
+        // ring than this one: a head this ring cannot have is corruption.
+        let size = self.queue.size();
+        if recovered.resubmit.iter().any(|h| *h >= size) || count > usize::from(size) {
+            return Err(VringError::InvalidState("in-flight head beyond the queue"));
+        }
         // Keep the entries added since the last notification check pending.
         let added = Wrapping(self.queue.next_used()) - self.notified_used;
         self.notified_used = Wrapping(used_idx) - added;
@@ -469,8 +486,9 @@ impl Vring {
         let mut next_avail = Wrapping(self.queue.next_avail());
         let mut next_used = Wrapping(self.queue.next_used());
         let mut avail_idx = rings.avail_idx(next_avail).map_err(qerr)?;
+        let limit = self.batch_limit();
         let mut done = 0;
-        loop {
+        while done < limit {
             if next_avail == avail_idx {
                 avail_idx = rings.avail_idx(next_avail).map_err(qerr)?;
                 if next_avail == avail_idx {
@@ -526,7 +544,8 @@ impl Vring {
         let guard = self.mem.memory();
         let mem: &GuestMemoryLog = &guard;
         let table = DescTable::new(mem, &self.queue);
-        loop {
+        let limit = self.batch_limit();
+        while done < limit {
             let next = self
                 .queue
                 .iter(mem)
@@ -660,6 +679,35 @@ impl Vring {
             event_idx: self.queue.event_idx_enabled(),
             signalled_used: self.signalled_used,
         }
+    }
+
+    /// The next used-ring index the device will write (what it completed
+    /// so far, modulo 2^16).
+    pub fn next_used(&self) -> u16 {
+        self.queue.next_used()
+    }
+
+    /// Most chains one call of [`Vring::process_available`] or
+    /// [`Vring::process_available_descs`] takes: the queue size, all a
+    /// well-behaved driver can have outstanding. A driver that keeps
+    /// republishing buffers cannot keep a worker in one call: when a call
+    /// returns this many, more may be waiting, and the device should
+    /// [`Vring::defer`] rather than loop, so that the worker serves its
+    /// other queues and the control path (a stop, a reset) in between.
+    pub fn batch_limit(&self) -> usize {
+        usize::from(self.queue.size()).max(1)
+    }
+
+    /// Ask the worker to run this queue's event again soon, after the other
+    /// events and commands already pending: for a device that stopped a
+    /// batch with work left (see [`Vring::batch_limit`]).
+    pub fn defer(&mut self) {
+        self.deferred = true;
+    }
+
+    /// Whether [`Vring::defer`] was called since the last check.
+    pub(crate) fn take_deferred(&mut self) -> bool {
+        std::mem::take(&mut self.deferred)
     }
 
     /// Number of chains the driver has made available that we have not
@@ -1334,5 +1382,34 @@ mod tests {
         // Used element 1: head 2, length 1.
         assert_eq!(m.read_obj::<u32>(GuestAddress(USED + 12)).unwrap(), 2);
         assert_eq!(m.read_obj::<u32>(GuestAddress(USED + 16)).unwrap(), 1);
+    }
+
+    /// An in-flight area sized for a larger ring cannot make this ring
+    /// resubmit a head it cannot have.
+    #[test]
+    fn inflight_heads_beyond_the_ring_are_refused() {
+        let mem: GuestMemoryLog =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let state = VringState {
+            size: SIZE,
+            ready: true,
+            enabled: true,
+            desc_table: DESC,
+            avail_ring: AVAIL,
+            used_ring: USED,
+            ..VringState::default()
+        };
+        let slot = || Arc::new(ArcSwapOption::empty());
+        let area = Arc::new(crate::inflight::InflightArea::create(1, 1024).unwrap());
+        let mut q = area.queue(0).unwrap();
+        q.recover(0);
+        q.begin(SIZE + 100);
+        let handle = GuestMemoryHandle::new(mem);
+        let mut vring = Vring::new(0, SIZE, &state, handle, slot(), slot()).unwrap();
+        let err = vring.attach_inflight(area.queue(0).unwrap()).unwrap_err();
+        assert!(
+            matches!(err, VringError::InvalidState(m) if m.contains("beyond the queue")),
+            "{err}"
+        );
     }
 }

@@ -188,3 +188,68 @@ fn state_file_brings_device_state_back_after_a_restart() {
         .expect("corrupt state file accepted");
     assert!(err.to_string().contains("state file"), "{err}");
 }
+
+/// Threads of this process named `name`.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .count()
+}
+
+/// Fill a pipe so that the next write to it would block.
+fn fill(w: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let fd = w.as_raw_fd();
+    // SAFETY: fcntl and write on our own fd, a valid buffer.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK);
+        let buf = [0u8; 4096];
+        while libc::write(fd, buf.as_ptr().cast(), buf.len()) > 0 {}
+        libc::fcntl(fd, libc::F_SETFL, 0);
+    }
+}
+
+#[test]
+fn unread_state_pipes_leave_no_thread_behind_and_check_still_answers() {
+    let d = spawn_daemon(Arc::new(Counter::default()), ServeMode::KeepServing);
+    let mut c = d.frontend(1);
+    c.negotiate(1 << 32, protocol());
+    let mut readers = Vec::new();
+    for _ in 0..50 {
+        let (rd, wr) = pipe();
+        fill(&wr);
+        c.frontend
+            .set_device_state_fd(
+                VhostTransferStateDirection::SAVE,
+                VhostTransferStatePhase::STOPPED,
+                OwnedFd::from(wr),
+            )
+            .unwrap();
+        readers.push(rd); // kept open, never read
+    }
+    let left = threads_named("vbk-device-state");
+    println!("VBK-HOSTILE device_state_threads_after_50={left}");
+    assert!(left <= 1, "{left} transfer threads after 50 unread pipes");
+    let fe = c.frontend.clone();
+    let checked = common::within_timeout("CHECK_DEVICE_STATE", move || fe.check_device_state());
+    assert!(checked.is_err(), "an unread transfer reported success");
+    assert_eq!(threads_named("vbk-device-state"), 0);
+
+    // Load from a pipe the frontend never closes: CHECK answers too.
+    let (rd, wr) = pipe();
+    c.frontend
+        .set_device_state_fd(
+            VhostTransferStateDirection::LOAD,
+            VhostTransferStatePhase::STOPPED,
+            OwnedFd::from(rd),
+        )
+        .unwrap();
+    let fe = c.frontend.clone();
+    let checked = common::within_timeout("CHECK_DEVICE_STATE", move || fe.check_device_state());
+    assert!(checked.is_err(), "a load that never ended reported success");
+    drop(wr);
+    // The session goes on.
+    c.frontend.get_features().unwrap();
+}

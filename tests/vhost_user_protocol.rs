@@ -49,13 +49,8 @@ impl Rig {
     }
 
     fn connect(daemon: Daemon<TestDevice>, features: u64) -> Rig {
-        let mut client = daemon.frontend(NUM_QUEUES as u64);
-        client.negotiate(features, Client::default_protocol());
-        let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
-        client
-            .frontend
-            .set_mem_table(&[guest.region_info()])
-            .unwrap();
+        let (client, guest) =
+            daemon.ready_frontend(NUM_QUEUES as u64, features, GUEST_GPA, GUEST_SIZE);
         Rig {
             daemon,
             client,
@@ -774,6 +769,12 @@ fn mem_table_region_larger_than_file_is_refused() {
     assert_ne!(raw.ack(set, &p, &fd), 0);
     // The same through ADD_MEM_REG.
     let single = u64s(&[0, small.gpa, 0x10_0000, small.host_addr(small.gpa), 0]);
+    assert_ne!(raw.ack(code(FrontendReq::ADD_MEM_REG), &single, &fd), 0);
+    // A guest address that is not page-aligned: its rings would sit at
+    // misaligned host addresses and never be served.
+    let p = mem_table_payload(1, &[(small.gpa + 4, 0x1000, small.host_addr(small.gpa), 0)]);
+    assert_ne!(raw.ack(set, &p, &fd), 0);
+    let single = u64s(&[0, small.gpa + 4, 0x1000, small.host_addr(small.gpa), 0]);
     assert_ne!(raw.ack(code(FrontendReq::ADD_MEM_REG), &single, &fd), 0);
 
     // The earlier, valid table is still in place: traffic works, so nothing

@@ -113,6 +113,7 @@ impl WorkerHandle {
             wake: wake.try_clone().map_err(WorkerError::Setup)?,
             exit: exit.try_clone().map_err(WorkerError::Setup)?,
             kicks: Vec::new(),
+            deferred: Vec::new(),
         };
         let handle = WorkerHandle {
             commands: tx,
@@ -195,6 +196,8 @@ pub(crate) struct WorkerLoop<B: DeviceBackend> {
     kicks: Vec<Option<EventFd>>,
     device_exit: Option<EventFd>,
     device_fds: Vec<(RawFd, u64)>,
+    /// Queues whose device asked to run again ([`Vring::defer`]).
+    deferred: Vec<u16>,
 }
 
 impl<B: DeviceBackend> WorkerLoop<B> {
@@ -241,6 +244,14 @@ impl<B: DeviceBackend> WorkerLoop<B> {
             TOKEN_CONTROL => {
                 let _ = self.wake.read();
                 self.drain_commands(reg);
+                // Queues whose device stopped a batch with work left run
+                // again now: after the kicks and commands that were
+                // pending, so no queue and no stop request waits for them.
+                for index in std::mem::take(&mut self.deferred) {
+                    if self.queues.get(index).is_some() {
+                        self.dispatch(DeviceEvent::Queue(index));
+                    }
+                }
             }
             TOKEN_EXIT => {
                 self.stop_all(reg);
@@ -253,15 +264,38 @@ impl<B: DeviceBackend> WorkerLoop<B> {
             }
             t if (TOKEN_KICK_BASE..TOKEN_DEVICE_BASE).contains(&t) => {
                 let index = (t - TOKEN_KICK_BASE) as u16;
-                if let Some(Some(kick)) = self.kicks.get(usize::from(index)) {
-                    // Consume the counter; the device drains the ring.
-                    let _ = kick.read();
-                    self.dispatch(DeviceEvent::Queue(index));
+                let Some(Some(kick)) = self.kicks.get(usize::from(index)) else {
+                    return Flow::Continue;
+                };
+                // Consume the counter; the device drains the ring.
+                match kick.read() {
+                    // An eventfd never reads 0: this is a pipe or socket at
+                    // EOF, readable forever. Stop polling it (no spinning)
+                    // and report the queue broken; a new SET_VRING_KICK
+                    // restarts it.
+                    Ok(0) => self.kick_broken(index, t, reg, "at end of file"),
+                    Ok(_) => self.dispatch(DeviceEvent::Queue(index)),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => self.kick_broken(index, t, reg, &e.to_string()),
                 }
             }
             t => self.dispatch(DeviceEvent::Fd(t - TOKEN_DEVICE_BASE)),
         }
         Flow::Continue
+    }
+
+    fn kick_broken(&mut self, index: u16, token: u64, reg: &mut dyn FdRegistry, why: &str) {
+        if let Some(Some(kick)) = self.kicks.get(usize::from(index)) {
+            let _ = reg.remove(kick.as_raw_fd(), token);
+        }
+        error!(
+            "worker {}: kick fd of queue {index} {why}; no longer polled",
+            self.id
+        );
+        if let Some(v) = self.queues.get(index) {
+            v.lock().signal_error();
+        }
     }
 
     fn dispatch(&mut self, event: DeviceEvent) {
@@ -271,6 +305,18 @@ impl<B: DeviceBackend> WorkerLoop<B> {
                 if let Some(v) = self.queues.get(index) {
                     v.lock().signal_error();
                 }
+            }
+        }
+        if let DeviceEvent::Queue(index) = event {
+            let again = self
+                .queues
+                .get(index)
+                .is_some_and(|v| v.lock().take_deferred());
+            if again && !self.deferred.contains(&index) {
+                self.deferred.push(index);
+                // Our own control eventfd: the loop comes back after the
+                // other ready events.
+                let _ = self.wake.write(1);
             }
         }
     }

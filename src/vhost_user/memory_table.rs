@@ -10,12 +10,25 @@ use vm_memory::{FileOffset, GuestAddress};
 
 use crate::memory::{DirtyLog, DirtyLogBitmap, GuestRegionLog};
 
+/// The alignment regions must have.
+const PAGE: u64 = 4096;
+
 /// Why a region was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
     /// Zero size or an address range that wraps around.
     #[error("region at gpa {gpa:#x} with size {size:#x} is empty or overflows")]
     BadRange {
+        /// Guest physical address.
+        gpa: u64,
+        /// Size.
+        size: u64,
+    },
+    /// The guest address or size is not page-aligned: rings inside such a
+    /// region would sit at misaligned host addresses, where the atomic
+    /// accesses to their indexes fail, so the region could never be served.
+    #[error("region at gpa {gpa:#x} with size {size:#x} is not {PAGE}-byte aligned")]
+    Misaligned {
         /// Guest physical address.
         gpa: u64,
         /// Size.
@@ -69,6 +82,9 @@ impl MappedRegion {
         let bad = RegionError::BadRange { gpa, size };
         if size == 0 || gpa.checked_add(size).is_none() || user_addr.checked_add(size).is_none() {
             return Err(bad);
+        }
+        if !gpa.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) {
+            return Err(RegionError::Misaligned { gpa, size });
         }
         let needed = mmap_offset.checked_add(size).ok_or(bad)?;
         let len = usize::try_from(size).map_err(|_| RegionError::BadRange { gpa, size })?;

@@ -15,6 +15,7 @@ pub mod memory_table;
 #[cfg(feature = "postcopy")]
 pub mod postcopy;
 pub mod session;
+pub mod state_transfer;
 #[cfg(feature = "postcopy")]
 pub mod userfaultfd;
 

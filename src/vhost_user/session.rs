@@ -32,6 +32,7 @@ use super::connection::{Connection, ConnectionError, Message};
 use super::memory_table::{MappedRegion, MemoryTable, RegionError};
 #[cfg(feature = "postcopy")]
 use super::postcopy::{PendingMemory, Postcopy, PostcopyError};
+use super::state_transfer::StateTransfer;
 use crate::backend::{ConfigNotifier, DeviceBackend};
 use crate::core::{CoreError, DeviceCore};
 use crate::inflight::{InflightArea, InflightError};
@@ -199,12 +200,9 @@ pub struct Session<'a, B: DeviceBackend> {
     postcopy: Postcopy,
 }
 
-/// A device-state transfer running on its own thread, so the frontend can
-/// read (or write) the pipe while the session keeps answering messages.
-enum StateTransfer {
-    Save(std::thread::JoinHandle<Result<(), String>>),
-    Load(std::thread::JoinHandle<Result<Vec<u8>, String>>),
-}
+/// How long `CHECK_DEVICE_STATE` waits for a transfer the frontend should
+/// already have drained (save) or closed (load) before cancelling it.
+const CHECK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl<'a, B: DeviceBackend> Session<'a, B> {
     /// Start a session on a connected socket.
@@ -586,9 +584,8 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
     }
 
     fn set_device_state_fd(&mut self, req: FrontendReq, msg: &mut Message) -> RequestResult {
-        use std::io::{Read, Write};
         let t = parse::<VhostUserTransferDeviceState>(req, &msg.payload)?;
-        let mut file = msg.take_single_file().ok_or(RequestError::BadFds {
+        let file = msg.take_single_file().ok_or(RequestError::BadFds {
             request: req,
             expected: 1,
             got: msg.files.len(),
@@ -601,44 +598,39 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                 len: msg.payload.len(),
             });
         }
-        if t.direction == 0 {
+        // A transfer still running is cancelled (its thread ends) first.
+        self.transfer = None;
+        let transfer = if t.direction == 0 {
             let snap = self.core.snapshot(Some(self.acked_protocol))?;
             // The rings were already stopped; a frontend that cancels the
             // migration restarts them with SET_VRING_KICK as usual.
             self.core.resume();
             let bytes =
                 crate::snapshot::encode(&snap).map_err(|e| RequestError::State(e.to_string()))?;
-            let handle =
-                std::thread::spawn(move || file.write_all(&bytes).map_err(|e| e.to_string()));
-            self.transfer = Some(StateTransfer::Save(handle));
+            StateTransfer::save(file, bytes)
         } else {
             let cap = crate::snapshot::MAX_PAYLOAD_LEN as u64 + 64;
-            let handle = std::thread::spawn(move || {
-                let mut bytes = Vec::new();
-                (&mut file)
-                    .take(cap)
-                    .read_to_end(&mut bytes)
-                    .map_err(|e| e.to_string())?;
-                Ok(bytes)
-            });
-            self.transfer = Some(StateTransfer::Load(handle));
-        }
+            StateTransfer::load(file, cap)
+        };
+        self.transfer = Some(transfer.map_err(|e| RequestError::State(e.to_string()))?);
         // Success, and no fd of our own: the frontend's fd is used.
         Ok(u64_reply(0x100))
     }
 
     /// Finish the transfer started by SET_DEVICE_STATE_FD; true on success.
     fn check_device_state(&mut self) -> bool {
+        let loading = self.transfer.as_ref().is_some_and(StateTransfer::is_load);
         let result = match self.transfer.take() {
             None => Err("no state transfer was started".to_string()),
-            Some(StateTransfer::Save(h)) => {
-                h.join().unwrap_or_else(|_| Err("writer panicked".into()))
-            }
-            Some(StateTransfer::Load(h)) => h
-                .join()
-                .unwrap_or_else(|_| Err("reader panicked".into()))
-                .and_then(|bytes| self.load_device_state(&bytes)),
+            Some(t) => t.finish(CHECK_GRACE).map_err(|e| e.to_string()),
         };
+        let result = result.and_then(|bytes| {
+            if loading {
+                self.load_device_state(&bytes)
+            } else {
+                Ok(())
+            }
+        });
         match result {
             Ok(()) => true,
             Err(e) => {
@@ -700,6 +692,13 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
             expected: 1,
             got: msg.files.len(),
         })?;
+        // The peer chose this fd: it may be a full eventfd or a pipe that
+        // nobody reads. Non-blocking, a write to it fails with EAGAIN (the
+        // notification is dropped, see `Notifier::notify`) instead of
+        // wedging the worker, and a read of a kick that is not ready
+        // returns instead of blocking. The flag is on the shared open file
+        // description; the frontend's eventfds are non-blocking anyway.
+        set_nonblocking(&file);
         Ok((index, Some(file_to_eventfd(file))))
     }
 
@@ -935,6 +934,18 @@ impl<B: DeviceBackend> Session<'_, B> {
         );
         self.postcopy.add_pending(mapped);
         Ok(Outcome::Reply(reply.as_slice().to_vec()))
+    }
+}
+
+fn set_nonblocking(file: &File) {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on an fd we own; F_GETFL/F_SETFL touch only flags.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
     }
 }
 

@@ -540,6 +540,25 @@ impl<D: DeviceBackend> Daemon<D> {
         Client::new(self.connect(), num_queues)
     }
 
+    /// A frontend that negotiated `features` and the default protocol
+    /// features and installed `size` bytes of guest memory at `gpa`.
+    pub fn ready_frontend(
+        &self,
+        num_queues: u64,
+        features: u64,
+        gpa: u64,
+        size: u64,
+    ) -> (Client, GuestMem) {
+        let mut client = self.frontend(num_queues);
+        client.negotiate(features, Client::default_protocol());
+        let guest = GuestMem::new(gpa, size);
+        client
+            .frontend
+            .set_mem_table(&[guest.region_info()])
+            .unwrap();
+        (client, guest)
+    }
+
     /// Whether the daemon thread has returned.
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())

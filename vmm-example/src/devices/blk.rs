@@ -892,9 +892,13 @@ impl BlkDevice {
 
     fn drain_vring(&self, vr: &mut Vring, scratch: &mut ChainScratch) -> Result<(), VringError> {
         let hold = self.cfg.injected_latency;
-        let mut completed = false;
-        loop {
-            vr.disable_notification()?;
+        let limit = vr.batch_limit();
+        let first_used = vr.next_used();
+        let mut completed = 0usize;
+        let result = loop {
+            if let Err(e) = vr.disable_notification() {
+                break Err(e);
+            }
             let batch = vr.process_available_descs(|mut chain| {
                 let (head, mem) = (chain.head_index(), chain.memory());
                 if let Some(d) = hold {
@@ -908,19 +912,33 @@ impl BlkDevice {
                     std::thread::sleep(d - d / 2);
                 }
                 len
-            })?;
-            if batch > 0 {
-                completed = true;
+            });
+            match batch {
+                Ok(n) => completed += n,
+                Err(e) => break Err(e),
             }
-            if !vr.enable_notification()? {
-                break;
+            if completed >= limit {
+                // A ring's worth in one event and maybe more waiting (a
+                // driver that keeps republishing): let the worker serve its
+                // other queues and any stop request first, then come back.
+                vr.defer();
+                break Ok(());
             }
+            match vr.enable_notification() {
+                Ok(false) => break Ok(()),
+                Ok(true) => {}
+                Err(e) => break Err(e),
+            }
+        };
+        // Completions already in the used ring are signalled even when the
+        // batch ended on an error (whose partial count is not returned, so
+        // the used index tells); a spurious kick completes nothing and must
+        // not interrupt the guest.
+        if completed > 0 || vr.next_used() != first_used {
+            let notified = vr.notify_if_needed();
+            return result.and(notified.map(|_| ()));
         }
-        // A spurious kick completes nothing and must not interrupt the guest.
-        if completed {
-            vr.notify_if_needed()?;
-        }
-        Ok(())
+        result
     }
 
     /// Process one request chain and return the used length to report (the
@@ -1004,8 +1022,10 @@ impl BlkDevice {
 
         let descs = &scratch.descs[..n];
         let Some((header, first, skip)) = read_header(mem, fast, descs) else {
-            warn!("virtio-blk: chain {head} has no readable 16-byte header; dropping it");
-            return 0;
+            // The status byte is reachable: the guest is told, rather than
+            // left to read whatever its status buffer held.
+            warn!("virtio-blk: chain {head} has no readable 16-byte header");
+            return write_status(mem, fast, status_addr, Status::IoErr, 0, head);
         };
         let span = DataSpan {
             descs: &descs[first..],

@@ -1,0 +1,167 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! A guest that keeps republishing buffers must not keep a worker inside
+//! one batch: the reference virtio-blk device (null target) served by the
+//! kit's daemon, a driver thread that republishes as fast as the device
+//! completes (the device slowed down with the test knob so that it never
+//! catches up), and the control path (GET_VRING_BASE) and the other queue
+//! still answered. Every wait is bounded.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use virtio_backend_kit::vhost::VhostBackend;
+use virtio_backend_kit::vhost_user::ServeMode;
+use vmm_example::devices::{BlkConfig, BlkDevice, Target};
+
+const GUEST_GPA: u64 = 0x10_0000;
+const GUEST_SIZE: u64 = 0x10_0000;
+const QSIZE: u16 = 64;
+const VIRTIO_BLK_T_IN: u32 = 0;
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// A read of sector 0 into 512 bytes: header, data, status.
+fn read_request(q: &mut SplitQueue) -> Vec<Buf> {
+    let hdr = q.alloc(16);
+    let mut h = VIRTIO_BLK_T_IN.to_le_bytes().to_vec();
+    h.extend_from_slice(&[0u8; 12]);
+    q.write(hdr, &h);
+    let data = q.alloc(512);
+    let status = q.alloc(1);
+    q.write(status, &[0xff]);
+    vec![
+        Buf {
+            gpa: hdr,
+            len: 16,
+            writable: false,
+        },
+        Buf {
+            gpa: data,
+            len: 512,
+            writable: true,
+        },
+        Buf {
+            gpa: status,
+            len: 1,
+            writable: true,
+        },
+    ]
+}
+
+/// The blk device (null target) configured by `cfg`, served by the kit's
+/// daemon, with a ready frontend.
+fn blk_rig(cfg: BlkConfig) -> (Daemon<BlkDevice>, Client, GuestMem) {
+    let queues = u64::from(cfg.queues);
+    let device = BlkDevice::new(Target::null(1 << 20), cfg).unwrap();
+    let daemon = spawn_daemon(Arc::new(device), ServeMode::KeepServing);
+    let (client, guest) = daemon.ready_frontend(queues, VIRTIO_F_VERSION_1, GUEST_GPA, GUEST_SIZE);
+    (daemon, client, guest)
+}
+
+#[test]
+fn an_endless_batch_does_not_hold_the_worker() {
+    let cfg = BlkConfig {
+        queues: 2,
+        queue_size: QSIZE,
+        // Each request takes 1 ms, so the driver thread republishes far
+        // faster than the device completes: the device would catch up only
+        // if the driver thread were off the CPU for a whole ring (64 ms).
+        injected_latency: Some(Duration::from_millis(1)),
+        ..BlkConfig::default()
+    };
+    let (daemon, mut client, guest) = blk_rig(cfg);
+
+    let mut q0 = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
+    let bufs = read_request(&mut q0);
+    client.start_queue(&q0, 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicU64::new(0));
+    let hostile = {
+        let (stop, published) = (stop.clone(), published.clone());
+        std::thread::spawn(move || {
+            // Publish the same request again whenever the ring has room.
+            let head = q0.add_chain(&bufs);
+            q0.kick();
+            let mut n = 1u64;
+            while !stop.load(Ordering::Relaxed) {
+                if q0.avail_idx().wrapping_sub(q0.used_idx()) < QSIZE {
+                    q0.publish(head);
+                    n += 1;
+                    if n.is_multiple_of(8) {
+                        q0.kick();
+                    }
+                }
+            }
+            published.store(n, Ordering::Relaxed);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // The control path is answered while the guest keeps publishing.
+    let base = within_timeout("GET_VRING_BASE during an endless batch", {
+        let fe = client.frontend.clone();
+        move || fe.get_vring_base(0).unwrap()
+    });
+    stop.store(true, Ordering::Relaxed);
+    hostile.join().unwrap();
+    let published = published.load(Ordering::Relaxed);
+    println!("VBK-HOSTILE endless_batch served={base} published={published}");
+    assert!(
+        published > u64::from(QSIZE) * 2,
+        "the device barely ran: {published}"
+    );
+
+    // The daemon goes on serving: the other queue completes a request.
+    let mut q1 = SplitQueue::new(&guest, 1, QSIZE, GUEST_GPA + QUEUE_AREA);
+    let bufs = read_request(&mut q1);
+    client.start_queue(&q1, 0);
+    within_timeout("queue 1", move || {
+        let head = q1.add_chain(&bufs);
+        q1.kick();
+        assert_eq!(q1.wait_used(1), vec![(u32::from(head), 513)]);
+        assert_eq!(q1.read(bufs[2].gpa, 1), vec![0], "VIRTIO_BLK_S_OK");
+    });
+    drop(daemon);
+}
+
+/// A batch that ends on a driver error (here the available index jumps
+/// more than a queue size ahead while the device works) still signals
+/// the completions it already put in the used ring.
+#[test]
+fn completions_before_an_error_mid_batch_are_signalled() {
+    let cfg = BlkConfig {
+        queues: 1,
+        queue_size: QSIZE,
+        // Slow enough that the bad index lands while the batch runs.
+        injected_latency: Some(Duration::from_millis(20)),
+        ..BlkConfig::default()
+    };
+    let (daemon, mut client, guest) = blk_rig(cfg);
+    let mut q = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
+    client.start_queue(&q, 0);
+    let mut status = Vec::new();
+    for _ in 0..3 {
+        let bufs = read_request(&mut q);
+        status.push(bufs[2].gpa);
+        q.add_chain(&bufs);
+    }
+    q.kick();
+    std::thread::sleep(Duration::from_millis(10));
+    let bad = q.avail_idx().wrapping_add(QSIZE * 3);
+    q.set_avail_idx(bad);
+    assert!(
+        q.wait_call(Duration::from_secs(5)),
+        "completions before the error were never signalled"
+    );
+    assert_eq!(q.used_idx(), 3);
+    for s in status {
+        assert_eq!(q.read(s, 1), vec![0], "VIRTIO_BLK_S_OK");
+    }
+    assert!(
+        q.wait_err(Duration::from_secs(5)),
+        "the error was not reported"
+    );
+    drop(daemon);
+}
