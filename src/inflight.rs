@@ -16,7 +16,7 @@
 //! resubmitted in the order they were first popped.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -82,7 +82,12 @@ impl InflightArea {
         let len = queue_area_size(queue_size) * usize::from(num_queues);
         // SAFETY: memfd_create with a valid NUL-terminated name; the
         // result is checked and then owned by a File.
-        let fd = unsafe { libc::memfd_create(c"vbk-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"vbk-inflight".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if fd < 0 {
             return Err(os("memfd_create"));
         }
@@ -93,6 +98,12 @@ impl InflightArea {
                 what: "ftruncate",
                 source,
             })?;
+        // The frontend gets this fd: it must not be able to shrink the area
+        // under our mapping (a SIGBUS on the next access).
+        // SAFETY: fcntl on an fd we own; F_ADD_SEALS only restricts it.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } < 0 {
+            return Err(os("F_ADD_SEALS"));
+        }
         let area = Self::map(file, len, 0, num_queues, queue_size)?;
         for q in 0..num_queues {
             area.queue_header(q, |h| {

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod core;
+pub mod fault_guard;
 pub mod inflight;
 #[cfg(feature = "kvm")]
 pub mod kvm;

@@ -45,6 +45,14 @@ pub enum DirtyLogError {
     /// The log area is empty or too large to map.
     #[error("invalid dirty log size {0}")]
     InvalidSize(u64),
+    /// The log fd is shorter than the area the frontend announced.
+    #[error("dirty log needs {needed} bytes of its file but the file has {actual}")]
+    FileTooSmall {
+        /// offset + size.
+        needed: u64,
+        /// Actual file size.
+        actual: u64,
+    },
 }
 
 /// A shared mapping of the frontend's dirty log bitmap.
@@ -57,6 +65,21 @@ impl LogArea {
             .ok()
             .filter(|l| *l > 0 && *l <= (1 << 40))
             .ok_or(DirtyLogError::InvalidSize(size))?;
+        // Mapping past the end of the file would fault on the first mark.
+        let actual = file
+            .metadata()
+            .map_err(|source| DirtyLogError::Map {
+                size,
+                offset,
+                source,
+            })?
+            .len();
+        if offset.checked_add(size).is_none_or(|end| end > actual) {
+            return Err(DirtyLogError::FileTooSmall {
+                needed: offset.saturating_add(size),
+                actual,
+            });
+        }
         SharedMapping::new(file, len, offset)
             .map(LogArea)
             .map_err(|source| DirtyLogError::Map {

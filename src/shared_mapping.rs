@@ -11,6 +11,9 @@ use std::os::fd::AsRawFd;
 pub(crate) struct SharedMapping {
     addr: *mut u8,
     len: usize,
+    /// A SIGBUS in the mapping (the peer shrank the file) is survived while
+    /// this lives; taken before the unmapping.
+    guard: Option<crate::fault_guard::FaultGuard>,
 }
 
 // SAFETY: the mapping is plain shared memory; users access it only through
@@ -46,6 +49,7 @@ impl SharedMapping {
         Ok(SharedMapping {
             addr: addr.cast(),
             len,
+            guard: Some(crate::fault_guard::guard(addr.cast(), len)),
         })
     }
 
@@ -62,6 +66,8 @@ impl SharedMapping {
 
 impl Drop for SharedMapping {
     fn drop(&mut self) {
+        // Unguarded first: a fault after the unmapping is not ours.
+        drop(self.guard.take());
         // SAFETY: `addr`/`len` describe the mapping `new` created, owned by
         // this object alone.
         unsafe {

@@ -154,3 +154,76 @@ fn a_kick_fd_at_end_of_file_does_not_spin_the_worker() {
     within_timeout("restarted queue", move || roundtrip(&mut q, 5));
     drop(daemon);
 }
+
+/// The frontend truncates its guest-memory file under the daemon's live
+/// mapping: the access that faults is survived (SIGBUS handled, the page
+/// replaced), the session ends, and the daemon serves the next frontend.
+#[test]
+fn guest_memory_shrunk_under_a_live_mapping_is_survived() {
+    let (daemon, mut client, guest) = rig();
+    let mut q = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
+    client.start_queue(&q, 0);
+    roundtrip(&mut q, 1);
+    let before = virtio_backend_kit::fault_guard::faults_survived();
+    // A request in the ring, then the memory file shrinks to nothing; from
+    // now on this process must not touch `guest` either.
+    let _ = q.add_request(&pattern(2, 64), 64);
+    guest.file.set_len(0).unwrap();
+    q.kick();
+    // The session ends: the daemon shut its socket down.
+    let fe = client.frontend.clone();
+    within_timeout("the session to end", move || {
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while fe.get_features().is_ok() {
+            assert!(Instant::now() < deadline, "the session goes on");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let survived = virtio_backend_kit::fault_guard::faults_survived() - before;
+    println!("VBK-HOSTILE shrunk_memory faults_survived={survived}");
+    assert!(survived >= 1);
+    drop(q);
+    drop(guest);
+    // The next frontend is served.
+    let (mut client, guest) =
+        daemon.ready_frontend(NUM_QUEUES as u64, TEST_FEATURES, GUEST_GPA, GUEST_SIZE);
+    let mut q = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
+    client.start_queue(&q, 0);
+    within_timeout("a new session", move || roundtrip(&mut q, 3));
+}
+
+/// The in-flight area is the daemon's own memfd: the frontend that gets it
+/// cannot shrink it under the daemon's mapping (sealed).
+#[test]
+fn the_inflight_area_cannot_be_shrunk_by_the_frontend() {
+    use virtio_backend_kit::vhost::vhost_user::message::VhostUserInflight;
+    use virtio_backend_kit::vhost::vhost_user::VhostUserFrontend;
+    let (_daemon, mut client, _guest) = rig();
+    let (info, memfd) = client
+        .frontend
+        .get_inflight_fd(&VhostUserInflight::new(0, 0, NUM_QUEUES as u16, QSIZE))
+        .unwrap();
+    let e = memfd.set_len(0).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    assert_eq!(memfd.metadata().unwrap().len(), info.mmap_size);
+}
+
+/// A dirty log fd shorter than the log it announces is refused at
+/// SET_LOG_BASE (it was mapped, and the first mark faulted). With LOG_SHMFD
+/// the refusal is the empty reply.
+#[test]
+fn a_dirty_log_larger_than_its_file_is_refused() {
+    use virtio_backend_kit::vhost::vhost_user::message::FrontendReq;
+    let (_daemon, client, _guest) = rig();
+    let log = LogArea::new(4096);
+    let fd = [std::os::fd::AsRawFd::as_raw_fd(&log.file)];
+    let set = FrontendReq::SET_LOG_BASE.into();
+    let r = client.raw.call(set, &u64s(&[1 << 20, 0]), &fd);
+    assert!(
+        r.payload.is_empty(),
+        "a log past the end of its file was accepted"
+    );
+    let r = client.raw.call(set, &u64s(&[4096, 0]), &fd);
+    assert!(!r.payload.is_empty(), "a log that fits was refused");
+    assert_eq!(client.raw.get_queue_num(), NUM_QUEUES as u64);
+}

@@ -431,7 +431,8 @@ fn fault_resolved_from_another_process_than_the_backend() {
     let bin = process::binary("vhost-user-blk").unwrap_or_else(|e| panic!("{e}"));
     let mut cmd = Command::new(bin);
     cmd.arg("--socket").arg(&sock).arg("--image").arg(&path);
-    cmd.args(["--queue-size", &QSIZE.to_string()]);
+    // One queue, as the in-process daemon of the other tests has.
+    cmd.args(["--queue-size", &QSIZE.to_string(), "--queues", "1"]);
     cmd.env("RUST_LOG", "info");
     let mut backend = process::Backend::spawn("vhost-user-blk", cmd, dir.path().join("blk.log"));
     backend.wait_for_socket(&sock);
@@ -593,8 +594,15 @@ fn qemu_postcopy_migration_of_writing_guest_loses_no_request() {
         .unwrap();
     let mut daemon_a =
         guest_vm::spawn_daemon("vhost-user-blk A", &sock_a, &img, dir.path().join("a.log"));
-    let mut daemon_b =
-        guest_vm::spawn_daemon("vhost-user-blk B", &sock_b, &img, dir.path().join("b.log"));
+    // Shared storage: the source holds the image lock, the destination
+    // opens the image unlocked while both run.
+    let mut daemon_b = guest_vm::spawn_daemon_with(
+        "vhost-user-blk B",
+        &sock_b,
+        &img,
+        dir.path().join("b.log"),
+        &["--no-lock"],
+    );
     let mut src = Qemu::spawn(QemuOpts {
         name: "src",
         dir: dir.path(),

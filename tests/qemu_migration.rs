@@ -65,7 +65,15 @@ fn live_migration_of_writing_guest_loses_no_request() {
         .expect("create image");
 
     let mut daemon_a = spawn_daemon("vhost-user-blk A", &sock_a, &img, dir.path().join("a.log"));
-    let mut daemon_b = spawn_daemon("vhost-user-blk B", &sock_b, &img, dir.path().join("b.log"));
+    // Shared storage: the source holds the image lock, the destination
+    // opens the image unlocked while both run.
+    let mut daemon_b = spawn_daemon_with(
+        "vhost-user-blk B",
+        &sock_b,
+        &img,
+        dir.path().join("b.log"),
+        &["--no-lock"],
+    );
     let mut src = Qemu::spawn(QemuOpts {
         name: "src",
         dir: dir.path(),

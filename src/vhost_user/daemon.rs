@@ -193,10 +193,12 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
         if self.stop.is_stopping() {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
+        crate::fault_guard::set_session_socket(Some(stream.as_raw_fd()));
         let end = Session::new(&mut self.core, stream)
             .with_state_file(self.state_file.clone())
             .run();
         *lock(&self.stop.inner.stream) = None;
+        crate::fault_guard::set_session_socket(None);
         match &end {
             _ if self.stop.is_stopping() => info!("session ended: the daemon is stopping"),
             ConnectionError::Closed => info!("frontend disconnected"),

@@ -67,6 +67,10 @@ pub struct MappedRegion {
     pub mmap_offset: u64,
     /// The mapped region as vm-memory sees it.
     pub region: Arc<GuestRegionLog>,
+    /// A SIGBUS in the mapping (the frontend shrank the file) is survived
+    /// while this lives; it goes before the mapping does (the mapping
+    /// outlives every `MappedRegion` clone through `region`).
+    _guard: Arc<crate::fault_guard::FaultGuard>,
 }
 
 impl MappedRegion {
@@ -99,6 +103,7 @@ impl MappedRegion {
                 .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
                 .build()
                 .map_err(RegionError::Map)?;
+        let guard = crate::fault_guard::guard(mapping.as_ptr(), len);
         let region = GuestRegionLog::new(mapping, GuestAddress(gpa)).ok_or(RegionError::Region)?;
         Ok(MappedRegion {
             gpa,
@@ -106,6 +111,7 @@ impl MappedRegion {
             user_addr,
             mmap_offset,
             region: Arc::new(region),
+            _guard: Arc::new(guard),
         })
     }
 

@@ -986,7 +986,11 @@ impl BlkDevice {
         let mut n = 0usize;
         let mut overflow = false;
         let mut last = None;
-        for desc in descs {
+        let mut descs = descs;
+        // No chain is longer than the queue (virtio 2.7.5.2): an indirect
+        // table can claim 65535 entries, and walking them all for the status
+        // byte at the end would let one request cost that much.
+        for desc in descs.by_ref().take(usize::from(self.cfg.queue_size)) {
             if n < cap {
                 scratch.descs[n] = desc;
                 n += 1;
@@ -994,6 +998,10 @@ impl BlkDevice {
                 overflow = true;
             }
             last = Some(desc);
+        }
+        if descs.next().is_some() {
+            // Where its status byte is cannot be known without the walk.
+            return (n, true, None);
         }
         (n, overflow, last)
     }
