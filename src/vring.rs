@@ -14,20 +14,21 @@
 //! A vring's plain, serializable state is [`VringState`]; it is untrusted and
 //! becomes a live queue only through validation.
 
-use std::cell::{RefCell, RefMut};
+use std::cell::{Cell, RefCell, RefMut};
 use std::num::Wrapping;
 use std::ops::DerefMut;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 
 use arc_swap::ArcSwapOption;
 use serde::{Deserialize, Serialize};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::bitmap::BS;
+use vm_memory::bitmap::{Bitmap, BS};
+use vm_memory::mmap::MmapRegion;
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryLoadGuard,
-    VolatileSlice,
+    Address, ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend,
+    GuestMemoryLoadGuard, GuestMemoryRegion, VolatileArrayRef, VolatileMemory, VolatileRef,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -494,9 +495,7 @@ impl Vring {
                     break;
                 }
             }
-            let Some(head) = rings.avail_head(next_avail) else {
-                break;
-            };
+            let head = rings.avail_head(next_avail);
             next_avail += Wrapping(1);
             self.queue.set_next_avail(next_avail.0);
             if let Some(inflight) = &mut self.inflight {
@@ -519,7 +518,7 @@ impl Vring {
 
     fn drain_available<F>(&mut self, mut f: F) -> Result<usize, VringError>
     where
-        F: for<'m> FnMut(DescriptorChain<&'m GuestMemoryLog>, &DescTable<'m>) -> u32,
+        F: for<'m> FnMut(DescriptorChain<&'m GuestMemoryLog>, &'m DescTable<'m>) -> u32,
     {
         let index = self.index;
         let mut done = 0;
@@ -812,33 +811,56 @@ impl VringT for VringRwLock {
     }
 }
 
-type LogSlice<'m> = VolatileSlice<'m, BS<'m, DirtyLogBitmap>>;
+type LogBitmapSlice<'m> = BS<'m, DirtyLogBitmap>;
+type LogArray<'m, T> = VolatileArrayRef<'m, T, LogBitmapSlice<'m>>;
 
-/// A descriptor table (the queue's, or an indirect one), mapped once when it
-/// lies inside one memory region.
+/// The mapping of the region holding `len` bytes at `addr`, and the offset
+/// of `addr` in it; `None` unless the whole range lies inside one region.
+fn map_range(
+    mem: &GuestMemoryLog,
+    addr: GuestAddress,
+    len: usize,
+) -> Option<(&MmapRegion<DirtyLogBitmap>, usize)> {
+    let (region, offset) = mem.to_region_addr(addr)?;
+    let offset = usize::try_from(offset.raw_value()).ok()?;
+    let map: &MmapRegion<DirtyLogBitmap> = region;
+    // The range check `get_array_ref` and friends repeat; done here too so
+    // that a `Some` always means "inside one region".
+    offset
+        .checked_add(len)
+        .filter(|end| *end <= map.len())
+        .map(|_| (map, offset))
+}
+
+/// A descriptor table (the queue's, or an indirect one), mapped once as an
+/// array of descriptors when it lies inside one memory region.
 #[derive(Clone, Copy)]
 struct TableMap<'m> {
     addr: GuestAddress,
     size: u16,
-    slice: Option<LogSlice<'m>>,
+    array: Option<LogArray<'m, Descriptor>>,
 }
 
 impl<'m> TableMap<'m> {
     fn new(mem: &'m GuestMemoryLog, addr: GuestAddress, size: u16) -> Self {
-        let bytes = usize::from(size) * DESC_SIZE;
-        TableMap {
-            addr,
-            size,
-            slice: GuestMemoryBackend::get_slice(mem, addr, bytes).ok(),
-        }
+        let n = usize::from(size);
+        let array = map_range(mem, addr, n * DESC_SIZE)
+            .and_then(|(map, offset)| map.get_array_ref::<Descriptor>(offset, n).ok());
+        TableMap { addr, size, array }
     }
 
+    /// Descriptor `index`; the caller has checked `index < self.size`.
+    #[inline]
     fn read(&self, mem: &GuestMemoryLog, index: u16) -> Option<Descriptor> {
-        let offset = usize::from(index) * DESC_SIZE;
-        match &self.slice {
-            Some(slice) => slice.read_obj::<Descriptor>(offset).ok(),
+        match &self.array {
+            // The array holds exactly `size` descriptors; `load` asserts the
+            // index (never failing after the caller's check) and does one
+            // volatile read.
+            Some(array) => Some(array.load(usize::from(index))),
             None => {
-                let addr = self.addr.checked_add(offset as u64)?;
+                let addr = self
+                    .addr
+                    .checked_add(usize::from(index) as u64 * DESC_SIZE as u64)?;
                 mem.read_obj::<Descriptor>(addr).ok()
             }
         }
@@ -847,26 +869,37 @@ impl<'m> TableMap<'m> {
 
 const DESC_SIZE: usize = std::mem::size_of::<Descriptor>();
 
-/// The available and used rings of a queue for one batch, each mapped once.
+/// The available and used rings of a queue for one batch, each mapped once:
+/// the indexes as atomics, the entries as arrays.
 struct RingMap<'m> {
-    avail: LogSlice<'m>,
-    used: LogSlice<'m>,
+    avail_idx: &'m AtomicU16,
+    avail: LogArray<'m, u16>,
+    used_idx: &'m AtomicU16,
+    /// Used elements as (id, len) pairs of little-endian words.
+    used: LogArray<'m, [u32; 2]>,
+    /// The used ring's region bitmap and the offset of `used_idx` in that
+    /// region, to log the index store (atomics bypass the slice bitmaps).
+    used_idx_log: (&'m DirtyLogBitmap, usize),
     size: u16,
 }
 
 impl<'m> RingMap<'m> {
-    /// `None` unless each ring lies inside one memory region.
+    /// `None` unless each ring lies inside one memory region (and is
+    /// aligned for its atomic index).
     fn new(mem: &'m GuestMemoryLog, queue: &Queue) -> Option<Self> {
         let size = queue.size();
         if size == 0 {
             return None;
         }
         let n = usize::from(size);
-        let avail = GuestMemoryBackend::get_slice(mem, GuestAddress(queue.avail_ring()), 4 + 2 * n);
-        let used = GuestMemoryBackend::get_slice(mem, GuestAddress(queue.used_ring()), 4 + 8 * n);
+        let (amap, aoff) = map_range(mem, GuestAddress(queue.avail_ring()), 4 + 2 * n)?;
+        let (umap, uoff) = map_range(mem, GuestAddress(queue.used_ring()), 4 + 8 * n)?;
         Some(RingMap {
-            avail: avail.ok()?,
-            used: used.ok()?,
+            avail_idx: amap.get_atomic_ref::<AtomicU16>(aoff + 2).ok()?,
+            avail: amap.get_array_ref::<u16>(aoff + 4, n).ok()?,
+            used_idx: umap.get_atomic_ref::<AtomicU16>(uoff + 2).ok()?,
+            used: umap.get_array_ref::<[u32; 2]>(uoff + 4, n).ok()?,
+            used_idx_log: (umap.bitmap(), uoff + 2),
             size,
         })
     }
@@ -874,28 +907,23 @@ impl<'m> RingMap<'m> {
     /// The driver's available index (Acquire), checked against `next_avail`
     /// as `virtio-queue` does: it may run at most a queue size ahead.
     fn avail_idx(&self, next_avail: Wrapping<u16>) -> Result<Wrapping<u16>, virtio_queue::Error> {
-        let idx = self
-            .avail
-            .load::<u16>(2, Ordering::Acquire)
-            .map(|v| Wrapping(u16::from_le(v)))
-            .map_err(|e| virtio_queue::Error::GuestMemory(e.into()))?;
+        let idx = Wrapping(u16::from_le(self.avail_idx.load(Ordering::Acquire)));
         if (idx - next_avail).0 > self.size {
             return Err(virtio_queue::Error::InvalidAvailRingIndex);
         }
         Ok(idx)
     }
 
-    /// The head index in available-ring entry `next_avail` (Acquire).
-    fn avail_head(&self, next_avail: Wrapping<u16>) -> Option<u16> {
-        let offset = 4 + 2 * usize::from(next_avail.0 % self.size);
-        self.avail
-            .load::<u16>(offset, Ordering::Acquire)
-            .ok()
-            .map(u16::from_le)
+    /// The head index in available-ring entry `next_avail`. Read after the
+    /// Acquire load of the available index that covered it, as the driver
+    /// wrote it before its Release store of that index.
+    fn avail_head(&self, next_avail: Wrapping<u16>) -> u16 {
+        u16::from_le(self.avail.load(usize::from(next_avail.0 % self.size)))
     }
 
     /// Write used element `next_used`, then publish it with a Release store
-    /// of the used index, as `virtio-queue`'s `add_used` does.
+    /// of the used index, as `virtio-queue`'s `add_used` does. Both writes
+    /// are dirty-logged.
     fn push_used(
         &self,
         next_used: Wrapping<u16>,
@@ -905,23 +933,24 @@ impl<'m> RingMap<'m> {
         if head >= self.size {
             return Err(virtio_queue::Error::InvalidDescriptorIndex);
         }
-        let offset = 4 + 8 * usize::from(next_used.0 % self.size);
-        let elem = u64::from(head) | (u64::from(len) << 32);
-        let mem_err =
-            |e: vm_memory::VolatileMemoryError| virtio_queue::Error::GuestMemory(e.into());
-        self.used.write_obj(elem.to_le(), offset).map_err(mem_err)?;
+        let slot = usize::from(next_used.0 % self.size);
         self.used
-            .store((next_used + Wrapping(1)).0.to_le(), 2, Ordering::Release)
-            .map_err(mem_err)
+            .store(slot, [u32::from(head).to_le(), len.to_le()]);
+        self.used_idx
+            .store((next_used + Wrapping(1)).0.to_le(), Ordering::Release);
+        let (bitmap, offset) = self.used_idx_log;
+        bitmap.mark_dirty(offset, 2);
+        Ok(())
     }
 }
 const DESC_ALIGN: u32 = 16;
 
-/// The queue's descriptor table for one batch.
-#[derive(Clone, Copy)]
+/// The queue's descriptor table for one batch, and the memory region the
+/// batch's requests last touched through [`DescIter::get_ref`].
 struct DescTable<'m> {
     mem: &'m GuestMemoryLog,
     table: TableMap<'m>,
+    hint: Cell<Option<&'m GuestRegionLog>>,
 }
 
 impl<'m> DescTable<'m> {
@@ -929,12 +958,14 @@ impl<'m> DescTable<'m> {
         DescTable {
             mem,
             table: TableMap::new(mem, GuestAddress(queue.desc_table()), queue.size()),
+            hint: Cell::new(None),
         }
     }
 
-    fn chain(&self, head: u16) -> DescIter<'m> {
+    fn chain(&'m self, head: u16) -> DescIter<'m> {
         DescIter {
             mem: self.mem,
+            hint: &self.hint,
             head,
             table: self.table,
             next_index: head,
@@ -952,8 +983,13 @@ impl<'m> DescTable<'m> {
 /// stops at an index outside the table, after as many descriptors as the
 /// table has (loops), at an unreadable descriptor, at a malformed or nested
 /// indirect table, and before the chain would exceed 4 GiB.
+///
+/// [`DescIter::get_ref`] reaches the buffers the descriptors point to
+/// without a full guest-memory lookup when they lie in the region the batch
+/// touched last.
 pub struct DescIter<'m> {
     mem: &'m GuestMemoryLog,
+    hint: &'m Cell<Option<&'m GuestRegionLog>>,
     head: u16,
     table: TableMap<'m>,
     next_index: u16,
@@ -964,13 +1000,38 @@ pub struct DescIter<'m> {
 
 impl<'m> DescIter<'m> {
     /// Index of the chain's head descriptor.
+    #[inline]
     pub fn head_index(&self) -> u16 {
         self.head
     }
 
     /// The guest memory the descriptors point into.
+    #[inline]
     pub fn memory(&self) -> &'m GuestMemoryLog {
         self.mem
+    }
+
+    /// A volatile reference to a `T` at guest address `addr`, if the whole
+    /// object lies inside one memory region (`None` otherwise: the caller
+    /// falls back to [`DescIter::memory`]'s `Bytes` methods, which also
+    /// handle objects spanning regions).
+    ///
+    /// The region the batch touched last is tried before a lookup in the
+    /// memory map; either way the range is checked against the region's
+    /// bounds. Stores through the reference are dirty-logged.
+    #[inline]
+    pub fn get_ref<T: ByteValued>(
+        &self,
+        addr: GuestAddress,
+    ) -> Option<VolatileRef<'m, T, LogBitmapSlice<'m>>> {
+        if let Some(region) = self.hint.get() {
+            if let Some(r) = region_ref(region, addr) {
+                return Some(r);
+            }
+        }
+        let region = self.mem.find_region(addr)?;
+        self.hint.set(Some(region));
+        region_ref(region, addr)
     }
 
     fn switch_to_indirect(&mut self, desc: Descriptor) -> Option<()> {
@@ -984,6 +1045,19 @@ impl<'m> DescIter<'m> {
         self.is_indirect = true;
         Some(())
     }
+}
+
+/// A reference to a `T` at `addr` if it lies inside `region`.
+#[inline]
+fn region_ref<T: ByteValued>(
+    region: &GuestRegionLog,
+    addr: GuestAddress,
+) -> Option<VolatileRef<'_, T, LogBitmapSlice<'_>>> {
+    let offset = addr.checked_offset_from(region.start_addr())?;
+    let offset = usize::try_from(offset).ok()?;
+    let map: &MmapRegion<DirtyLogBitmap> = region;
+    // `get_ref` checks `offset + size_of::<T>()` against the mapping.
+    map.get_ref::<T>(offset).ok()
 }
 
 impl std::fmt::Debug for DescIter<'_> {
@@ -1000,6 +1074,8 @@ impl std::fmt::Debug for DescIter<'_> {
 impl Iterator for DescIter<'_> {
     type Item = Descriptor;
 
+    // Inlined into the device's loop over the chain (another crate).
+    #[inline]
     fn next(&mut self) -> Option<Descriptor> {
         loop {
             if self.ttl == 0 || self.next_index >= self.table.size {
@@ -1099,8 +1175,8 @@ mod tests {
         }
         assert_eq!(seen, heads.len());
         // The table lookups fall back to plain reads when there is no slice.
-        let mut unmapped = descs;
-        unmapped.table.slice = None;
+        let mut unmapped = DescTable::new(&mem, &queue);
+        unmapped.table.array = None;
         assert_eq!(unmapped.chain(0).count(), 3);
         assert_eq!(unmapped.chain(6).count(), 2);
     }
@@ -1194,6 +1270,118 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// The mapped batch path: `DescIter::get_ref` takes only ranges inside
+    /// one region (whichever region the hint holds), and every write it and
+    /// the mapped used ring make is dirty-logged while logging is on.
+    #[test]
+    fn mapped_path_checks_ranges_and_logs_writes() {
+        use crate::memory::{DirtyLog, LOG_PAGE_SIZE};
+        use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        const HALF: u64 = 0x10000;
+        let log = DirtyLog::new();
+        let log_file = tempfile::tempfile().unwrap();
+        log_file.set_len(64).unwrap();
+        log.set_area(&log_file, 64, 0).unwrap();
+        let region = |base: u64| {
+            let map = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(
+                HALF as usize,
+                DirtyLogBitmap::new(log.clone(), base),
+            )
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .build()
+            .unwrap();
+            GuestRegionLog::new(map, GuestAddress(base)).unwrap()
+        };
+        // Two adjacent regions: [0, HALF) and [HALF, 2 * HALF).
+        let mem = GuestMemoryLog::from_regions(vec![region(0), region(HALF)]).unwrap();
+        let (next, w) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+        for head in (0..SIZE).step_by(2) {
+            // A header in the first region, a status byte in the second.
+            let base = DESC + u64::from(head) * 16;
+            mem.write_obj(desc(0x4000, 16, next, head + 1), GuestAddress(base))
+                .unwrap();
+            mem.write_obj(desc(HALF + 0x5000, 1, w, 0), GuestAddress(base + 16))
+                .unwrap();
+        }
+        let state = VringState {
+            size: SIZE,
+            ready: true,
+            enabled: true,
+            desc_table: DESC,
+            avail_ring: AVAIL,
+            used_ring: USED,
+            ..VringState::default()
+        };
+        let slot = || Arc::new(ArcSwapOption::empty());
+        let handle = GuestMemoryHandle::new(mem);
+        let mut vring = Vring::new(0, SIZE, &state, handle.clone(), slot(), slot()).unwrap();
+        let offer = |idx: u16| {
+            let m = handle.memory();
+            let head = (idx % (SIZE / 2)) * 2;
+            m.write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(idx % SIZE)))
+                .unwrap();
+            m.write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
+                .unwrap();
+        };
+        let logged = || {
+            let mut bytes = [0u8; 64];
+            std::os::unix::fs::FileExt::read_at(&log_file, &mut bytes, 0).unwrap();
+            let pages: Vec<u64> = (0..64 * 8)
+                .filter(|p| bytes[p / 8] & (1 << (p % 8)) != 0)
+                .map(|p| p as u64 * LOG_PAGE_SIZE)
+                .collect();
+            pages
+        };
+        let run = |vring: &mut Vring, status: u8| {
+            vring
+                .process_available_descs(|chain| {
+                    let at = GuestAddress;
+                    // Inside one region, the hint on either side.
+                    assert!(chain.get_ref::<[u64; 2]>(at(0x4000)).is_some());
+                    assert!(chain.get_ref::<u8>(at(HALF - 1)).is_some());
+                    assert!(chain.get_ref::<u16>(at(HALF)).is_some());
+                    assert!(chain.get_ref::<u8>(at(2 * HALF - 1)).is_some());
+                    // Across the boundary (whichever region the hint holds),
+                    // and beyond memory: refused.
+                    assert!(chain.get_ref::<u64>(at(HALF - 4)).is_none());
+                    assert!(chain.get_ref::<u8>(at(HALF - 1)).is_some());
+                    assert!(chain.get_ref::<u64>(at(HALF - 4)).is_none());
+                    assert!(chain.get_ref::<u8>(at(2 * HALF)).is_none());
+                    assert!(chain.get_ref::<u16>(at(2 * HALF - 1)).is_none());
+                    assert!(chain.get_ref::<u8>(at(u64::MAX)).is_none());
+                    let descs: Vec<Descriptor> = chain.collect();
+                    assert_eq!(descs.len(), 2);
+                    1
+                })
+                .unwrap();
+            // The status byte, written as a device would.
+            let guard = handle.memory();
+            let table = DescTable::new(&guard, vring.queue_mut());
+            let chain = table.chain(0);
+            chain
+                .get_ref::<u8>(GuestAddress(HALF + 0x5000))
+                .unwrap()
+                .store(status);
+        };
+        offer(0);
+        run(&mut vring, 1);
+        assert_eq!(logged(), Vec::<u64>::new(), "logged while logging is off");
+        assert_eq!(vring.state().next_used, 1);
+
+        offer(1);
+        // (After the driver-side writes above, which would be logged too.)
+        log.set_active(true);
+        run(&mut vring, 2);
+        // The used ring (element and index) and the status byte's page.
+        assert_eq!(logged(), vec![USED, HALF + 0x5000]);
+        let m = handle.memory();
+        assert_eq!(m.read_obj::<u8>(GuestAddress(HALF + 0x5000)).unwrap(), 2);
+        assert_eq!(m.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 2);
+        // Used element 1: head 2, length 1.
+        assert_eq!(m.read_obj::<u32>(GuestAddress(USED + 12)).unwrap(), 2);
+        assert_eq!(m.read_obj::<u32>(GuestAddress(USED + 16)).unwrap(), 1);
     }
 
     /// An in-flight area sized for a larger ring cannot make this ring

@@ -67,7 +67,8 @@ use virtio_backend_kit::vm_memory::{
     ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile,
 };
 use virtio_backend_kit::{
-    BackendError, DeviceBackend, DeviceEvent, QueueSet, Vring, VringError, VringOwned, VringT,
+    BackendError, DescIter, DeviceBackend, DeviceEvent, QueueSet, Vring, VringError, VringOwned,
+    VringT,
 };
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
@@ -953,18 +954,25 @@ impl BlkDevice {
     {
         let head = chain.head_index();
         let (n, overflow, last) = self.collect_descs(&mut chain, scratch);
-        self.finish_chain(head, chain.memory(), scratch, n, overflow, last)
+        self.finish_chain(head, chain.memory(), &(), scratch, n, overflow, last)
     }
 
     /// [`BlkDevice::process_chain`] for a chain given as its head index, its
-    /// memory and an iterator over its descriptors.
-    fn process_descs<M, I>(&self, head: u16, mem: &M, descs: I, scratch: &mut ChainScratch) -> u32
+    /// memory and an iterator over its descriptors (which may also offer a
+    /// shortcut to the header and status byte).
+    fn process_descs<M, I>(
+        &self,
+        head: u16,
+        mem: &M,
+        mut descs: I,
+        scratch: &mut ChainScratch,
+    ) -> u32
     where
         M: GuestMemory + ?Sized,
-        I: Iterator<Item = Descriptor>,
+        I: Iterator<Item = Descriptor> + HeaderStatusAccess,
     {
-        let (n, overflow, last) = self.collect_descs(descs, scratch);
-        self.finish_chain(head, mem, scratch, n, overflow, last)
+        let (n, overflow, last) = self.collect_descs(&mut descs, scratch);
+        self.finish_chain(head, mem, &descs, scratch, n, overflow, last)
     }
 
     /// Copy up to `seg_max + 2` descriptors into the scratch array; returns
@@ -998,10 +1006,12 @@ impl BlkDevice {
         (n, overflow, last)
     }
 
-    fn finish_chain<M: GuestMemory + ?Sized>(
+    #[allow(clippy::too_many_arguments)]
+    fn finish_chain<M: GuestMemory + ?Sized, A: HeaderStatusAccess + ?Sized>(
         &self,
         head: u16,
         mem: &M,
+        fast: &A,
         scratch: &ChainScratch,
         n: usize,
         overflow: bool,
@@ -1015,22 +1025,22 @@ impl BlkDevice {
         };
         if overflow {
             warn!("virtio-blk: chain {head} has more than {cap} descriptors");
-            return write_status(mem, status_addr, Status::IoErr, 0, head);
+            return write_status(mem, fast, status_addr, Status::IoErr, 0, head);
         }
 
         let descs = &scratch.descs[..n];
-        let Some((header, first, skip)) = read_header(mem, descs) else {
+        let Some((header, first, skip)) = read_header(mem, fast, descs) else {
             // The status byte is reachable: the guest is told, rather than
             // left to read whatever its status buffer held.
             warn!("virtio-blk: chain {head} has no readable 16-byte header");
-            return write_status(mem, status_addr, Status::IoErr, 0, head);
+            return write_status(mem, fast, status_addr, Status::IoErr, 0, head);
         };
         let span = DataSpan {
             descs: &descs[first..],
             skip,
         };
         let (status, written) = self.execute(mem, &header, span);
-        write_status(mem, status_addr, status, written, head)
+        write_status(mem, fast, status_addr, status, written, head)
     }
 
     fn execute<M: GuestMemory + ?Sized>(
@@ -1331,15 +1341,18 @@ fn status_address(last: Descriptor) -> Option<GuestAddress> {
 /// Read the 16-byte request header from the leading readable descriptors.
 /// Returns it with the position right after it: index of the descriptor
 /// and bytes of it the header used.
-fn read_header<M: GuestMemory + ?Sized>(
+fn read_header<M: GuestMemory + ?Sized, A: HeaderStatusAccess + ?Sized>(
     mem: &M,
+    fast: &A,
     descs: &[Descriptor],
 ) -> Option<([u8; HEADER_LEN], usize, u32)> {
     let mut header = [0u8; HEADER_LEN];
     // Fast path: the whole header in the first descriptor.
     if let Some(d) = descs.first() {
         if !d.is_write_only() && d.len() as usize >= HEADER_LEN {
-            if !read_guest(mem, &mut header, d.addr()) {
+            if let Some(h) = fast.read_header(d.addr()) {
+                header = h;
+            } else if !read_guest(mem, &mut header, d.addr()) {
                 return None;
             }
             return Some(if d.len() as usize == HEADER_LEN {
@@ -1383,14 +1396,59 @@ fn read_guest<M: GuestMemory + ?Sized>(mem: &M, buf: &mut [u8], addr: GuestAddre
     mem.read_slice(buf, addr).is_ok()
 }
 
+/// A shortcut to a request's header and status byte in guest memory, tried
+/// before the generic `GuestMemory` paths (which also handle what the
+/// shortcut declines, such as a header spanning two regions).
+trait HeaderStatusAccess {
+    /// The 16-byte request header at `addr`, or `None` to take the
+    /// generic path.
+    fn read_header(&self, addr: GuestAddress) -> Option<[u8; HEADER_LEN]>;
+    /// Store the status byte at `addr`; false to take the generic path.
+    fn write_status(&self, addr: GuestAddress, byte: u8) -> bool;
+}
+
+/// No shortcut (chains from `virtio-queue`).
+impl HeaderStatusAccess for () {
+    fn read_header(&self, _addr: GuestAddress) -> Option<[u8; HEADER_LEN]> {
+        None
+    }
+
+    fn write_status(&self, _addr: GuestAddress, _byte: u8) -> bool {
+        false
+    }
+}
+
+/// Through the batch's region hint ([`DescIter::get_ref`]): bounds-checked
+/// against the region, dirty-logged, without a memory-map lookup when the
+/// request's buffers share a region with the previous request's.
+impl HeaderStatusAccess for &mut DescIter<'_> {
+    fn read_header(&self, addr: GuestAddress) -> Option<[u8; HEADER_LEN]> {
+        // Two 8-byte volatile loads (a byte array would be read byte by
+        // byte), put back in memory order.
+        let [a, b] = self.get_ref::<[u64; 2]>(addr)?.load();
+        let mut header = [0u8; HEADER_LEN];
+        header[..8].copy_from_slice(&a.to_ne_bytes());
+        header[8..].copy_from_slice(&b.to_ne_bytes());
+        Some(header)
+    }
+
+    fn write_status(&self, addr: GuestAddress, byte: u8) -> bool {
+        self.get_ref::<u8>(addr).map(|r| r.store(byte)).is_some()
+    }
+}
+
 /// Write the status byte and return the used length.
-fn write_status<M: GuestMemory + ?Sized>(
+fn write_status<M: GuestMemory + ?Sized, A: HeaderStatusAccess + ?Sized>(
     mem: &M,
+    fast: &A,
     addr: GuestAddress,
     status: Status,
     data_written: u32,
     head: u16,
 ) -> u32 {
+    if fast.write_status(addr, status.byte()) {
+        return data_written.saturating_add(1);
+    }
     let written = match mem.physical_memory().map(|m| m.get_slice(addr, 1)) {
         // One region lookup and a volatile store (dirty-logged through the
         // slice's bitmap) instead of vm-memory's generic slice iterator.
