@@ -770,7 +770,7 @@ fn mem_table_region_larger_than_file_is_refused() {
     // The same through ADD_MEM_REG.
     let single = u64s(&[0, small.gpa, 0x10_0000, small.host_addr(small.gpa), 0]);
     assert_ne!(raw.ack(code(FrontendReq::ADD_MEM_REG), &single, &fd), 0);
-    // A guest address that is not page-aligned: its rings would sit at
+    // A guest address that is not 8-byte aligned: its rings would sit at
     // misaligned host addresses and never be served.
     let p = mem_table_payload(1, &[(small.gpa + 4, 0x1000, small.host_addr(small.gpa), 0)]);
     assert_ne!(raw.ack(set, &p, &fd), 0);

@@ -10,8 +10,10 @@ use vm_memory::{FileOffset, GuestAddress};
 
 use crate::memory::{DirtyLog, DirtyLogBitmap, GuestRegionLog};
 
-/// The alignment regions must have.
-const PAGE: u64 = 4096;
+/// The alignment a region's guest address must have: what the rings'
+/// atomic index accesses need at the host addresses the region maps them
+/// to (sizes need none: libblkio sends regions of any length).
+const REGION_ALIGN: u64 = 8;
 
 /// Why a region was refused.
 #[derive(Debug, thiserror::Error)]
@@ -24,10 +26,10 @@ pub enum RegionError {
         /// Size.
         size: u64,
     },
-    /// The guest address or size is not page-aligned: rings inside such a
-    /// region would sit at misaligned host addresses, where the atomic
-    /// accesses to their indexes fail, so the region could never be served.
-    #[error("region at gpa {gpa:#x} with size {size:#x} is not {PAGE}-byte aligned")]
+    /// The guest address is not 8-byte aligned: rings inside such a region
+    /// would sit at misaligned host addresses, where the atomic accesses to
+    /// their indexes fail, so the region could never be served.
+    #[error("region at gpa {gpa:#x} (size {size:#x}) is not {REGION_ALIGN}-byte aligned")]
     Misaligned {
         /// Guest physical address.
         gpa: u64,
@@ -87,7 +89,7 @@ impl MappedRegion {
         if size == 0 || gpa.checked_add(size).is_none() || user_addr.checked_add(size).is_none() {
             return Err(bad);
         }
-        if !gpa.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) {
+        if !gpa.is_multiple_of(REGION_ALIGN) {
             return Err(RegionError::Misaligned { gpa, size });
         }
         let needed = mmap_offset.checked_add(size).ok_or(bad)?;
