@@ -1113,6 +1113,25 @@ mod tests {
         RawDescriptor::from(Descriptor::new(addr, len, flags, next))
     }
 
+    /// A vring of `SIZE` on the test layout (`DESC`, `AVAIL`, `USED`),
+    /// resuming at index `start`, without call or err notifiers.
+    fn test_vring(mem: &GuestMemoryHandle, start: u16, event_idx: bool) -> Vring {
+        let state = VringState {
+            size: SIZE,
+            ready: true,
+            enabled: true,
+            desc_table: DESC,
+            avail_ring: AVAIL,
+            used_ring: USED,
+            next_avail: start,
+            next_used: start,
+            event_idx,
+            signalled_used: None,
+        };
+        let slot = || Arc::new(ArcSwapOption::empty());
+        Vring::new(0, SIZE, &state, mem.clone(), slot(), slot()).unwrap()
+    }
+
     /// `DescIter` yields exactly what virtio-queue's chain yields.
     #[test]
     fn desc_iter_matches_descriptor_chain() {
@@ -1197,21 +1216,8 @@ mod tests {
                 )
                 .unwrap();
             }
-            let state = VringState {
-                size: SIZE,
-                ready: true,
-                enabled: true,
-                desc_table: DESC,
-                avail_ring: AVAIL,
-                used_ring: USED,
-                next_avail: start,
-                next_used: start,
-                event_idx: true,
-                signalled_used: None,
-            };
-            let slot = || Arc::new(ArcSwapOption::empty());
             let handle = GuestMemoryHandle::new(mem);
-            let vring = Vring::new(0, SIZE, &state, handle.clone(), slot(), slot()).unwrap();
+            let vring = test_vring(&handle, start, true);
             (handle, vring)
         };
         let offer = |mem: &GuestMemoryLog, from: u16, n: u16, used_event: u16| {
@@ -1305,18 +1311,8 @@ mod tests {
             mem.write_obj(desc(HALF + 0x5000, 1, w, 0), GuestAddress(base + 16))
                 .unwrap();
         }
-        let state = VringState {
-            size: SIZE,
-            ready: true,
-            enabled: true,
-            desc_table: DESC,
-            avail_ring: AVAIL,
-            used_ring: USED,
-            ..VringState::default()
-        };
-        let slot = || Arc::new(ArcSwapOption::empty());
         let handle = GuestMemoryHandle::new(mem);
-        let mut vring = Vring::new(0, SIZE, &state, handle.clone(), slot(), slot()).unwrap();
+        let mut vring = test_vring(&handle, 0, false);
         let offer = |idx: u16| {
             let m = handle.memory();
             let head = (idx % (SIZE / 2)) * 2;
@@ -1390,22 +1386,11 @@ mod tests {
     fn inflight_heads_beyond_the_ring_are_refused() {
         let mem: GuestMemoryLog =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let state = VringState {
-            size: SIZE,
-            ready: true,
-            enabled: true,
-            desc_table: DESC,
-            avail_ring: AVAIL,
-            used_ring: USED,
-            ..VringState::default()
-        };
-        let slot = || Arc::new(ArcSwapOption::empty());
         let area = Arc::new(crate::inflight::InflightArea::create(1, 1024).unwrap());
         let mut q = area.queue(0).unwrap();
         q.recover(0);
         q.begin(SIZE + 100);
-        let handle = GuestMemoryHandle::new(mem);
-        let mut vring = Vring::new(0, SIZE, &state, handle, slot(), slot()).unwrap();
+        let mut vring = test_vring(&GuestMemoryHandle::new(mem), 0, false);
         let err = vring.attach_inflight(area.queue(0).unwrap()).unwrap_err();
         assert!(
             matches!(err, VringError::InvalidState(m) if m.contains("beyond the queue")),
