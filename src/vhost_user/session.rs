@@ -698,7 +698,9 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
         // wedging the worker, and a read of a kick that is not ready
         // returns instead of blocking. The flag is on the shared open file
         // description; the frontend's eventfds are non-blocking anyway.
-        set_nonblocking(&file);
+        if let Err(e) = super::state_transfer::set_nonblocking(&file) {
+            warn!("{req:?}: cannot make the fd non-blocking: {e}");
+        }
         Ok((index, Some(file_to_eventfd(file))))
     }
 
@@ -934,18 +936,6 @@ impl<B: DeviceBackend> Session<'_, B> {
         );
         self.postcopy.add_pending(mapped);
         Ok(Outcome::Reply(reply.as_slice().to_vec()))
-    }
-}
-
-fn set_nonblocking(file: &File) {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on an fd we own; F_GETFL/F_SETFL touch only flags.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-        }
     }
 }
 

@@ -46,7 +46,9 @@ pub struct StateTransfer {
     thread: Option<JoinHandle<()>>,
 }
 
-fn set_nonblocking(file: &File) -> io::Result<()> {
+/// Set `O_NONBLOCK` on a peer's fd (here the state pipe; the session uses
+/// it for kick, call and err fds too).
+pub(crate) fn set_nonblocking(file: &File) -> io::Result<()> {
     let fd = file.as_raw_fd();
     // SAFETY: fcntl on an fd we own; F_GETFL/F_SETFL touch only flags.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
