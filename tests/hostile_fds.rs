@@ -26,17 +26,7 @@ fn rig() -> (Daemon<TestDevice>, Client, GuestMem) {
     (daemon, client, guest)
 }
 
-/// A pipe: (read end, write end).
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two fds pipe2 writes.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: both fds were just created and are owned by nobody else.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
-
-fn as_eventfd(fd: OwnedFd) -> EventFd {
-    use std::os::fd::IntoRawFd;
+fn as_eventfd(fd: impl std::os::fd::IntoRawFd) -> EventFd {
     // SAFETY: ownership of a valid fd moves into the EventFd.
     unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
 }

@@ -500,6 +500,16 @@ pub struct Daemon<D: DeviceBackend> {
     _watchdog: Watchdog,
 }
 
+/// A pipe: (read end, write end).
+pub fn pipe() -> (File, File) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds were just created and are owned by nobody else.
+    unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+}
+
 /// Serve `device` on a fresh socket in a thread.
 pub fn spawn_daemon<D: DeviceBackend>(device: Arc<D>, mode: ServeMode) -> Daemon<D> {
     let watchdog = Watchdog::new(Duration::from_secs(120));
