@@ -21,7 +21,8 @@ pub use backend::{
 };
 pub use memory::{DirtyLog, DirtyLogBitmap, GuestMemoryHandle, GuestMemoryLog, GuestRegionLog};
 pub use vring::{
-    Chain, DescIter, Vring, VringError, VringMutex, VringOwned, VringRwLock, VringState, VringT,
+    Chain, Completion, DescIter, Vring, VringError, VringMutex, VringOwned, VringRwLock,
+    VringState, VringT,
 };
 
 /// The `kvm-ioctls` crate the KVM wiring is built on.

@@ -59,6 +59,15 @@ pub enum VringError {
         #[source]
         source: std::io::Error,
     },
+    /// The device could not complete chain `head` honestly and stopped
+    /// the queue (see [`Completion::NeedsReset`]).
+    #[error("virtqueue {index}: chain {head} cannot be completed; the device needs a reset")]
+    NeedsReset {
+        /// Queue index.
+        index: u16,
+        /// The chain's head descriptor.
+        head: u16,
+    },
     /// A saved state cannot be applied to a queue.
     #[error("invalid vring state: {0}")]
     InvalidState(&'static str),
@@ -135,7 +144,8 @@ pub const INTERRUPT_CONFIG_CHANGE: u32 = 0x2;
 #[derive(Debug)]
 pub struct Notifier {
     fd: EventFd,
-    status: Option<(Arc<std::sync::atomic::AtomicU32>, u32)>,
+    /// Status words and the bit set in each before `fd` fires.
+    status: Vec<(Arc<std::sync::atomic::AtomicU32>, u32)>,
     trace: Option<Arc<crate::mmio::InterruptTrace>>,
 }
 
@@ -144,7 +154,7 @@ impl Notifier {
     pub fn new(fd: EventFd) -> Self {
         Notifier {
             fd,
-            status: None,
+            status: Vec::new(),
             trace: None,
         }
     }
@@ -153,9 +163,17 @@ impl Notifier {
     pub fn with_status(fd: EventFd, status: Arc<std::sync::atomic::AtomicU32>, bit: u32) -> Self {
         Notifier {
             fd,
-            status: Some((status, bit)),
+            status: vec![(status, bit)],
             trace: None,
         }
+    }
+
+    /// The same notifier, also setting `bit` in `status` before signalling
+    /// (e.g. DEVICE_NEEDS_RESET in a device status word beside the
+    /// config-change bit in InterruptStatus).
+    pub fn and_status(mut self, status: Arc<std::sync::atomic::AtomicU32>, bit: u32) -> Self {
+        self.status.push((status, bit));
+        self
     }
 
     /// The same notifier, counting what it raises in `trace`.
@@ -171,7 +189,7 @@ impl Notifier {
 
     /// Raise the notification.
     pub fn notify(&self) -> std::io::Result<()> {
-        if let Some((status, bit)) = &self.status {
+        for (status, bit) in &self.status {
             status.fetch_or(*bit, Ordering::SeqCst);
         }
         if let Some(trace) = &self.trace {
@@ -215,6 +233,35 @@ pub struct Vring {
     /// The device stopped with work left and wants to run again (see
     /// [`Vring::defer`]).
     deferred: bool,
+    /// The device met a chain it cannot complete honestly (see
+    /// [`Completion::NeedsReset`]); nothing more is taken from this ring.
+    needs_reset: bool,
+}
+
+/// What a device did with one chain, as returned by the closures of
+/// [`Vring::process_available`] and [`Vring::process_available_descs`].
+///
+/// A plain `u32` converts into [`Completion::Used`], so a closure that
+/// returns the used length needs no change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// Put the chain on the used ring with this many bytes written.
+    Used(u32),
+    /// The chain cannot be completed without lying to the driver (for
+    /// example a block request whose status byte is outside guest memory:
+    /// a used entry would make the driver read a status nobody wrote). The
+    /// chain stays off the used ring (and in flight), the batch ends with
+    /// [`VringError::NeedsReset`], and the ring hands out no more chains
+    /// until it is set up again. The worker then signals the queue's err
+    /// notifier: an in-process transport sets DEVICE_NEEDS_RESET, a
+    /// vhost-user frontend sees the vring's err fd.
+    NeedsReset,
+}
+
+impl From<u32> for Completion {
+    fn from(len: u32) -> Self {
+        Completion::Used(len)
+    }
 }
 
 /// Chains to hand out again after a restart: a private available ring (in a
@@ -325,6 +372,7 @@ impl Vring {
             inflight: None,
             resubmit: None,
             deferred: false,
+            needs_reset: false,
         })
     }
 
@@ -415,6 +463,9 @@ impl Vring {
     /// driver error reported as `Err`; the queue is then broken until reset.
     pub fn pop_chain(&mut self) -> Result<Option<Chain>, VringError> {
         let index = self.index;
+        if self.needs_reset {
+            return Ok(None);
+        }
         if let Some(resubmit) = &mut self.resubmit {
             let mem = resubmit.mem.memory();
             let next = resubmit
@@ -452,11 +503,16 @@ impl Vring {
     /// memory is loaded once per batch and chains borrow it, so the hot
     /// path touches no reference count per request. In-flight tracking and
     /// resubmission after a restart apply as with `pop_chain`.
-    pub fn process_available<F>(&mut self, mut f: F) -> Result<usize, VringError>
+    ///
+    /// `f` returns the used length (or any [`Completion`]); a
+    /// [`Completion::NeedsReset`] ends the batch with
+    /// [`VringError::NeedsReset`].
+    pub fn process_available<F, R>(&mut self, mut f: F) -> Result<usize, VringError>
     where
-        F: FnMut(DescriptorChain<&GuestMemoryLog>) -> u32,
+        F: FnMut(DescriptorChain<&GuestMemoryLog>) -> R,
+        R: Into<Completion>,
     {
-        self.drain_available(|chain, _| f(chain))
+        self.drain_available(|chain, _| f(chain).into())
     }
 
     /// [`Vring::process_available`], handing `f` a [`DescIter`] instead of
@@ -467,15 +523,22 @@ impl Vring {
     /// rings are mapped once per batch too (when each lies inside one memory
     /// region; otherwise, and while resubmitting, `virtio-queue` reads and
     /// writes them).
-    pub fn process_available_descs<F>(&mut self, mut f: F) -> Result<usize, VringError>
+    pub fn process_available_descs<F, R>(&mut self, mut f: F) -> Result<usize, VringError>
     where
-        F: FnMut(DescIter<'_>) -> u32,
+        F: FnMut(DescIter<'_>) -> R,
+        R: Into<Completion>,
     {
+        if self.needs_reset {
+            return Ok(0);
+        }
         let guard = self.mem.memory();
         let mem: &GuestMemoryLog = &guard;
         let rings = match RingMap::new(mem, &self.queue) {
             Some(rings) if self.resubmit.is_none() => rings,
-            _ => return self.drain_available(|chain, table| f(table.chain(chain.head_index()))),
+            _ => {
+                return self
+                    .drain_available(|chain, table| f(table.chain(chain.head_index())).into())
+            }
         };
         let index = self.index;
         let qerr = |source| VringError::Queue { index, source };
@@ -501,7 +564,9 @@ impl Vring {
             if let Some(inflight) = &mut self.inflight {
                 inflight.begin(head);
             }
-            let len = f(table.chain(head));
+            let Completion::Used(len) = f(table.chain(head)).into() else {
+                return Err(self.stop_for_reset(head));
+            };
             if let Some(inflight) = &mut self.inflight {
                 inflight.pre_complete(head);
             }
@@ -518,10 +583,13 @@ impl Vring {
 
     fn drain_available<F>(&mut self, mut f: F) -> Result<usize, VringError>
     where
-        F: for<'m> FnMut(DescriptorChain<&'m GuestMemoryLog>, &'m DescTable<'m>) -> u32,
+        F: for<'m> FnMut(DescriptorChain<&'m GuestMemoryLog>, &'m DescTable<'m>) -> Completion,
     {
         let index = self.index;
         let mut done = 0;
+        if self.needs_reset {
+            return Ok(0);
+        }
         if let Some(resubmit) = self.resubmit.take() {
             let guard = resubmit.mem.memory();
             let mut queue = resubmit.queue;
@@ -536,7 +604,9 @@ impl Vring {
                 if let Some(inflight) = &mut self.inflight {
                     inflight.begin(head);
                 }
-                let len = f(chain, &table);
+                let Completion::Used(len) = f(chain, &table) else {
+                    return Err(self.stop_for_reset(head));
+                };
                 self.add_used(head, len)?;
                 done += 1;
             }
@@ -555,14 +625,18 @@ impl Vring {
             let head = chain.head_index();
             if let Some(inflight) = &mut self.inflight {
                 inflight.begin(head);
-                let len = f(chain, &table);
+                let Completion::Used(len) = f(chain, &table) else {
+                    return Err(self.stop_for_reset(head));
+                };
                 inflight.pre_complete(head);
                 self.queue
                     .add_used(mem, head, len)
                     .map_err(|source| VringError::Queue { index, source })?;
                 inflight.post_complete(head, self.queue.next_used());
             } else {
-                let len = f(chain, &table);
+                let Completion::Used(len) = f(chain, &table) else {
+                    return Err(self.stop_for_reset(head));
+                };
                 self.queue
                     .add_used(mem, head, len)
                     .map_err(|source| VringError::Queue { index, source })?;
@@ -570,6 +644,27 @@ impl Vring {
             done += 1;
         }
         Ok(done)
+    }
+
+    /// Stop taking chains from this ring because the device cannot complete
+    /// chain `head` (see [`Completion::NeedsReset`]); for devices that use
+    /// [`Vring::pop_chain`]. The worker signals the err notifier when the
+    /// device's event handler returns the error this gives.
+    pub fn mark_needs_reset(&mut self, head: u16) -> VringError {
+        self.stop_for_reset(head)
+    }
+
+    /// Whether the device stopped this ring for a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset
+    }
+
+    fn stop_for_reset(&mut self, head: u16) -> VringError {
+        self.needs_reset = true;
+        VringError::NeedsReset {
+            index: self.index,
+            head,
+        }
     }
 
     /// Put chain `head` on the used ring with `len` bytes written.
@@ -621,7 +716,12 @@ impl Vring {
 
     /// Re-enable guest notifications (kicks); returns true if more buffers
     /// arrived meanwhile and the caller should keep processing.
+    ///
+    /// A ring stopped for a reset has nothing more to give: always false.
     pub fn enable_notification(&mut self) -> Result<bool, VringError> {
+        if self.needs_reset {
+            return Ok(false);
+        }
         let index = self.index;
         self.queue
             .enable_notification(&*self.mem.memory())

@@ -124,6 +124,7 @@ impl Ring {
             used_ring: self.used,
             kick,
             call: irq.notifier(),
+            err: Notifier::new(EventFd::new(EFD_NONBLOCK).unwrap()),
         };
         (q, driver_kick)
     }

@@ -165,3 +165,63 @@ fn completions_before_an_error_mid_batch_are_signalled() {
     );
     drop(daemon);
 }
+
+/// A request whose status byte lies outside guest memory cannot be
+/// completed honestly: a used entry would make the driver read a status
+/// nobody wrote. The requests before it in the batch complete and are
+/// signalled; that one stays off the used ring, the queue's err fd fires,
+/// the queue takes nothing more until it is set up again, and the other
+/// queue goes on serving.
+#[test]
+fn a_request_whose_status_byte_is_unreachable_is_not_completed() {
+    let cfg = BlkConfig {
+        queues: 2,
+        queue_size: QSIZE,
+        ..BlkConfig::default()
+    };
+    let (daemon, mut client, guest) = blk_rig(cfg);
+    let mut q = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
+    client.start_queue(&q, 0);
+    let good = read_request(&mut q);
+    let mut bad = read_request(&mut q);
+    // The status descriptor points past the end of guest memory.
+    bad[2].gpa = GUEST_GPA + GUEST_SIZE + 0x1000;
+    let after = read_request(&mut q);
+    q.add_chain(&good);
+    q.add_chain(&bad);
+    q.add_chain(&after);
+    q.kick();
+    assert!(
+        q.wait_err(Duration::from_secs(5)),
+        "the unreachable status byte was not reported on the err fd"
+    );
+    assert!(
+        q.wait_call(Duration::from_secs(5)),
+        "the good request was not signalled"
+    );
+    assert_eq!(
+        q.used_idx(),
+        1,
+        "only the request before the bad one completes"
+    );
+    assert_eq!(q.read(good[2].gpa, 1), vec![0], "VIRTIO_BLK_S_OK");
+    // Kicking again takes nothing more from the stopped ring.
+    q.kick();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(q.used_idx(), 1, "a stopped queue completed a request");
+    assert_eq!(
+        q.read(after[2].gpa, 1),
+        vec![0xff],
+        "status written on a stopped queue"
+    );
+
+    let mut q1 = SplitQueue::new(&guest, 1, QSIZE, GUEST_GPA + QUEUE_AREA);
+    let bufs = read_request(&mut q1);
+    client.start_queue(&q1, 0);
+    within_timeout("queue 1 after queue 0 stopped", move || {
+        let head = q1.add_chain(&bufs);
+        q1.kick();
+        assert_eq!(q1.wait_used(1), vec![(u32::from(head), 513)]);
+    });
+    drop(daemon);
+}

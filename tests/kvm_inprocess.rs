@@ -280,6 +280,7 @@ fn wiring_with_hand_built_activation() {
                 status.clone(),
                 INTERRUPT_USED_BUFFER,
             ),
+            err: Notifier::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
         }],
     })
     .unwrap();

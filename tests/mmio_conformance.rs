@@ -72,6 +72,12 @@ fn suite(driver: &mut Driver) -> Vec<String> {
             driver.blk_simple(q, 0x7777, 0)
         ));
     }
+    // A request the device cannot complete honestly (no writable status
+    // byte): not put on the used ring; DEVICE_NEEDS_RESET instead.
+    let (needs_reset, config_irq, completed) = driver.blk_without_status_byte(1);
+    log.push(format!(
+        "no_status_byte needs_reset={needs_reset} config_irq={config_irq} completed={completed}"
+    ));
     log.push(format!("interrupts_seen={}", driver.interrupts() > 0));
     driver.reset();
     log.push(format!("after_reset_status={:#x}", driver.status()));
@@ -164,4 +170,7 @@ fn same_results_in_every_home() {
     assert!(threads.iter().any(|l| l == "q1 read=0 same=true"));
     assert!(threads.iter().any(|l| l == "q0 read_past_end=1"));
     assert!(threads.iter().any(|l| l == "q0 unknown_type=2"));
+    assert!(threads
+        .iter()
+        .any(|l| l == "no_status_byte needs_reset=true config_irq=true completed=false"));
 }

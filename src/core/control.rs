@@ -45,6 +45,10 @@ pub struct QueueActivation {
     pub kick: EventFd,
     /// Where used-buffer notifications go (a KVM irqfd plus status bit).
     pub call: Notifier,
+    /// Where the device reports that the queue hit an error it cannot
+    /// recover from (see [`crate::vring::Completion::NeedsReset`]): for
+    /// virtio-mmio, DEVICE_NEEDS_RESET plus a config-change interrupt.
+    pub err: Notifier,
 }
 
 /// Everything a device needs when the driver sets DRIVER_OK.
@@ -138,6 +142,7 @@ impl<B: DeviceBackend> DeviceControl for DeviceCore<B> {
             self.set_queue_base(i, 0, None)?;
             self.set_queue_ready(i, true)?;
             self.set_call_notifier(i, Some(q.call))?;
+            self.set_err_notifier(i, Some(q.err))?;
             self.set_queue_enabled(i, true)?;
             self.set_kick(i, Some(q.kick))?;
             if !self.is_queue_running(i) {
@@ -177,6 +182,7 @@ impl<B: DeviceBackend> DeviceControl for DeviceCore<B> {
                 ));
             }
             self.set_call_notifier(i, Some(q.call))?;
+            self.set_err_notifier(i, Some(q.err))?;
             self.set_queue_enabled(i, true)?;
             self.set_kick(i, Some(q.kick))?;
             if !self.is_queue_running(i) {

@@ -379,8 +379,14 @@ impl<B: DeviceBackend> DeviceCore<B> {
 
     /// Attach (or detach) the err eventfd of queue `index`.
     pub fn set_err(&mut self, index: u32, err: Option<EventFd>) -> Result<()> {
+        self.set_err_notifier(index, err.map(Notifier::new))
+    }
+
+    /// Attach (or detach) the err notifier of queue `index` (e.g. one that
+    /// sets DEVICE_NEEDS_RESET and raises a config interrupt).
+    pub fn set_err_notifier(&mut self, index: u32, err: Option<Notifier>) -> Result<()> {
         let slot = self.slot(index)?;
-        slot.err.store(err.map(|fd| Arc::new(Notifier::new(fd))));
+        slot.err.store(err.map(Arc::new));
         Ok(())
     }
 

@@ -60,6 +60,9 @@ pub struct MmioTransport {
     queue_sel: u32,
     queues: Vec<QueueRegs>,
     status: u32,
+    /// DEVICE_NEEDS_RESET when a queue's err notifier fired (set from the
+    /// device's worker threads; read as part of Status).
+    device_error: Arc<AtomicU32>,
     activated: bool,
     interrupt_status: Arc<AtomicU32>,
     config_generation: Arc<AtomicU32>,
@@ -106,6 +109,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_sel: 0,
             status: 0,
+            device_error: Arc::new(AtomicU32::new(0)),
             activated: false,
             interrupt_status,
             config_generation,
@@ -137,7 +141,7 @@ impl MmioTransport {
 
     /// The current device status register.
     pub fn status(&self) -> u32 {
-        self.status
+        self.status | self.device_error.load(Ordering::SeqCst)
     }
 
     /// Whether the device was activated (DRIVER_OK accepted).
@@ -183,7 +187,7 @@ impl MmioTransport {
             },
             QUEUE_READY => self.selected().map_or(0, |q| u32::from(q.ready)),
             INTERRUPT_STATUS => self.interrupt_status(),
-            STATUS => self.status,
+            STATUS => self.status(),
             CONFIG_GENERATION => self.config_generation.load(Ordering::SeqCst),
             SHM_LEN_LOW | SHM_LEN_HIGH => u32::MAX, // no shared memory regions
             _ => {
@@ -359,7 +363,7 @@ impl MmioTransport {
             self.reset();
             return;
         }
-        let old = self.status;
+        let old = self.status();
         if value & old != old {
             warn!("virtio-mmio: status {value:#x} clears bits of {old:#x}; only 0 resets, refused");
             return;
@@ -442,6 +446,14 @@ impl MmioTransport {
                     INTERRUPT_USED_BUFFER,
                 )
                 .traced(trace),
+                // A queue the device gave up on: DEVICE_NEEDS_RESET and a
+                // config-change interrupt (virtio 1.2, 2.1.2).
+                err: Notifier::with_status(
+                    dup(&self.irq)?,
+                    self.interrupt_status.clone(),
+                    INTERRUPT_CONFIG_CHANGE,
+                )
+                .and_status(self.device_error.clone(), STATUS_DEVICE_NEEDS_RESET),
             });
         }
         Ok(Activation {
@@ -465,6 +477,7 @@ impl MmioTransport {
         self.driver_features = 0;
         self.queue_sel = 0;
         self.status = 0;
+        self.device_error.store(0, Ordering::SeqCst);
         self.activated = false;
         self.interrupt_status.store(0, Ordering::SeqCst);
     }

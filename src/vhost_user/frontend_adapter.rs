@@ -203,7 +203,7 @@ struct ConfigCache {
     stale: bool,
 }
 
-/// A backend call eventfd and where its wake-ups go.
+/// A backend call (or err) eventfd and where its wake-ups go.
 struct RelayedCall {
     backend_call: EventFd,
     notifier: Notifier,
@@ -220,6 +220,10 @@ struct Shared {
     epoll: Epoll,
     /// Indexed by queue (= epoll token).
     calls: Mutex<Vec<Option<RelayedCall>>>,
+    /// The queues' err eventfds, indexed by queue (epoll token
+    /// [`TOKEN_ERR_BASE`] + queue): a backend that gives up on a queue
+    /// signals it, and the transport marks the device DEVICE_NEEDS_RESET.
+    errs: Mutex<Vec<Option<RelayedCall>>>,
     config: Mutex<ConfigCache>,
     config_notifier: Mutex<Option<ConfigNotifier>>,
     /// When the request in flight must have been answered.
@@ -238,6 +242,8 @@ const TOKEN_EXIT: u64 = u64::MAX;
 const TOKEN_WAKE: u64 = u64::MAX - 1;
 const TOKEN_BACKEND_REQ: u64 = u64::MAX - 2;
 const TOKEN_HANGUP: u64 = u64::MAX - 3;
+/// Err eventfds are watched with this plus the queue index as token.
+const TOKEN_ERR_BASE: u64 = 1 << 32;
 
 /// Arms the request timeout for as long as it lives.
 struct RequestGuard<'a> {
@@ -292,7 +298,11 @@ impl Relay {
                     }
                     TOKEN_HANGUP => self.hung_up(),
                     TOKEN_BACKEND_REQ => self.backend_request(),
-                    queue => self.relay_call(queue as usize),
+                    token if token >= TOKEN_ERR_BASE => {
+                        let queue = (token - TOKEN_ERR_BASE) as usize;
+                        self.relay(&self.shared.errs, queue, "err");
+                    }
+                    queue => self.relay(&self.shared.calls, queue as usize, "call"),
                 }
             }
         }
@@ -332,8 +342,8 @@ impl Relay {
         );
     }
 
-    fn relay_call(&self, queue: usize) {
-        let mut calls = lock(&self.shared.calls);
+    fn relay(&self, list: &Mutex<Vec<Option<RelayedCall>>>, queue: usize, what: &str) {
+        let mut calls = lock(list);
         let Some(Some(call)) = calls.get_mut(queue) else {
             return;
         };
@@ -344,14 +354,14 @@ impl Relay {
                     Ok(()) => call.relayed += 1,
                     Err(e) => {
                         call.errors += 1;
-                        warn!("queue {queue}: cannot raise the interrupt: {e}");
+                        warn!("queue {queue}: cannot pass on the {what} notification: {e}");
                     }
                 }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             Err(e) => {
                 call.errors += 1;
-                warn!("queue {queue}: cannot read the call eventfd: {e}");
+                warn!("queue {queue}: cannot read the {what} eventfd: {e}");
             }
         }
     }
@@ -563,6 +573,7 @@ impl VhostUserFrontendDevice {
         let shared = Arc::new(Shared {
             epoll: Epoll::new().map_err(io)?,
             calls: Mutex::new(Vec::new()),
+            errs: Mutex::new(Vec::new()),
             config: Mutex::new(ConfigCache::default()),
             config_notifier: Mutex::new(None),
             deadline: Mutex::new(None),
@@ -780,6 +791,7 @@ impl VhostUserFrontendDevice {
         };
         let index = usize::from(q.index);
         let backend_call = EventFd::new(EFD_NONBLOCK).map_err(FrontendError::Relay)?;
+        let backend_err = EventFd::new(EFD_NONBLOCK).map_err(FrontendError::Relay)?;
 
         self.request("SET_VRING_NUM", |fe| fe.set_vring_num(index, q.size))?;
         self.request("SET_VRING_ADDR", |fe| fe.set_vring_addr(index, &config))?;
@@ -788,6 +800,8 @@ impl VhostUserFrontendDevice {
             fe.set_vring_call(index, &backend_call)
         })?;
         self.relay_calls(index, backend_call, q.call)?;
+        self.request("SET_VRING_ERR", |fe| fe.set_vring_err(index, &backend_err))?;
+        self.relay_to(&self.shared.errs, TOKEN_ERR_BASE, index, backend_err, q.err)?;
         self.request("SET_VRING_KICK", |fe| fe.set_vring_kick(index, &q.kick))?;
         if let Some(active) = self.active.as_mut() {
             active.started.push(q.index);
@@ -808,7 +822,20 @@ impl VhostUserFrontendDevice {
         backend_call: EventFd,
         notifier: Notifier,
     ) -> Result<(), FrontendError> {
-        let mut calls = lock(&self.shared.calls);
+        self.relay_to(&self.shared.calls, 0, index, backend_call, notifier)
+    }
+
+    /// Route wake-ups of `backend_fd` to `notifier`, as entry `index` of
+    /// `list` watched with epoll token `token_base + index`.
+    fn relay_to(
+        &self,
+        list: &Mutex<Vec<Option<RelayedCall>>>,
+        token_base: u64,
+        index: usize,
+        backend_call: EventFd,
+        notifier: Notifier,
+    ) -> Result<(), FrontendError> {
+        let mut calls = lock(list);
         if calls.len() <= index {
             calls.resize_with(index + 1, || None);
         }
@@ -817,7 +844,7 @@ impl VhostUserFrontendDevice {
             .ctl(
                 ControlOperation::Add,
                 backend_call.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, index as u64),
+                EpollEvent::new(EventSet::IN, token_base + index as u64),
             )
             .map_err(FrontendError::Relay)?;
         calls[index] = Some(RelayedCall {
@@ -830,15 +857,16 @@ impl VhostUserFrontendDevice {
         Ok(())
     }
 
-    /// Stop relaying calls of every queue.
+    /// Stop relaying calls and errs of every queue.
     fn clear_calls(&self) {
-        let mut calls = lock(&self.shared.calls);
-        for call in calls.drain(..).flatten() {
-            let _ = self.shared.epoll.ctl(
-                ControlOperation::Delete,
-                call.backend_call.as_raw_fd(),
-                EpollEvent::default(),
-            );
+        for list in [&self.shared.calls, &self.shared.errs] {
+            for call in lock(list).drain(..).flatten() {
+                let _ = self.shared.epoll.ctl(
+                    ControlOperation::Delete,
+                    call.backend_call.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
         }
     }
 

@@ -194,6 +194,12 @@ impl Driver {
     /// Submit a chain of (gpa, len, writable) and wait for its completion;
     /// returns the used length.
     pub fn submit(&mut self, q: u16, bufs: &[(u64, u32, bool)]) -> u32 {
+        self.publish(q, bufs);
+        self.wait_used(q)
+    }
+
+    /// Publish a chain of (gpa, len, writable) and kick, without waiting.
+    fn publish(&mut self, q: u16, bufs: &[(u64, u32, bool)]) {
         let qi = usize::from(q);
         let (size, desc, avail) = {
             let queue = &self.queues[qi];
@@ -225,7 +231,36 @@ impl Driver {
             .unwrap();
         // What a KVM ioeventfd does for a QueueNotify write.
         self.t.queue_kicks()[qi].1.write(1).unwrap();
-        self.wait_used(q)
+    }
+
+    /// Submit a read whose last descriptor (where the status byte goes) is
+    /// device-readable, so the device has nowhere to report a status; wait
+    /// up to 10 s for DEVICE_NEEDS_RESET. Returns whether the device asked
+    /// for a reset, whether a config-change interrupt came, and whether the
+    /// chain was (wrongly) put on the used ring.
+    pub fn blk_without_status_byte(&mut self, q: u16) -> (bool, bool, bool) {
+        let hdr = self.alloc(16);
+        self.mem.write_obj(0u32, GuestAddress(hdr)).unwrap();
+        self.mem.write_obj(0u64, GuestAddress(hdr + 8)).unwrap();
+        let data = self.alloc(512);
+        self.publish(q, &[(hdr, 16, false), (data, 512, false)]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut config_irq = false;
+        while self.status() & 0x40 == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if self.t.irq_eventfd().read().is_ok() {
+            let status = self.rd(INTERRUPT_STATUS);
+            config_irq = status & 2 != 0;
+            self.wr(INTERRUPT_ACK, status);
+        }
+        let (used, last_used) = {
+            let queue = &self.queues[usize::from(q)];
+            (queue.used, queue.last_used)
+        };
+        let used_idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
+        let needs_reset = self.status() & 0x40 != 0;
+        (needs_reset, config_irq, used_idx != last_used)
     }
 
     fn wait_used(&mut self, q: u16) -> u32 {

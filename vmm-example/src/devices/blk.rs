@@ -36,10 +36,15 @@
 //! byte of the last descriptor (which must be device-writable), and the data
 //! is everything in between.
 //!
-//! A chain whose header or status byte cannot be found gets a used entry of
-//! length 0 and a logged warning: there is nowhere to put a status. Every
-//! other malformed request completes with `VIRTIO_BLK_S_IOERR` (or `UNSUPP`
-//! for unknown types and flags); guest data never causes a panic.
+//! A chain whose status byte cannot be found or written is not completed:
+//! a used entry would make the driver read a status nobody wrote. The
+//! device logs it and stops the queue ([`Completion::NeedsReset`]); the
+//! kit then signals the queue's err notifier, which an in-process
+//! virtio-mmio transport turns into DEVICE_NEEDS_RESET and a vhost-user
+//! frontend sees on the vring's err fd. A request whose status byte is
+//! reachable but whose header is not, and every other malformed request,
+//! completes with `VIRTIO_BLK_S_IOERR` (or `UNSUPP` for unknown types and
+//! flags); guest data never causes a panic.
 //!
 //! # Hot path
 //!
@@ -67,8 +72,8 @@ use virtio_backend_kit::vm_memory::{
     ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile,
 };
 use virtio_backend_kit::{
-    BackendError, DescIter, DeviceBackend, DeviceEvent, QueueSet, Vring, VringError, VringOwned,
-    VringT,
+    BackendError, Completion, DescIter, DeviceBackend, DeviceEvent, QueueSet, Vring, VringError,
+    VringOwned, VringT,
 };
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
@@ -941,13 +946,19 @@ impl BlkDevice {
         result
     }
 
-    /// Process one request chain and return the used length to report (the
-    /// bytes written into the chain, status byte included; 0 when the chain
-    /// has no place for a status).
+    /// Process one request chain and return its completion: the used
+    /// length to report (the bytes written into the chain, status byte
+    /// included), or [`Completion::NeedsReset`] when the chain has no
+    /// status byte the device can write (a used entry would make the driver
+    /// read a status nobody wrote).
     ///
     /// This is a plain function of the chain, its memory and the target, so
     /// it can be tested without a worker.
-    pub fn process_chain<M>(&self, mut chain: DescriptorChain<M>, scratch: &mut ChainScratch) -> u32
+    pub fn process_chain<M>(
+        &self,
+        mut chain: DescriptorChain<M>,
+        scratch: &mut ChainScratch,
+    ) -> Completion
     where
         M: Deref,
         M::Target: GuestMemory,
@@ -966,7 +977,7 @@ impl BlkDevice {
         mem: &M,
         mut descs: I,
         scratch: &mut ChainScratch,
-    ) -> u32
+    ) -> Completion
     where
         M: GuestMemory + ?Sized,
         I: Iterator<Item = Descriptor> + HeaderStatusAccess,
@@ -1016,12 +1027,14 @@ impl BlkDevice {
         n: usize,
         overflow: bool,
         last: Option<Descriptor>,
-    ) -> u32 {
+    ) -> Completion {
         let cap = (self.cfg.seg_max as usize + 2).min(SCRATCH_DESCS);
 
         let Some(status_addr) = last.and_then(status_address) else {
-            warn!("virtio-blk: chain {head} has no writable status byte; dropping it");
-            return 0;
+            warn!(
+                "virtio-blk: chain {head} has no writable status byte; the queue stops until reset"
+            );
+            return Completion::NeedsReset;
         };
         if overflow {
             warn!("virtio-blk: chain {head} has more than {cap} descriptors");
@@ -1437,7 +1450,8 @@ impl HeaderStatusAccess for &mut DescIter<'_> {
     }
 }
 
-/// Write the status byte and return the used length.
+/// Write the status byte and return the completion: the used length, or
+/// [`Completion::NeedsReset`] when the byte cannot be written.
 fn write_status<M: GuestMemory + ?Sized, A: HeaderStatusAccess + ?Sized>(
     mem: &M,
     fast: &A,
@@ -1445,9 +1459,9 @@ fn write_status<M: GuestMemory + ?Sized, A: HeaderStatusAccess + ?Sized>(
     status: Status,
     data_written: u32,
     head: u16,
-) -> u32 {
+) -> Completion {
     if fast.write_status(addr, status.byte()) {
-        return data_written.saturating_add(1);
+        return Completion::Used(data_written.saturating_add(1));
     }
     let written = match mem.physical_memory().map(|m| m.get_slice(addr, 1)) {
         // One region lookup and a volatile store (dirty-logged through the
@@ -1458,10 +1472,10 @@ fn write_status<M: GuestMemory + ?Sized, A: HeaderStatusAccess + ?Sized>(
         _ => mem.write_obj(status.byte(), addr),
     };
     match written {
-        Ok(()) => data_written.saturating_add(1),
+        Ok(()) => Completion::Used(data_written.saturating_add(1)),
         Err(e) => {
-            warn!("virtio-blk: chain {head}: cannot write the status byte: {e}");
-            0
+            warn!("virtio-blk: chain {head}: cannot write the status byte: {e}; the queue stops until reset");
+            Completion::NeedsReset
         }
     }
 }
