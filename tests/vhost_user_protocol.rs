@@ -737,6 +737,48 @@ fn mem_table_with_fewer_fds_than_regions_is_refused() {
     assert_eq!(raw.get_queue_num(), NUM_QUEUES as u64);
 }
 
+/// Sparse memfds can claim any size: without a cap a frontend could map
+/// region after region until the daemon's address space is gone (and then
+/// every allocation fails). One session maps at most `MAX_GUEST_MEMORY`.
+#[test]
+fn sparse_regions_cannot_use_up_the_address_space() {
+    use virtio_backend_kit::vhost_user::MAX_GUEST_MEMORY;
+    const TIB: u64 = 1 << 40;
+    let mut rig = Rig::new(TEST_FEATURES);
+    let sparse = memfd("sparse", 10 * TIB);
+    let fd = [sparse.as_raw_fd()];
+    let raw = rig.raw();
+    // One table of two 9 TiB regions: refused as a whole.
+    let set = code(FrontendReq::SET_MEM_TABLE);
+    let p = mem_table_payload(
+        2,
+        &[
+            (1 << 44, 9 * TIB, 1 << 44, 0),
+            (2 << 44, 9 * TIB, 2 << 44, 0),
+        ],
+    );
+    assert_ne!(raw.ack(set, &p, &[fd[0], fd[0]]), 0);
+    // Region by region: added until the limit, then refused.
+    let add = code(FrontendReq::ADD_MEM_REG);
+    let mut accepted = 0u64;
+    for i in 1..=40u64 {
+        let gpa = i << 42;
+        let single = u64s(&[0, gpa, 4 * TIB, gpa, 0]);
+        if raw.ack(add, &single, &fd) == 0 {
+            accepted += 1;
+        }
+    }
+    println!("VBK-HOSTILE sparse_regions accepted={accepted} of 40 (4 TiB each)");
+    assert_eq!(
+        accepted * 4 * TIB,
+        MAX_GUEST_MEMORY - 4 * TIB,
+        "the cap was not applied"
+    );
+    // The daemon still serves the table it had.
+    let mut q = rig.running_queue(0);
+    roundtrip(&mut q, &pattern(9, 256));
+}
+
 #[test]
 fn mem_table_region_larger_than_file_is_refused() {
     let mut rig = Rig::new(TEST_FEATURES);

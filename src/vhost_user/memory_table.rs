@@ -147,6 +147,11 @@ impl MemoryTable {
         self.regions.len() != before
     }
 
+    /// The size of each region.
+    pub fn sizes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.regions.iter().map(|r| r.size)
+    }
+
     /// Number of regions.
     pub fn len(&self) -> usize {
         self.regions.len()

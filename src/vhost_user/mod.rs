@@ -21,4 +21,4 @@ pub mod userfaultfd;
 
 pub use daemon::{DaemonError, DaemonStopper, Endpoint, ServeMode, VhostUserDaemon};
 pub use frontend_adapter::{FrontendError, FrontendOptions, VhostUserFrontendDevice};
-pub use session::{kit_protocol_features, RequestError, Session};
+pub use session::{kit_protocol_features, RequestError, Session, MAX_GUEST_MEMORY};

@@ -166,6 +166,16 @@ impl Postcopy {
         }
     }
 
+    /// The sizes of regions parked to be added (they count against the
+    /// session's memory limit before they are installed).
+    pub fn pending_sizes(&self) -> impl Iterator<Item = u64> + '_ {
+        let list = match &self.pending {
+            Some(PendingMemory::Add(list)) => list.as_slice(),
+            _ => &[],
+        };
+        list.iter().map(|r| r.size)
+    }
+
     /// The memory change the frontend just acknowledged.
     pub fn take_pending(&mut self) -> Option<PendingMemory> {
         self.pending.take()

@@ -43,6 +43,11 @@ pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 /// Memory slots offered with CONFIGURE_MEM_SLOTS.
 pub const MAX_MEM_SLOTS: u64 = 64;
+/// The most guest memory one session maps: 16 TiB, beyond the largest
+/// guests run today, and small enough that a frontend sending sparse
+/// memfds of any claimed size cannot use up the 128 TiB address space of
+/// the process (even while a new table is mapped beside the old one).
+pub const MAX_GUEST_MEMORY: u64 = 16 << 40;
 const VRING_IDX_MASK: u64 = 0xff;
 const VRING_NOFD_MASK: u64 = 0x100;
 
@@ -91,6 +96,14 @@ pub enum RequestError {
     /// Too many memory slots.
     #[error("too many memory regions ({0})")]
     TooManyRegions(usize),
+    /// The regions add up to more than [`MAX_GUEST_MEMORY`].
+    #[error("{requested:#x} bytes of guest memory exceed the limit of {limit:#x}")]
+    TooMuchMemory {
+        /// What the session would map.
+        requested: u64,
+        /// [`MAX_GUEST_MEMORY`].
+        limit: u64,
+    },
     /// REM_MEM_REG of a region we do not have.
     #[error("no region at gpa {0:#x} to remove")]
     NoSuchRegion(u64),
@@ -729,11 +742,17 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                 got: msg.files.len(),
             });
         }
+        let regions = (0..n)
+            .map(|i| {
+                let off = hdr_len + i * reg_len;
+                parse::<VhostUserMemoryRegion>(req, &msg.payload[off..off + reg_len])
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // The new table replaces the old one: only its own total counts.
+        check_memory_limit(regions.iter().map(|r| r.memory_size))?;
         let mut mapped = Vec::with_capacity(n);
         let files = std::mem::take(&mut msg.files);
-        for (i, file) in files.into_iter().enumerate() {
-            let off = hdr_len + i * reg_len;
-            let r = parse::<VhostUserMemoryRegion>(req, &msg.payload[off..off + reg_len])?;
+        for (file, r) in files.into_iter().zip(regions) {
             mapped.push(MappedRegion::map(
                 file,
                 r.guest_phys_addr,
@@ -749,6 +768,15 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
         }
         self.install_table(mapped)?;
         Ok(Outcome::Ack)
+    }
+
+    /// The sizes of the regions mapped now, including regions a postcopy
+    /// frontend has yet to acknowledge.
+    fn mapped_sizes(&self) -> impl Iterator<Item = u64> + '_ {
+        let sizes = self.regions.sizes();
+        #[cfg(feature = "postcopy")]
+        let sizes = sizes.chain(self.postcopy.pending_sizes());
+        sizes
     }
 
     /// Make `mapped` the guest memory of the device and of the session.
@@ -776,6 +804,7 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
         if self.regions.len() as u64 >= MAX_MEM_SLOTS {
             return Err(RequestError::TooManyRegions(self.regions.len() + 1));
         }
+        check_memory_limit(self.mapped_sizes().chain(std::iter::once(r.memory_size)))?;
         let mapped = MappedRegion::map(
             file,
             r.guest_phys_addr,
@@ -937,6 +966,18 @@ impl<B: DeviceBackend> Session<'_, B> {
         self.postcopy.add_pending(mapped);
         Ok(Outcome::Reply(reply.as_slice().to_vec()))
     }
+}
+
+/// Refuse region sizes adding up to more than [`MAX_GUEST_MEMORY`].
+fn check_memory_limit(sizes: impl Iterator<Item = u64>) -> Result<(), RequestError> {
+    let requested = sizes.fold(0u64, u64::saturating_add);
+    if requested > MAX_GUEST_MEMORY {
+        return Err(RequestError::TooMuchMemory {
+            requested,
+            limit: MAX_GUEST_MEMORY,
+        });
+    }
+    Ok(())
 }
 
 fn file_to_eventfd(file: File) -> EventFd {
