@@ -146,6 +146,23 @@ fn expected(
     })
 }
 
+/// A request that may have changed the image in ways the model does not
+/// follow (a refused, partial or garbled write, a discard): whatever it
+/// could have touched becomes unknown.
+fn forget_written(m: &mut Model, segs: &[(u8, u8, u8)], h: &Header, ty: u32, start: u64, l: &Laid) {
+    match (ty, h) {
+        // The header was read partly from data: any type, any sector.
+        (_, Header::Short(_)) => m.forget(0, u64::MAX),
+        (1, _) => m.forget(start, l.descs.iter().map(|d| u64::from(d.1)).sum()),
+        (11 | 13, _) => {
+            for &(s, n, _) in segs.iter().take(8) {
+                m.forget(u64::from(s) * SECTOR, u64::from(n) * SECTOR);
+            }
+        }
+        _ => {}
+    }
+}
+
 fuzz_target!(|input: Input| {
     let size =
         SECTOR * (1 + u64::from(input.image_sectors % 64)) + u64::from(input.image_tail % 512);
@@ -261,17 +278,16 @@ fuzz_target!(|input: Input| {
             let sent = r.segments.len().min(8).min((l.data_len / 16) as usize);
             let start = start.unwrap_or(u64::MAX);
             match (*ty, &r.header) {
-                (_, Header::Short(_)) => model.forget(0, u64::MAX),
                 (1, _) if ok => model.set(start, &l.payload),
-                (1, _) => model.forget(start, l.descs.iter().map(|d| u64::from(d.1)).sum()),
-                (11 | 13, _) => {
-                    for (k, &(s, n, _)) in r.segments.iter().take(8).enumerate() {
-                        let (s, n) = (u64::from(s) * SECTOR, u64::from(n) * SECTOR);
-                        match ok && *ty == 13 && k < sent {
-                            true => model.set(s, &vec![0; n as usize]),
-                            false => model.forget(s, n),
-                        }
+                (13, _) if ok && !matches!(r.header, Header::Short(_)) => {
+                    for &(s, n, _) in r.segments.iter().take(sent) {
+                        model.set(u64::from(s) * SECTOR, &vec![0; usize::from(n) * 512]);
                     }
+                    let rest = r.segments.get(sent..).unwrap_or_default();
+                    forget_written(&mut model, rest, &r.header, *ty, start, l);
+                }
+                (_, Header::Short(_)) | (1 | 11 | 13, _) => {
+                    forget_written(&mut model, &r.segments, &r.header, *ty, start, l)
                 }
                 (0, _) if ok => {
                     let mut got = Vec::new();
@@ -297,7 +313,12 @@ fuzz_target!(|input: Input| {
                 _ => {}
             }
         }
-        if stalled.is_some() {
+        if let Some(k) = stalled {
+            // Not completed, but it may have been carried out (the device
+            // runs a request before it finds its status byte unwritable).
+            let (r, sector, ty, l) = &laid[k];
+            let start = sector.checked_mul(SECTOR).unwrap_or(u64::MAX);
+            forget_written(&mut model, &r.segments, &r.header, *ty, start, l);
             break;
         }
     }

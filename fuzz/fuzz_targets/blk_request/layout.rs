@@ -13,6 +13,10 @@ pub const MEM_SIZE: u64 = 0x2_0000;
 pub const SLOT: u64 = 256;
 pub const BUFS: u64 = DATA + SLOT * MAX_QUEUE as u64 / 4;
 pub const OUTSIDE: u64 = MEM_SIZE + 0x1000;
+/// Buffers end here; the last page is where raw addresses start, so a
+/// device write through one (straddling the end of memory or beyond it)
+/// never lands on the rings or on another request's buffers.
+pub const RAW_BASE: u64 = MEM_SIZE - 0x1000;
 pub const SECTOR: u64 = 512;
 pub const ID_LEN: usize = 20;
 pub const OK: u8 = 0;
@@ -91,7 +95,7 @@ impl Bufs<'_> {
     pub fn take(&mut self, bytes: &[u8]) -> Option<u64> {
         let at = self.1;
         self.1 = (at + bytes.len() as u64 + 15) & !15;
-        (self.1 <= MEM_SIZE).then(|| {
+        (self.1 <= RAW_BASE).then(|| {
             let _ = self.0.write_slice(bytes, GuestAddress(at));
             at
         })
@@ -145,7 +149,7 @@ fn lay_out(r: &Req, header: [u8; 16], bufs: &mut Bufs) -> Option<Laid> {
             bytes.fill(0x5a);
         }
         let addr = match raw {
-            Some(a) => *a,
+            Some(a) => RAW_BASE.saturating_add(*a),
             None => bufs.take(&bytes)?,
         };
         if *readable {
