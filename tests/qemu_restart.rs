@@ -36,6 +36,9 @@
 //!
 //! Without qemu-system-x86_64 the test FAILS unless VBK_ALLOW_SKIP_QEMU=1.
 //! Run: `cargo build --release --workspace && cargo test --release --test qemu_restart -- --nocapture`.
+//!
+//! `VBK_RESTART_KILLS=N` sets the number of cuts (default 3, the suite's);
+//! the endurance run in the README uses 100.
 
 mod guest_vm;
 mod process;
@@ -47,7 +50,20 @@ use std::time::{Duration, Instant};
 use guest_vm::*;
 
 const TAG: &str = "restart";
-const KILLS: usize = 3;
+/// Cuts in the suite; `VBK_RESTART_KILLS` overrides.
+const DEFAULT_KILLS: usize = 3;
+
+/// The number of cuts: `VBK_RESTART_KILLS` or [`DEFAULT_KILLS`].
+fn kills() -> usize {
+    match std::env::var("VBK_RESTART_KILLS") {
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| panic!("VBK_RESTART_KILLS={v}: not a positive count")),
+        Err(_) => DEFAULT_KILLS,
+    }
+}
 /// Records (both writers together) that must complete between cuts.
 const RECORDS_BETWEEN_CUTS: u64 = 24;
 /// Simulated disk latency per request (`vhost-user-blk --latency-us`).
@@ -173,6 +189,7 @@ fn sigkill_restart_of_vhost_user_blk_loses_no_request() {
         }
     }
     let t_test = Instant::now();
+    let kills = kills();
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("disk.img");
     let sock = dir.path().join("blk.sock");
@@ -192,7 +209,8 @@ fn sigkill_restart_of_vhost_user_blk_loses_no_request() {
         dir: dir.path(),
         sock: &sock,
         tag: TAG,
-        secs: 150,
+        // The guest's own deadline: room for every cut.
+        secs: 150 + 15 * kills as u32,
         incoming: None,
     });
     wait_console(&mut qemu, Duration::from_secs(90), "the write loop", |c| {
@@ -209,7 +227,7 @@ fn sigkill_restart_of_vhost_user_blk_loses_no_request() {
     let mut inflight = Vec::new();
     let mut cut_marked = Vec::new();
     let mut cut_attempts = Vec::new();
-    for i in 1..=KILLS {
+    for i in 1..=kills {
         // Cut in the middle of I/O: the writers run continuously.
         let (marked, attempts) = cut(daemon.child.id() as i32);
         let before = progress(&qemu.console_text());
@@ -307,7 +325,7 @@ fn sigkill_restart_of_vhost_user_blk_loses_no_request() {
             .join(",")
     };
     println!(
-        "VBK-RESTART kills={KILLS} latency_us={LATENCY_US} marked_at_cuts={} probe_attempts={} inflight_at_cuts={} resubmitted={} lost={lost} records={} \
+        "VBK-RESTART kills={kills} latency_us={LATENCY_US} marked_at_cuts={} probe_attempts={} inflight_at_cuts={} resubmitted={} lost={lost} records={} \
          verified={verified} errors={} reconnect_ms={} resume_ms={} guest_maxgap_ms={} \
          guest_stall_ms={} daemon_warnings={warnings} test_s={:.1}",
         join_u64(&cut_marked),
