@@ -9,6 +9,7 @@
 //! interrupt the relay raises.
 
 mod common;
+mod process;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -691,4 +692,159 @@ fn missing_socket_times_out() {
     let r = VhostUserFrontendDevice::connect(dir.path().join("nobody.sock"), options);
     assert!(matches!(r, Err(FrontendError::Connect { .. })), "{r:?}");
     assert!(start.elapsed() >= Duration::from_millis(100));
+}
+
+// ---------------------------------------------------------------------------
+// Device state across homes
+// ---------------------------------------------------------------------------
+
+/// A device whose state is a counter, kept in its own memory.
+#[derive(Default)]
+struct Stateful {
+    value: std::sync::atomic::AtomicU64,
+}
+
+const STATEFUL_TYPE: u32 = 0x7e;
+
+impl Stateful {
+    fn get(&self) -> u64 {
+        self.value.load(Ordering::SeqCst)
+    }
+    fn set(&self, v: u64) {
+        self.value.store(v, Ordering::SeqCst);
+    }
+}
+
+impl DeviceBackend for Stateful {
+    type Vring = virtio_backend_kit::VringOwned;
+    fn device_type(&self) -> u32 {
+        STATEFUL_TYPE
+    }
+    fn num_queues(&self) -> usize {
+        1
+    }
+    fn max_queue_size(&self) -> u16 {
+        64
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+    fn handle_event(
+        &self,
+        _: virtio_backend_kit::DeviceEvent,
+        _: &virtio_backend_kit::QueueSet<virtio_backend_kit::VringOwned>,
+        _: usize,
+    ) -> Result<(), virtio_backend_kit::BackendError> {
+        Ok(())
+    }
+    fn save_state(&self) -> Result<Vec<u8>, virtio_backend_kit::BackendError> {
+        Ok(self.get().to_le_bytes().to_vec())
+    }
+    fn restore_state(&self, data: &[u8]) -> Result<(), virtio_backend_kit::BackendError> {
+        let bytes: [u8; 8] = data.try_into().map_err(|_| "state is not 8 bytes")?;
+        self.set(u64::from_le_bytes(bytes));
+        Ok(())
+    }
+}
+
+fn one_queue(ring: &Ring, irq: &Interrupt, mem: &GuestMemoryLog) -> Activation {
+    Activation {
+        features: VIRTIO_F_VERSION_1,
+        memory: mem.clone(),
+        queues: vec![ring.activation(irq).0],
+    }
+}
+
+/// A device's own state moves in process → vhost-user backend (loaded
+/// through DEVICE_STATE) → in process (saved through DEVICE_STATE).
+#[test]
+fn device_state_crosses_homes_both_ways() {
+    use virtio_backend_kit::core::DeviceCore;
+    let mem = shared_guest_memory();
+    let ring = Ring::new(&mem, 0, 64);
+    let irq = Interrupt::new();
+
+    let first = Arc::new(Stateful::default());
+    first.set(0x1122_3344);
+    let mut core = DeviceCore::new(first).unwrap();
+    DeviceControl::activate(&mut core, one_queue(&ring, &irq, &mem)).unwrap();
+    let snap = DeviceControl::snapshot(&mut core).unwrap();
+    assert_eq!(snap.device_state, 0x1122_3344u64.to_le_bytes());
+
+    let daemon = spawn_daemon(Arc::new(Stateful::default()), ServeMode::Once);
+    let options = FrontendOptions::new(STATEFUL_TYPE, 1, 64);
+    let mut adapter = VhostUserFrontendDevice::connect(&daemon.path, options).unwrap();
+    adapter.restore(snap, one_queue(&ring, &irq, &mem)).unwrap();
+    assert_eq!(
+        daemon.device.get(),
+        0x1122_3344,
+        "state not loaded into the backend"
+    );
+
+    // The backend's device moves on; its new state comes back.
+    daemon.device.set(0x5566_7788);
+    let snap = adapter.snapshot().unwrap();
+    assert_eq!(snap.device_state, 0x5566_7788u64.to_le_bytes());
+
+    let back = Arc::new(Stateful::default());
+    let mut core = DeviceCore::new(back.clone()).unwrap();
+    DeviceControl::restore(&mut core, snap, one_queue(&ring, &irq, &mem)).unwrap();
+    assert_eq!(
+        back.get(),
+        0x5566_7788,
+        "state lost on the way back in process"
+    );
+    println!("VBK-CROSSHOME device=stateful in-process->vhost-user->in-process state=ok");
+}
+
+/// A snapshot with device state cannot go to a backend without
+/// DEVICE_STATE (qemu-storage-daemon's vhost-user-blk export here): the
+/// restore fails and says why in its top-level message.
+#[test]
+fn device_state_for_a_backend_without_device_state_is_refused() {
+    if !process::have("qemu-storage-daemon") {
+        assert!(
+            std::env::var_os("VBK_ALLOW_SKIP_QEMU").is_some(),
+            "qemu-storage-daemon not installed (VBK_ALLOW_SKIP_QEMU=1 to skip)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = blk_image(dir.path());
+    let sock = dir.path().join("qsd.sock");
+    let mut cmd = std::process::Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f,filename={}",
+            img.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ));
+    let mut qsd = process::Backend::spawn("qemu-storage-daemon", cmd, dir.path().join("qsd.log"));
+    qsd.wait_for_socket(&sock);
+    let mut adapter = VhostUserFrontendDevice::connect(&sock, blk_options(1)).unwrap();
+
+    let mem = shared_guest_memory();
+    let ring = Ring::new(&mem, 0, 64);
+    let irq = Interrupt::new();
+    let mut core = virtio_backend_kit::core::DeviceCore::new(Arc::new(
+        BlkDevice::new(Target::null(IMAGE_SIZE), BlkConfig::default()).unwrap(),
+    ))
+    .unwrap();
+    DeviceControl::activate(&mut core, one_queue(&ring, &irq, &mem)).unwrap();
+    let mut snap = DeviceControl::snapshot(&mut core).unwrap();
+    snap.device_state = vec![7; 19];
+    let err = adapter
+        .restore(snap, one_queue(&ring, &irq, &mem))
+        .expect_err("device state given to a backend that cannot load it");
+    let msg = err.to_string();
+    println!("VBK-CROSSHOME refused: {msg}");
+    assert!(
+        msg.contains("19 bytes of device state") && msg.contains("DEVICE_STATE"),
+        "the reason is not in the top-level message: {msg}"
+    );
+    qsd.stop(Duration::from_secs(5));
 }

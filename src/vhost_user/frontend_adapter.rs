@@ -50,7 +50,7 @@
 //! report `DEVICE_NEEDS_RESET` to the guest.
 
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,7 +60,8 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{
-    BackendReq, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    BackendReq, VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
+    VhostUserHeaderFlag, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -98,6 +99,7 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::DEVICE_STATE
 }
 
 /// Regions one `SET_MEM_TABLE` may carry by the vhost-user spec.
@@ -144,6 +146,21 @@ pub enum FrontendError {
     /// The relay thread or one of its eventfds could not be set up.
     #[error("cannot set up the interrupt relay")]
     Relay(#[source] std::io::Error),
+    /// The device's own state could not be moved through DEVICE_STATE.
+    #[error("device state transfer failed")]
+    StateTransfer(#[from] super::adapter_state::StateTransferError),
+    /// The backend's device state is not a snapshot in the kit's format.
+    #[error("the backend's device state is not in the kit's snapshot format")]
+    StateFormat(#[source] crate::snapshot::SnapshotError),
+    /// A snapshot holds device state for a backend that cannot take it.
+    #[error(
+        "the snapshot holds {len} bytes of device state, but the vhost-user backend \
+         does not offer DEVICE_STATE to load them"
+    )]
+    StateUnsupported {
+        /// Bytes of device state in the snapshot.
+        len: usize,
+    },
 }
 
 impl From<FrontendError> for ControlError {
@@ -870,6 +887,49 @@ impl VhostUserFrontendDevice {
         }
     }
 
+    /// How long a DEVICE_STATE transfer may take.
+    fn state_timeout(&self) -> Duration {
+        self.request_timeout.unwrap_or(Duration::from_secs(30))
+    }
+
+    /// The stopped backend's own state (DEVICE_STATE save): the kit's
+    /// snapshot envelope from the backend, of which the device's bytes are
+    /// kept (rings and features come from the transport).
+    fn save_backend_state(&self) -> Result<Vec<u8>, FrontendError> {
+        use super::adapter_state::{pipe, read_all};
+        let (ours, theirs) = pipe()?;
+        let own = self.request("SET_DEVICE_STATE_FD", |fe| {
+            fe.set_device_state_fd(
+                VhostTransferStateDirection::SAVE,
+                VhostTransferStatePhase::STOPPED,
+                OwnedFd::from(theirs),
+            )
+        })?;
+        // A backend may hand back an fd of its own to read from instead.
+        let bytes = read_all(own.unwrap_or(ours), self.state_timeout())?;
+        self.request("CHECK_DEVICE_STATE", |fe| fe.check_device_state())?;
+        let snap = crate::snapshot::decode(&bytes).map_err(FrontendError::StateFormat)?;
+        Ok(snap.device_state)
+    }
+
+    /// Load `snap`'s device state into the stopped backend (DEVICE_STATE
+    /// load), in the kit's snapshot envelope.
+    fn load_backend_state(&self, snap: &DeviceSnapshot) -> Result<(), FrontendError> {
+        use super::adapter_state::{pipe, write_all};
+        let bytes = crate::snapshot::encode(snap).map_err(FrontendError::StateFormat)?;
+        let (theirs, ours) = pipe()?;
+        let own = self.request("SET_DEVICE_STATE_FD", |fe| {
+            fe.set_device_state_fd(
+                VhostTransferStateDirection::LOAD,
+                VhostTransferStatePhase::STOPPED,
+                OwnedFd::from(theirs),
+            )
+        })?;
+        write_all(own.unwrap_or(ours), &bytes, self.state_timeout())?;
+        self.request("CHECK_DEVICE_STATE", |fe| fe.check_device_state())?;
+        Ok(())
+    }
+
     fn do_activate(&mut self, activation: Activation, bases: &[u16]) -> Result<(), ControlError> {
         let offered = self.device_features();
         if activation.features & !offered != 0 {
@@ -1057,6 +1117,11 @@ impl DeviceControl for VhostUserFrontendDevice {
             }
         }
         self.clear_calls();
+        let device_state = if self.has(VhostUserProtocolFeatures::DEVICE_STATE) {
+            self.save_backend_state()?
+        } else {
+            Vec::new()
+        };
         let mut config = vec![0u8; self.config_size as usize];
         self.read_config(0, &mut config);
         Ok(DeviceSnapshot {
@@ -1065,7 +1130,7 @@ impl DeviceControl for VhostUserFrontendDevice {
             acked_features: active.features,
             acked_protocol_features: Some(self.protocol_features().bits()),
             config,
-            device_state: Vec::new(),
+            device_state,
             in_flight: Vec::new(),
         })
     }
@@ -1075,6 +1140,13 @@ impl DeviceControl for VhostUserFrontendDevice {
         snapshot: DeviceSnapshot,
         activation: Activation,
     ) -> Result<(), ControlError> {
+        let has_state = self.has(VhostUserProtocolFeatures::DEVICE_STATE);
+        if !snapshot.device_state.is_empty() && !has_state {
+            return Err(FrontendError::StateUnsupported {
+                len: snapshot.device_state.len(),
+            }
+            .into());
+        }
         let limits = SnapshotLimits {
             device_type: self.device_type,
             num_queues: self.num_queues,
@@ -1082,7 +1154,11 @@ impl DeviceControl for VhostUserFrontendDevice {
             offered_features: !0,
             offered_protocol_features: u64::MAX,
             config_size: self.config_size as usize,
-            max_device_state: 0,
+            max_device_state: if has_state {
+                crate::snapshot::MAX_PAYLOAD_LEN as usize
+            } else {
+                0
+            },
         };
         let snapshot = ValidatedSnapshot::new(snapshot, &limits)?;
         let snap = snapshot.snapshot();
@@ -1106,6 +1182,10 @@ impl DeviceControl for VhostUserFrontendDevice {
         activation.features = snap.acked_features & self.device_features();
         if self.active.is_some() {
             self.do_reset()?;
+        }
+        if !snap.device_state.is_empty() {
+            // Loaded while the rings are stopped, before they start.
+            self.load_backend_state(snap)?;
         }
         let result = self.do_activate(activation, &bases);
         if result.is_err() {

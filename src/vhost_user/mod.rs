@@ -6,6 +6,7 @@
 //! The kit owns the request dispatcher ([`session`]) and reuses the `vhost`
 //! crate's message definitions only.
 
+pub mod adapter_state;
 pub mod backend_channel;
 pub mod connection;
 pub mod daemon;
