@@ -36,9 +36,12 @@ pub enum DeviceEvent {
     /// The driver kicked queue `n`, or the queue just started (so buffers
     /// made available before it started are not missed).
     Queue(u16),
-    /// A device fd registered through [`DeviceBackend::worker_fds`] is ready;
-    /// the value is the token the device gave it.
+    /// A device fd registered through [`DeviceBackend::worker_fds`] or
+    /// [`crate::core::WorkerWaker::add_fd`] is ready; the value is the token
+    /// the device gave it.
     Fd(u64),
+    /// The device asked to run ([`crate::core::WorkerWaker::wake`]).
+    Wake,
 }
 
 /// The queues a worker owns, indexed by queue number. Queues that are not
@@ -176,6 +179,13 @@ macro_rules! backend_trait {
                 Vec::new()
             }
 
+            /// Receive the handle that schedules worker `worker` and changes
+            /// the fds it polls (see [`crate::core::WorkerWaker`]); called
+            /// once per worker when the device's core is created. Keep it to
+            /// wake the worker from any thread, or to pause an fd the device
+            /// cannot serve now instead of letting it spin.
+            fn set_waker($($self_)+, _worker: usize, _waker: crate::core::WorkerWaker) {}
+
             /// An eventfd that, when written by the device, stops worker
             /// `worker`.
             fn exit_event(&self, _worker: usize) -> Option<EventFd> {
@@ -304,6 +314,11 @@ macro_rules! forward_backend {
                     .unwrap_or_else(|e| e.into_inner())
                     .exit_event(worker)
             }
+            fn set_waker(&self, worker: usize, waker: crate::core::WorkerWaker) {
+                self.$write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set_waker(worker, waker)
+            }
             fn handle_event(
                 &self,
                 event: DeviceEvent,
@@ -391,6 +406,9 @@ impl<T: DeviceBackend> DeviceBackend for Arc<T> {
     }
     fn exit_event(&self, worker: usize) -> Option<EventFd> {
         (**self).exit_event(worker)
+    }
+    fn set_waker(&self, worker: usize, waker: crate::core::WorkerWaker) {
+        (**self).set_waker(worker, waker)
     }
     fn handle_event(
         &self,

@@ -23,14 +23,16 @@ const DEVICE_DATA_BASE: u32 = 0x10_0000;
 /// One queue group's data plane, to be added to an `EventManager`.
 pub struct DataPlaneSubscriber<B: DeviceBackend> {
     worker: WorkerLoop<B>,
-    device_fds: Vec<(RawFd, u64)>,
+    /// The device's fd tokens, by slot: event-manager carries a u32, so a
+    /// device fd is registered with `DEVICE_DATA_BASE + slot`.
+    device_tokens: Vec<u64>,
     exited: bool,
 }
 
 impl<B: DeviceBackend> DataPlaneSubscriber<B> {
     pub(crate) fn new(worker: WorkerLoop<B>) -> Self {
         DataPlaneSubscriber {
-            device_fds: worker.device_fds().to_vec(),
+            device_tokens: Vec::new(),
             worker,
             exited: false,
         }
@@ -40,18 +42,22 @@ impl<B: DeviceBackend> DataPlaneSubscriber<B> {
 /// Translates the loop's u64 tokens to event-manager's u32 data.
 struct OpsRegistry<'a, 'b> {
     ops: &'a mut EventOps<'b>,
-    device_fds: &'a [(RawFd, u64)],
+    device_tokens: &'a mut Vec<u64>,
 }
 
 impl OpsRegistry<'_, '_> {
-    fn data_of(&self, token: u64) -> u32 {
+    fn data_of(&mut self, token: u64) -> u32 {
         if token >= TOKEN_DEVICE_BASE {
             let t = token - TOKEN_DEVICE_BASE;
-            let slot = self
-                .device_fds
-                .iter()
-                .position(|(_, dt)| *dt == t)
-                .unwrap_or(0);
+            let slot = match self.device_tokens.iter().position(|dt| *dt == t) {
+                Some(slot) => slot,
+                None => {
+                    // Fds a device adds at run time get a slot of their own
+                    // (kept if removed, so a token always maps the same).
+                    self.device_tokens.push(t);
+                    self.device_tokens.len() - 1
+                }
+            };
             DEVICE_DATA_BASE + slot as u32
         } else {
             token as u32
@@ -79,7 +85,7 @@ impl<B: DeviceBackend> MutEventSubscriber for DataPlaneSubscriber<B> {
     fn init(&mut self, ops: &mut EventOps) {
         let mut reg = OpsRegistry {
             ops,
-            device_fds: &self.device_fds,
+            device_tokens: &mut self.device_tokens,
         };
         if let Err(e) = self.worker.register(&mut reg) {
             error!("data plane: cannot register its fds: {e}");
@@ -92,8 +98,8 @@ impl<B: DeviceBackend> MutEventSubscriber for DataPlaneSubscriber<B> {
         }
         let data = events.data();
         let token = if data >= DEVICE_DATA_BASE {
-            match self.device_fds.get((data - DEVICE_DATA_BASE) as usize) {
-                Some((_, t)) => TOKEN_DEVICE_BASE + t,
+            match self.device_tokens.get((data - DEVICE_DATA_BASE) as usize) {
+                Some(t) => TOKEN_DEVICE_BASE + t,
                 None => return,
             }
         } else {
@@ -101,7 +107,7 @@ impl<B: DeviceBackend> MutEventSubscriber for DataPlaneSubscriber<B> {
         };
         let mut reg = OpsRegistry {
             ops,
-            device_fds: &self.device_fds,
+            device_tokens: &mut self.device_tokens,
         };
         if self.worker.on_event(token, &mut reg) == Flow::Exit {
             self.exited = true;

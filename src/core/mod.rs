@@ -11,6 +11,7 @@ mod control;
 mod event_loop;
 mod queue;
 mod snapshot;
+mod waker;
 mod worker;
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use crate::vring::{Notifier, Vring, VringError, VringState};
 pub use control::{Activation, ControlError, DeviceControl, QueueActivation};
 pub use event_loop::DataPlaneSubscriber;
 use queue::QueueSlot;
+pub use waker::WorkerWaker;
 pub use worker::WorkerError;
 use worker::{WorkerCommand, WorkerHandle};
 

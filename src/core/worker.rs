@@ -13,6 +13,7 @@
 //! [`FdRegistry`] differs.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -21,6 +22,7 @@ use log::{debug, error, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::waker::{FdChange, WorkerWaker};
 use crate::backend::{DeviceBackend, DeviceEvent, QueueSet};
 use crate::vring::{Vring, VringState, VringT};
 
@@ -50,6 +52,10 @@ pub(crate) enum WorkerCommand {
         index: u16,
         reply: SyncSender<Option<VringState>>,
     },
+    /// The device asked to run (a [`WorkerWaker::wake`]).
+    Wake,
+    /// The device changes the fds polled for it.
+    DeviceFd(FdChange),
 }
 
 /// Registration of fds with whatever waits on them.
@@ -103,11 +109,30 @@ impl WorkerHandle {
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(WorkerError::Setup)?;
         let exit = EventFd::new(libc::EFD_NONBLOCK).map_err(WorkerError::Setup)?;
         let (tx, rx) = std::sync::mpsc::channel();
+        let wake_pending = Arc::new(AtomicBool::new(false));
+        backend.set_waker(
+            id,
+            WorkerWaker::new(
+                id,
+                tx.clone(),
+                wake.try_clone().map_err(WorkerError::Setup)?,
+                wake_pending.clone(),
+            ),
+        );
         let worker = WorkerLoop {
             id,
             queues: QueueSet::new(backend.num_queues()),
             device_exit: backend.exit_event(id),
-            device_fds: backend.worker_fds(id),
+            device_fds: backend
+                .worker_fds(id)
+                .into_iter()
+                .map(|(fd, token)| DeviceFd {
+                    fd,
+                    token,
+                    paused: false,
+                })
+                .collect(),
+            wake_pending,
             backend,
             commands: rx,
             wake: wake.try_clone().map_err(WorkerError::Setup)?,
@@ -195,9 +220,19 @@ pub(crate) struct WorkerLoop<B: DeviceBackend> {
     /// Kick eventfds of the running queues, by queue index.
     kicks: Vec<Option<EventFd>>,
     device_exit: Option<EventFd>,
-    device_fds: Vec<(RawFd, u64)>,
+    device_fds: Vec<DeviceFd>,
+    /// A [`WorkerWaker::wake`] is queued.
+    wake_pending: Arc<AtomicBool>,
     /// Queues whose device asked to run again ([`Vring::defer`]).
     deferred: Vec<u16>,
+}
+
+/// One fd the device asked the worker to poll.
+#[derive(Clone, Copy, Debug)]
+struct DeviceFd {
+    fd: RawFd,
+    token: u64,
+    paused: bool,
 }
 
 impl<B: DeviceBackend> WorkerLoop<B> {
@@ -208,15 +243,58 @@ impl<B: DeviceBackend> WorkerLoop<B> {
         if let Some(evt) = &self.device_exit {
             reg.add(evt.as_raw_fd(), TOKEN_DEVICE_EXIT)?;
         }
-        for (fd, token) in &self.device_fds {
-            reg.add(*fd, TOKEN_DEVICE_BASE + token)?;
+        for d in &self.device_fds {
+            reg.add(d.fd, TOKEN_DEVICE_BASE + d.token)?;
         }
         Ok(())
     }
 
-    /// The device fds and their tokens.
-    pub(crate) fn device_fds(&self) -> &[(RawFd, u64)] {
-        &self.device_fds
+    /// Apply a device's change to the fds polled for it.
+    fn change_device_fd(&mut self, change: FdChange, reg: &mut dyn FdRegistry) {
+        let find = |fds: &[DeviceFd], token| fds.iter().position(|d| d.token == token);
+        let result = match change {
+            FdChange::Add(fd, token) => {
+                if find(&self.device_fds, token).is_some() {
+                    warn!("worker {}: device fd token {token} is taken", self.id);
+                    return;
+                }
+                self.device_fds.push(DeviceFd {
+                    fd,
+                    token,
+                    paused: false,
+                });
+                reg.add(fd, TOKEN_DEVICE_BASE + token)
+            }
+            FdChange::Pause(token) | FdChange::Remove(token) => {
+                let Some(i) = find(&self.device_fds, token) else {
+                    return;
+                };
+                let d = self.device_fds[i];
+                if matches!(change, FdChange::Remove(_)) {
+                    self.device_fds.remove(i);
+                } else {
+                    self.device_fds[i].paused = true;
+                }
+                if d.paused {
+                    Ok(())
+                } else {
+                    reg.remove(d.fd, TOKEN_DEVICE_BASE + token)
+                }
+            }
+            FdChange::Resume(token) => {
+                let Some(i) = find(&self.device_fds, token) else {
+                    return;
+                };
+                if !self.device_fds[i].paused {
+                    return;
+                }
+                self.device_fds[i].paused = false;
+                reg.add(self.device_fds[i].fd, TOKEN_DEVICE_BASE + token)
+            }
+        };
+        if let Err(e) = result {
+            warn!("worker {}: {change:?}: {e}", self.id);
+        }
     }
 
     fn run(mut self, mut epoll: Epoll) {
@@ -325,6 +403,11 @@ impl<B: DeviceBackend> WorkerLoop<B> {
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
                 WorkerCommand::Start { vring, kick } => self.start(vring, kick, reg),
+                WorkerCommand::Wake => {
+                    self.wake_pending.store(false, Ordering::SeqCst);
+                    self.dispatch(DeviceEvent::Wake);
+                }
+                WorkerCommand::DeviceFd(change) => self.change_device_fd(change, reg),
                 WorkerCommand::Stop { index, reply } => {
                     let state = self.stop(index, reg);
                     let _ = reply.send(state);
