@@ -848,3 +848,37 @@ fn device_state_for_a_backend_without_device_state_is_refused() {
     );
     qsd.stop(Duration::from_secs(5));
 }
+
+/// The adapter learns from a kit backend what vhost-user cannot tell: the
+/// config size (none was given here) and the device type, checked.
+#[test]
+fn identity_is_learned_from_a_kit_backend() {
+    let daemon = spawn_daemon(TestDevice::new(1), ServeMode::KeepServing);
+    let options = FrontendOptions {
+        config_size: 0,
+        ..FrontendOptions::new(TEST_DEVICE_TYPE, 4, 256)
+    };
+    let dev = VhostUserFrontendDevice::connect(&daemon.path, options).unwrap();
+    assert_eq!(
+        dev.num_queues(),
+        1,
+        "queue count not taken from the backend"
+    );
+    let mut cfg = [0u8; TEST_CONFIG_SIZE];
+    dev.read_config(0, &mut cfg);
+    assert_eq!(
+        cfg.to_vec(),
+        TestDevice::initial_config(),
+        "config read as zeros"
+    );
+    drop(dev);
+
+    // A transport for another kind of device is refused at connect.
+    let wrong = FrontendOptions::new(VIRTIO_ID_BLOCK, 1, 256);
+    match VhostUserFrontendDevice::connect(&daemon.path, wrong) {
+        Err(FrontendError::WrongDevice { expected, found }) => {
+            assert_eq!((expected, found), (VIRTIO_ID_BLOCK, TEST_DEVICE_TYPE));
+        }
+        other => panic!("expected WrongDevice, got {:?}", other.err()),
+    }
+}

@@ -137,6 +137,14 @@ pub enum FrontendError {
     /// The backend offers no queue.
     #[error("the backend offers no queues")]
     NoQueues,
+    /// The backend serves a different kind of device.
+    #[error("the backend serves virtio device type {found}, not {expected}")]
+    WrongDevice {
+        /// The type the VMM asked for.
+        expected: u32,
+        /// The type the backend's state names.
+        found: u32,
+    },
     /// The operation needs a protocol feature the backend did not offer.
     #[error("the backend does not support {0}")]
     Unsupported(&'static str),
@@ -190,9 +198,12 @@ pub struct FrontendOptions {
 
 impl FrontendOptions {
     /// Options for a device of type `device_type`, with the config size of
-    /// the well-known types (block, net, vsock, fs; others 0, set
-    /// [`FrontendOptions::config_size`] yourself), a 5 s connect timeout and
-    /// a 10 s request timeout.
+    /// the well-known types (block, net, vsock, fs; others 0), a 5 s
+    /// connect timeout and a 10 s request timeout.
+    ///
+    /// A config size of 0 is learned from the backend where it can tell:
+    /// a backend on this kit offers DEVICE_STATE, and its (stopped, fresh)
+    /// state names the device type, its queues and its config space.
     pub fn new(device_type: u32, num_queues: usize, max_queue_size: u16) -> Self {
         let config_size = match device_type {
             VIRTIO_ID_BLOCK => VIRTIO_BLK_CONFIG_SIZE,
@@ -656,7 +667,41 @@ impl VhostUserFrontendDevice {
         }
         // Without the channel our end reads EOF and the relay forgets it.
         drop(backend_req);
+        if self.has(VhostUserProtocolFeatures::DEVICE_STATE) {
+            self.learn_identity()?;
+        }
         self.refresh_config()?;
+        Ok(())
+    }
+
+    /// What a kit backend's state tells about its device, before anything
+    /// runs: its type must be the one asked for, its queue count bounds
+    /// ours, and its config size is used when the caller gave none. A
+    /// backend whose state is not in the kit's format tells nothing.
+    fn learn_identity(&mut self) -> Result<(), FrontendError> {
+        let snap = match self.backend_snapshot() {
+            Ok(snap) => snap,
+            Err(e) => {
+                debug!("vhost-user backend identity not learned: {e}");
+                return Ok(());
+            }
+        };
+        if snap.device_type != self.device_type {
+            return Err(FrontendError::WrongDevice {
+                expected: self.device_type,
+                found: snap.device_type,
+            });
+        }
+        if !snap.queues.is_empty() {
+            self.num_queues = self.num_queues.min(snap.queues.len());
+        }
+        if self.config_size == 0 {
+            self.config_size = u32::try_from(snap.config.len()).unwrap_or(0);
+            debug!(
+                "vhost-user backend config space: {} bytes",
+                self.config_size
+            );
+        }
         Ok(())
     }
 
@@ -896,6 +941,11 @@ impl VhostUserFrontendDevice {
     /// snapshot envelope from the backend, of which the device's bytes are
     /// kept (rings and features come from the transport).
     fn save_backend_state(&self) -> Result<Vec<u8>, FrontendError> {
+        Ok(self.backend_snapshot()?.device_state)
+    }
+
+    /// The stopped backend's snapshot, through DEVICE_STATE.
+    fn backend_snapshot(&self) -> Result<DeviceSnapshot, FrontendError> {
         use super::adapter_state::{pipe, read_all};
         let (ours, theirs) = pipe()?;
         let own = self.request("SET_DEVICE_STATE_FD", |fe| {
@@ -908,8 +958,7 @@ impl VhostUserFrontendDevice {
         // A backend may hand back an fd of its own to read from instead.
         let bytes = read_all(own.unwrap_or(ours), self.state_timeout())?;
         self.request("CHECK_DEVICE_STATE", |fe| fe.check_device_state())?;
-        let snap = crate::snapshot::decode(&bytes).map_err(FrontendError::StateFormat)?;
-        Ok(snap.device_state)
+        crate::snapshot::decode(&bytes).map_err(FrontendError::StateFormat)
     }
 
     /// Load `snap`'s device state into the stopped backend (DEVICE_STATE
