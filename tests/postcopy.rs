@@ -550,6 +550,55 @@ fn frontend_gone_while_a_worker_waits_on_a_fault_ends_the_session() {
     drop(uffd);
 }
 
+/// A frontend that listens, lets a worker block on a fault, never serves
+/// it and then asks for a queue restart (found by the vhost_user_session
+/// fuzz target): the stop cannot complete, so instead of waiting for ever
+/// the daemon ends the session after its stop timeout (which releases the
+/// fault) and serves the next frontend.
+#[test]
+fn a_fault_nobody_serves_ends_the_session_instead_of_wedging_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _image) = new_image(dir.path());
+    let cfg = BlkConfig {
+        queues: 1,
+        queue_size: QSIZE,
+        ..BlkConfig::default()
+    };
+    let device = BlkDevice::new(Target::open_image(&path, false).unwrap(), cfg).unwrap();
+    let daemon = spawn_daemon_with(Arc::new(device), ServeMode::KeepServing, |d| {
+        d.with_stop_timeout(Duration::from_millis(300))
+    });
+    let mut client = Client::new(daemon.connect(), 1);
+    client.negotiate(VIRTIO_F_VERSION_1, with_pagefault());
+    let uffd = advise(&client.raw);
+    assert_eq!(listen(&client.raw), 0);
+    let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
+    postcopy_set_mem_table(&client.raw, &guest);
+    let mut q = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
+    client.start_queue(&q, 0);
+    queue_write(&mut q);
+    q.kick();
+    read_fault(&uffd, TIMEOUT).expect("no page fault");
+    // A new kick fd restarts the queue: its worker must stop it first.
+    let asked = Instant::now();
+    let refused = client.frontend.set_vring_kick(0, &q.kick);
+    let waited = asked.elapsed();
+    assert!(
+        refused.is_err(),
+        "restarting a queue blocked on a fault succeeded"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "the session hung for {waited:?}"
+    );
+    drop(client);
+    // The next frontend is served.
+    let mut next = Client::new(daemon.connect(), 1);
+    next.negotiate(VIRTIO_F_VERSION_1, Client::default_protocol());
+    assert_eq!(next.raw.get_queue_num(), 1);
+    drop(uffd);
+}
+
 // ---------------------------------------------------------------------------
 // QEMU: postcopy live migration of a writing guest between two QEMUs, each
 // on its own `vhost-user-blk` daemon (see tests/qemu_migration.rs for the

@@ -264,7 +264,11 @@ fuzz_target!(|data: &[u8]| {
         // Everything is in the socket buffer (inputs are far smaller): the
         // daemon reads it all, then end of file.
         let _ = frontend.shutdown(std::net::Shutdown::Write);
-        let mut daemon = VhostUserDaemon::new(Arc::new(Device::default())).expect("daemon");
+        // A worker blocked for good (a postcopy fault the input never
+        // serves) ends the session after this, well inside the 1 s limit.
+        let mut daemon = VhostUserDaemon::new(Arc::new(Device::default()))
+            .expect("daemon")
+            .with_stop_timeout(std::time::Duration::from_millis(50));
         let _ = daemon.serve_stream(backend);
         drop(daemon);
         // Replies are bounded by what was asked: a header (12 bytes) plus at

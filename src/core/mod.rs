@@ -81,6 +81,16 @@ pub enum CoreError {
     /// A worker thread died.
     #[error("worker thread for queue {0} is gone")]
     WorkerGone(u16),
+    /// The worker of a queue did not stop it in time: it is blocked (on a
+    /// postcopy fault the frontend never resolves, or in the device). The
+    /// queue still counts as running; a later stop tries again.
+    #[error("the worker of queue {index} did not stop it within {waited:?}")]
+    WorkerStuck {
+        /// Queue index.
+        index: u16,
+        /// How long the core waited.
+        waited: std::time::Duration,
+    },
     /// Worker setup failed.
     #[error(transparent)]
     Worker(#[from] WorkerError),
@@ -100,7 +110,14 @@ pub struct DeviceCore<B: DeviceBackend> {
     worker_of_queue: Vec<usize>,
     inflight: Option<Arc<InflightArea>>,
     paused: bool,
+    /// How long stopping a queue waits for its worker.
+    stop_timeout: std::time::Duration,
 }
+
+/// How long stopping a queue waits for its worker by default: long enough
+/// for a batch of slow I/O to finish, bounded so that a worker blocked for
+/// good (a postcopy fault nobody serves) cannot hang the control thread.
+pub const DEFAULT_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl<B: DeviceBackend> DeviceCore<B> {
     /// Create the core. Each queue group's worker thread is spawned when
@@ -150,7 +167,14 @@ impl<B: DeviceBackend> DeviceCore<B> {
             backend,
             inflight: None,
             paused: false,
+            stop_timeout: DEFAULT_STOP_TIMEOUT,
         }
+    }
+
+    /// How long stopping a queue waits for its worker before failing with
+    /// [`CoreError::WorkerStuck`] (default [`DEFAULT_STOP_TIMEOUT`]).
+    pub fn set_stop_timeout(&mut self, timeout: std::time::Duration) {
+        self.stop_timeout = timeout;
     }
 
     /// Track in-flight requests of every queue started from now on in
@@ -562,7 +586,6 @@ impl<B: DeviceBackend> DeviceCore<B> {
         if !slot.running {
             return Ok(());
         }
-        slot.running = false;
         let worker = &mut self.workers[self.worker_of_queue[q as usize]];
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         if !worker.send(WorkerCommand::Stop {
@@ -570,9 +593,20 @@ impl<B: DeviceBackend> DeviceCore<B> {
             reply: tx,
         }) || !worker.is_alive()
         {
+            slot.running = false;
             return Err(CoreError::WorkerGone(q));
         }
-        match rx.recv() {
+        let reply = rx.recv_timeout(self.stop_timeout);
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = reply {
+            // Still the worker's: a later stop sends another request (the
+            // worker answers a stop of a queue it no longer has with None).
+            return Err(CoreError::WorkerStuck {
+                index: q,
+                waited: self.stop_timeout,
+            });
+        }
+        slot.running = false;
+        match reply {
             Ok(Some(state)) => {
                 slot.state.next_avail = state.next_avail;
                 slot.state.next_used = state.next_used;

@@ -34,6 +34,11 @@ pub enum ConnectionError {
     /// stream cannot be resynchronised.
     #[error("payload of {0} bytes exceeds the protocol limit")]
     OversizedPayload(u32),
+    /// A request left a worker blocked (for example on a postcopy fault
+    /// the frontend never serves); the session is ended so that the fault
+    /// is released and the daemon can serve the next frontend.
+    #[error("a worker is blocked; the session is ended")]
+    WorkerStuck(#[source] crate::core::CoreError),
 }
 
 /// A received request.

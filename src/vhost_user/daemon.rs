@@ -177,6 +177,14 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
         Ok(self)
     }
 
+    /// How long stopping a queue waits for its worker (default
+    /// [`crate::core::DEFAULT_STOP_TIMEOUT`]); a session whose request
+    /// leaves a worker blocked longer is ended.
+    pub fn with_stop_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.core.set_stop_timeout(timeout);
+        self
+    }
+
     /// The control core (for inspection and tests).
     pub fn core(&self) -> &DeviceCore<B> {
         &self.core

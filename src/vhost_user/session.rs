@@ -15,7 +15,7 @@
 use std::fs::File;
 use std::os::unix::net::UnixStream;
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserLog, VhostUserMemory,
     VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion,
@@ -328,6 +328,10 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                 None => Err(RequestError::Unsupported(code)),
             }
         };
+        if let Err(RequestError::Core(e @ CoreError::WorkerStuck { .. })) = result {
+            error!("{e}: ending the session");
+            return Err(ConnectionError::WorkerStuck(e));
+        }
         let explicit = request.is_some_and(has_reply)
             || region_reply
             || (request == Some(FrontendReq::SET_LOG_BASE) && self.log_shmfd_enabled());

@@ -512,12 +512,21 @@ pub fn pipe() -> (File, File) {
 
 /// Serve `device` on a fresh socket in a thread.
 pub fn spawn_daemon<D: DeviceBackend>(device: Arc<D>, mode: ServeMode) -> Daemon<D> {
+    spawn_daemon_with(device, mode, |d| d)
+}
+
+/// [`spawn_daemon`], with the daemon adjusted by `configure` first.
+pub fn spawn_daemon_with<D: DeviceBackend>(
+    device: Arc<D>,
+    mode: ServeMode,
+    configure: impl FnOnce(VhostUserDaemon<D>) -> VhostUserDaemon<D>,
+) -> Daemon<D> {
     let watchdog = Watchdog::new(Duration::from_secs(120));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vhost-user.sock");
     // Bound before the thread starts, so a client can connect at once.
     let listener = UnixListener::bind(&path).unwrap();
-    let mut daemon = VhostUserDaemon::new(device.clone()).expect("create daemon");
+    let mut daemon = configure(VhostUserDaemon::new(device.clone()).expect("create daemon"));
     let thread = std::thread::Builder::new()
         .name("vbk-test-daemon".into())
         .spawn(move || daemon.serve_listener(&listener, mode))
