@@ -282,7 +282,8 @@ impl InflightQueue {
         if let Some(d) = self.desc(head) {
             d.counter.store(counter, Ordering::Relaxed);
             d.inflight.store(1, Ordering::Release);
-            self.counter += 1;
+            // Never near the end: `recover` renumbers from 0.
+            self.counter = self.counter.wrapping_add(1);
         }
     }
 
@@ -340,7 +341,17 @@ impl InflightQueue {
             })
             .collect();
         heads.sort_unstable();
-        self.counter = heads.last().map_or(0, |(c, _)| c + 1);
+        // The counters came from the area, which the frontend can write:
+        // renumber the survivors 0.. in their order, so that new requests
+        // count on from there and no counter is near the end of its range
+        // (a counter of u64::MAX would wrap, and the next recovery would
+        // put new requests before old ones).
+        for (order, (_, head)) in heads.iter().enumerate() {
+            if let Some(d) = self.desc(*head) {
+                d.counter.store(order as u64, Ordering::Release);
+            }
+        }
+        self.counter = heads.len() as u64;
         Recovered {
             resubmit: heads.into_iter().map(|(_, h)| h).collect(),
         }
@@ -379,6 +390,27 @@ mod tests {
         q.pre_complete(3);
         // Died here: the driver already sees used index 1.
         assert_eq!(q.recover(1).resubmit, vec![1]);
+    }
+
+    /// Counters are the frontend's to write: huge ones neither overflow
+    /// nor reorder the requests that follow (found by the inflight fuzz
+    /// target: a counter of u64::MAX overflowed in `recover`).
+    #[test]
+    fn counters_at_the_end_of_their_range_are_renumbered() {
+        let area = Arc::new(InflightArea::create(1, 4).unwrap());
+        let mut q = area.queue(0).unwrap();
+        q.begin(2);
+        q.begin(0);
+        // A hostile area: head 2 last-but-one, head 0 at the very end.
+        q.desc(2).unwrap().counter.store(u64::MAX - 1, Ordering::Release);
+        q.desc(0).unwrap().counter.store(u64::MAX, Ordering::Release);
+        let mut q = area.queue(0).unwrap();
+        assert_eq!(q.recover(0).resubmit, vec![2, 0]);
+        // A new request comes after the resubmitted ones, also at the next
+        // restart.
+        q.begin(3);
+        let mut again = area.queue(0).unwrap();
+        assert_eq!(again.recover(0).resubmit, vec![2, 0, 3]);
     }
 
     #[test]
