@@ -402,8 +402,14 @@ mod tests {
         q.begin(2);
         q.begin(0);
         // A hostile area: head 2 last-but-one, head 0 at the very end.
-        q.desc(2).unwrap().counter.store(u64::MAX - 1, Ordering::Release);
-        q.desc(0).unwrap().counter.store(u64::MAX, Ordering::Release);
+        q.desc(2)
+            .unwrap()
+            .counter
+            .store(u64::MAX - 1, Ordering::Release);
+        q.desc(0)
+            .unwrap()
+            .counter
+            .store(u64::MAX, Ordering::Release);
         let mut q = area.queue(0).unwrap();
         assert_eq!(q.recover(0).resubmit, vec![2, 0]);
         // A new request comes after the resubmitted ones, also at the next
