@@ -882,3 +882,229 @@ fn identity_is_learned_from_a_kit_backend() {
         other => panic!("expected WrongDevice, got {:?}", other.err()),
     }
 }
+
+// ---------------------------------------------------------------------------
+// The console: a device with state of its own, moving under traffic
+// ---------------------------------------------------------------------------
+
+/// The guest side of a one-port console: receiveq and transmitq.
+struct ConsoleGuest {
+    rx: Ring,
+    tx: Ring,
+    /// Receive buffers posted, by head: (gpa, len).
+    posted: std::collections::HashMap<u16, u64>,
+    next_buf: u64,
+}
+
+const RX_BUF: u32 = 4096;
+
+impl ConsoleGuest {
+    fn new(mem: &GuestMemoryLog) -> Self {
+        let rx = Ring::new(mem, 0, 64);
+        let data = rx.data;
+        ConsoleGuest {
+            rx,
+            tx: Ring::new(mem, 1, 64),
+            posted: std::collections::HashMap::new(),
+            next_buf: data,
+        }
+    }
+
+    fn activation(&self, irq: &Interrupt, mem: &GuestMemoryLog) -> (Activation, [EventFd; 2]) {
+        let (rx, rx_kick) = self.rx.activation(irq);
+        let (tx, tx_kick) = self.tx.activation(irq);
+        let activation = Activation {
+            features: VIRTIO_F_VERSION_1,
+            memory: mem.clone(),
+            queues: vec![rx, tx],
+        };
+        (activation, [rx_kick, tx_kick])
+    }
+
+    /// Post `n` receive buffers and kick.
+    fn post(&mut self, n: usize, kick: &EventFd) {
+        for _ in 0..n {
+            let gpa = self.next_buf;
+            self.next_buf += u64::from(RX_BUF);
+            if self.next_buf + u64::from(RX_BUF) > self.rx.data + 0x8_0000 {
+                self.next_buf = self.rx.data;
+            }
+            let head = self.rx.add_chain(&[(gpa, RX_BUF, true)]);
+            self.posted.insert(head, gpa);
+        }
+        kick.write(1).unwrap();
+    }
+
+    /// Collect received bytes until `want` have arrived.
+    fn receive(&mut self, want: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while got.len() < want {
+            match self.rx.pop_used() {
+                Some((id, len)) => {
+                    let gpa = self.posted.remove(&(id as u16)).expect("a posted buffer");
+                    got.extend(self.rx.read(gpa, len as usize));
+                }
+                None => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "received {} of {want} bytes",
+                        got.len()
+                    );
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+        got
+    }
+
+    /// Transmit `bytes` and wait for the device to take them.
+    fn transmit(&mut self, bytes: &[u8], kick: &EventFd) {
+        let gpa = self.tx.data;
+        self.tx.mem.write_slice(bytes, GuestAddress(gpa)).unwrap();
+        self.tx.add_chain(&[(gpa, bytes.len() as u32, false)]);
+        kick.write(1).unwrap();
+        let deadline = Instant::now() + WAIT;
+        while self.tx.pop_used().is_none() {
+            assert!(Instant::now() < deadline, "transmit never completed");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// A console for the host pipes: (device, host writes here, host reads here).
+fn console() -> (Arc<vmm_example::devices::ConsoleDevice>, File, File) {
+    let (input, host_in) = common::pipe();
+    let (host_out, output) = common::pipe();
+    let dev = vmm_example::devices::ConsoleDevice::new(input, output, 64).unwrap();
+    (Arc::new(dev), host_in, host_out)
+}
+
+fn read_exactly(from: &mut File, n: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut v = vec![0u8; n];
+    from.read_exact(&mut v).unwrap();
+    v
+}
+
+/// Host input waiting for the guest (more than the guest has buffers for)
+/// moves with the console: in process → `vhost-user` (the kit's daemon,
+/// through the adapter and DEVICE_STATE) → in process, and every byte
+/// arrives in order; guest output reaches the host in every home.
+#[test]
+fn console_moves_between_homes_with_bytes_pending() {
+    use std::io::Write;
+    use virtio_backend_kit::core::DeviceCore;
+    use vmm_example::devices::VIRTIO_ID_CONSOLE;
+    let mem = shared_guest_memory();
+    let irq = Interrupt::new();
+    let mut guest = ConsoleGuest::new(&mem);
+    let input: Vec<u8> = (0..40_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let mut delivered = Vec::new();
+
+    // In process: 20000 bytes typed, room for 8192 of them.
+    let (dev, mut host_in, mut host_out) = console();
+    let mut core = DeviceCore::new(dev.clone()).unwrap();
+    let (activation, kicks) = guest.activation(&irq, &mem);
+    DeviceControl::activate(&mut core, activation).unwrap();
+    host_in.write_all(&input[..20_000]).unwrap();
+    guest.post(2, &kicks[0]);
+    delivered.extend(guest.receive(8192));
+    let deadline = Instant::now() + WAIT;
+    while dev.pending() != 20_000 - 8192 {
+        assert!(Instant::now() < deadline, "pending {} bytes", dev.pending());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    guest.transmit(b"in process\n", &kicks[1]);
+    assert_eq!(read_exactly(&mut host_out, 11), b"in process\n");
+    let snap = DeviceControl::snapshot(&mut core).unwrap();
+    let pending = snap.device_state.len() - 1;
+    println!("VBK-CROSSHOME device=console from=in-process to=vhost-user pending={pending}");
+    drop(core);
+
+    // vhost-user: the daemon's console gets the pending bytes.
+    let (dev, mut host_in, mut host_out) = console();
+    let daemon = spawn_daemon(dev.clone(), ServeMode::Once);
+    let options = FrontendOptions::new(VIRTIO_ID_CONSOLE, 2, 64);
+    let mut adapter = VhostUserFrontendDevice::connect(&daemon.path, options).unwrap();
+    let (activation, kicks) = guest.activation(&irq, &mem);
+    adapter.restore(snap, activation).unwrap();
+    guest.post(3, &kicks[0]);
+    delivered.extend(guest.receive(pending));
+    guest.transmit(b"vhost-user\n", &kicks[1]);
+    assert_eq!(read_exactly(&mut host_out, 11), b"vhost-user\n");
+    // More typed while the guest has no buffers: pending in the daemon.
+    host_in.write_all(&input[20_000..]).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while dev.pending() != 20_000 {
+        assert!(Instant::now() < deadline, "pending {} bytes", dev.pending());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let snap = adapter.snapshot().unwrap();
+    let pending = snap.device_state.len() - 1;
+    println!("VBK-CROSSHOME device=console from=vhost-user to=in-process pending={pending}");
+    drop(adapter);
+
+    // Back in process.
+    let (dev, _host_in, _host_out) = console();
+    let mut core = DeviceCore::new(dev).unwrap();
+    let (activation, kicks) = guest.activation(&irq, &mem);
+    DeviceControl::restore(&mut core, snap, activation).unwrap();
+    guest.post(5, &kicks[0]);
+    delivered.extend(guest.receive(pending));
+    let lost = input.len() as i64 - delivered.len() as i64;
+    println!(
+        "VBK-CROSSHOME device=console delivered={} lost={lost}",
+        delivered.len()
+    );
+    assert_eq!(delivered, input, "host input lost or reordered on the way");
+}
+
+/// The `vhost-user-console` daemon, a process of its own: what its stdin
+/// gets reaches the guest, what the guest writes comes out of its stdout.
+#[test]
+fn vhost_user_console_daemon_carries_stdin_and_stdout() {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    use vmm_example::devices::VIRTIO_ID_CONSOLE;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("console.sock");
+    let bin = process::binary("vhost-user-console").unwrap_or_else(|e| panic!("{e}"));
+    let mut child = Command::new(bin)
+        .args(["--socket-path", sock.to_str().unwrap(), "--once"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The config size and queue count come from the backend.
+    let options = FrontendOptions {
+        config_size: 0,
+        ..FrontendOptions::new(VIRTIO_ID_CONSOLE, 2, 64)
+    };
+    let mut adapter = VhostUserFrontendDevice::connect(&sock, options).unwrap();
+    let mem = shared_guest_memory();
+    let irq = Interrupt::new();
+    let mut guest = ConsoleGuest::new(&mem);
+    let (activation, kicks) = guest.activation(&irq, &mem);
+    adapter.activate(activation).unwrap();
+    guest.post(2, &kicks[0]);
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"typed on the host\n").unwrap();
+    assert_eq!(guest.receive(18), b"typed on the host\n");
+    guest.transmit(b"printed by the guest\n", &kicks[1]);
+    let mut out = vec![0u8; 21];
+    child.stdout.as_mut().unwrap().read_exact(&mut out).unwrap();
+    assert_eq!(out, b"printed by the guest\n");
+    drop(adapter);
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "vhost-user-console --once exited with {status}"
+    );
+}

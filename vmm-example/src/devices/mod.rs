@@ -7,8 +7,10 @@
 //!   `getrandom`, see [`RngDevice`].
 
 pub mod blk;
+pub mod console;
 mod image_lock;
 pub mod rng;
 
 pub use blk::{BlkConfig, BlkDevice, BlkError, ImageOptions, Target};
+pub use console::{ConsoleDevice, ConsoleError, VIRTIO_ID_CONSOLE};
 pub use rng::{RngDevice, RngError};
