@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::{Duration, Instant};
 
 /// Largest state the adapter accepts from a backend.
-pub(crate) const MAX_STATE_LEN: usize = crate::snapshot::MAX_PAYLOAD_LEN as usize + 64;
+pub const MAX_STATE_LEN: usize = crate::snapshot::MAX_PAYLOAD_LEN as usize + 64;
 
 /// Why a state transfer through the pipe failed.
 #[derive(Debug, thiserror::Error)]

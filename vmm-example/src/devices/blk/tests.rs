@@ -838,7 +838,9 @@ fn header_too_short_or_unreadable_gets_ioerr() {
 #[test]
 fn missing_status_descriptor_stops_the_queue_without_completing() {
     let dev = BlkDevice::null(1 << 20).unwrap();
-    let cases: [&dyn Fn(u64, u64) -> Vec<(u64, u32, bool)>; 4] = [
+    /// A chain laid out from (header, buffer) addresses.
+    type Layout<'a> = &'a dyn Fn(u64, u64) -> Vec<(u64, u32, bool)>;
+    let cases: [Layout; 4] = [
         // The last descriptor is readable.
         &|hdr, buf| vec![(hdr, 16, false), (buf, 512, false)],
         // Only a header.
