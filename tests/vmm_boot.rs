@@ -5,7 +5,9 @@
 //! One boot (run by `tests/guest/run-vmm.sh`, nested under QEMU TCG where
 //! `/dev/kvm` is PVM, direct where KVM is real) carries the disks
 //! `/dev/vda` in-process, `/dev/vdb` served by our `vhost-user-blk` daemon,
-//! `/dev/vdc` served by `qemu-storage-daemon` (if installed), and a virtio-rng;
+//! `/dev/vdc` served by `qemu-storage-daemon` (if installed), a virtio-rng,
+//! and two virtio-consoles (`/dev/hvc0` in process, `/dev/hvc1` from the
+//! `vhost-user-console` daemon);
 //! the tests below each check one fact of that boot's console. The bad
 //! kernel tests run `vmm-example` directly on the host.
 //!
@@ -43,6 +45,7 @@ fn boot_log() -> &'static Result<String, String> {
             devices.push("qsd-blk");
         }
         devices.push("rng");
+        devices.extend(["console", "console-vhost-user"]);
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run-vmm.sh");
         let run = || -> Result<(bool, String), String> {
             let t = Instant::now();
@@ -51,6 +54,7 @@ fn boot_log() -> &'static Result<String, String> {
                 .args(&devices)
                 .env("VBK_BIN_DIR", &bin_dir)
                 .env("VBK_VCPUS", "2")
+                .env("VBK_TEST", "blk,rng,console")
                 .stdin(Stdio::null())
                 .output()
                 .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
@@ -150,6 +154,38 @@ fn rng_bytes_read() {
     let line = l2_result(log, "rng=");
     assert!(line.contains("rng=ok bytes=64"), "{line}");
     assert!(line.contains("virtio_rng"), "not the virtio rng: {line}");
+}
+
+/// `/dev/hvc0` (in process) and `/dev/hvc1` (the `vhost-user-console`
+/// daemon): the guest writes a line the host side receives, and reads the
+/// line the host types in reply.
+#[test]
+fn console_carries_bytes_both_ways_in_both_homes() {
+    let Some(log) = console("console_carries_bytes_both_ways_in_both_homes") else {
+        return;
+    };
+    let guest: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("VBK-RESULT console dev=").nth(1))
+        .collect();
+    assert_eq!(guest.len(), 2, "two consoles expected: {guest:?}");
+    for line in &guest {
+        assert!(
+            line.contains("read=VBK-HVC-IN console"),
+            "guest read nothing: {line}"
+        );
+    }
+    let host: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("VBK-RESULT console-host"))
+        .collect();
+    assert_eq!(host.len(), 2, "{host:?}");
+    for (line, dev) in host.iter().zip(["hvc0", "hvc1"]) {
+        assert!(
+            line.contains(&format!("got=VBK-HVC-OUT from={dev}")),
+            "{line}"
+        );
+    }
 }
 
 #[test]

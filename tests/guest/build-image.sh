@@ -14,7 +14,7 @@ out=${1:-$here/out}
 mkdir -p "$out"; out=$(cd "$out" && pwd)
 die() { echo "build-image: ERROR: $*" >&2; exit 1; }
 
-modules="virtio_pci virtio_mmio virtio_blk virtio-rng irqbypass kvm kvm-amd ${VBK_EXTRA_MODULES:-}"
+modules="virtio_pci virtio_mmio virtio_blk virtio-rng virtio_console irqbypass kvm kvm-amd ${VBK_EXTRA_MODULES:-}"
 busybox=/bin/busybox
 [ -x "$busybox" ] || die "$busybox missing: run tests/guest/install-deps.sh"
 command -v cpio >/dev/null || die "cpio missing: run tests/guest/install-deps.sh"

@@ -35,7 +35,7 @@ die() { echo "run-vmm: ERROR: $*" >&2; exit 2; }
 devices=${*:-disk vhost-user-blk rng}
 
 [ -e /dev/kvm ] || die "/dev/kvm is absent: cannot run vmm-example"
-for b in vmm-example vhost-user-blk vhost-user-rng; do
+for b in vmm-example vhost-user-blk vhost-user-rng vhost-user-console; do
     [ -x "$bindir/$b" ] || die "$bindir/$b missing: cargo build --release --workspace"
 done
 "$here/build-image.sh" "$out" >&2
@@ -67,14 +67,14 @@ echo "run-vmm: mode=$mode devices='$devices'" >&2
 
 set +e
 if [ "$mode" = direct ]; then
-    for b in vmm-example vhost-user-blk vhost-user-rng; do ln -s "$bindir/$b" "$stage/vmm/bin/$b"; done
+    for b in vmm-example vhost-user-blk vhost-user-rng vhost-user-console; do ln -s "$bindir/$b" "$stage/vmm/bin/$b"; done
     ln -s "$out/vmlinuz" "$stage/vmm/vmlinuz"; ln -s "$out/initramfs.gz" "$stage/vmm/initramfs.gz"
     VMM_PLAN=$stage/vmm/plan VMM_DIR=$stage/vmm VMM_WORK=$stage/work \
         timeout -k 5 "${VBK_TIMEOUT:-400}" sh "$here/rootfs/vbk/test-vmm.sh" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
 else
     command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing: run tests/guest/install-deps.sh"
-    progs=("$bindir/vmm-example" "$bindir/vhost-user-blk" "$bindir/vhost-user-rng")
+    progs=("$bindir/vmm-example" "$bindir/vhost-user-blk" "$bindir/vhost-user-rng" "$bindir/vhost-user-console")
     case " $devices " in *" qsd-blk "*)
         q=$(command -v qemu-storage-daemon) || die "qemu-storage-daemon missing (qsd-blk)"
         progs+=("$q") ;;

@@ -4,7 +4,8 @@
 //! ```text
 //! vmm-example --kernel PATH [--initrd PATH] [--cmdline STR] [--mem-mib N] [--vcpus N]
 //!             [--disk FILE[,read-only]]... [--disk-vhost-user SOCKET]...
-//!             [--rng] [--rng-vhost-user SOCKET] [--snapshot-to FILE]
+//!             [--rng] [--rng-vhost-user SOCKET]
+//!             [--console OUT[,input=IN]] [--console-vhost-user SOCKET] [--snapshot-to FILE]
 //! vmm-example --restore-from FILE [DEVICES...] [--snapshot-to FILE]
 //! ```
 //!
@@ -65,6 +66,30 @@ struct Args {
     /// A virtio-rng device served by the vhost-user backend on SOCKET.
     #[arg(long, value_name = "SOCKET")]
     rng_vhost_user: Option<PathBuf>,
+    /// A virtio-console (/dev/hvc0 in the guest) served in this process:
+    /// guest output appended to OUT, host input read from IN.
+    #[arg(long, value_name = "OUT[,input=IN]")]
+    console: Option<String>,
+    /// A virtio-console served by the vhost-user backend on SOCKET.
+    #[arg(long, value_name = "SOCKET")]
+    console_vhost_user: Option<PathBuf>,
+}
+
+fn parse_console(arg: &str) -> Result<DeviceSpec, String> {
+    let (output, input) = match arg.split_once(',') {
+        Some((out, opt)) => match opt.strip_prefix("input=") {
+            Some(input) if !input.is_empty() => (out, Some(input.into())),
+            _ => return Err(format!("--console {arg}: unknown option '{opt}'")),
+        },
+        None => (arg, None),
+    };
+    if output.is_empty() {
+        return Err("--console needs an output file".into());
+    }
+    Ok(DeviceSpec::Console {
+        output: output.into(),
+        input,
+    })
 }
 
 fn parse_disk(arg: &str) -> Result<DeviceSpec, String> {
@@ -110,6 +135,15 @@ fn devices(args: &Args, matches: &ArgMatches) -> Result<Vec<DeviceSpec>, String>
                 .first()
                 .map(|i| (*i, DeviceSpec::RngVhostUser(s.clone()))),
         );
+    }
+    if let (Some(c), Some(i)) = (&args.console, indices("console").first()) {
+        found.push((*i, parse_console(c)?));
+    }
+    if let (Some(s), Some(i)) = (
+        &args.console_vhost_user,
+        indices("console_vhost_user").first(),
+    ) {
+        found.push((*i, DeviceSpec::ConsoleVhostUser(s.clone())));
     }
     found.sort_by_key(|(i, _)| *i);
     Ok(found.into_iter().map(|(_, d)| d).collect())

@@ -21,7 +21,10 @@ use super::acpi::MmioWindow;
 use super::layout;
 use crate::devices::blk::VIRTIO_ID_BLOCK;
 use crate::devices::rng::VIRTIO_ID_RNG;
-use crate::devices::{BlkConfig, BlkDevice, BlkError, RngDevice, RngError, Target};
+use crate::devices::{
+    BlkConfig, BlkDevice, BlkError, ConsoleDevice, ConsoleError, RngDevice, RngError, Target,
+    VIRTIO_ID_CONSOLE,
+};
 
 /// Request queues of a disk (the guest spreads them over its vCPUs).
 const DISK_QUEUES: u16 = 2;
@@ -44,6 +47,16 @@ pub enum DeviceSpec {
     Rng,
     /// virtio-rng served by a vhost-user backend on this socket.
     RngVhostUser(PathBuf),
+    /// A one-port virtio-console in this process: guest output appended to
+    /// `output`, host input read from `input` (none: no input).
+    Console {
+        /// Where the guest's console output goes.
+        output: PathBuf,
+        /// What is typed into the guest (a file or a FIFO).
+        input: Option<PathBuf>,
+    },
+    /// virtio-console served by a vhost-user backend on this socket.
+    ConsoleVhostUser(PathBuf),
 }
 
 impl DeviceSpec {
@@ -52,6 +65,7 @@ impl DeviceSpec {
         match self {
             DeviceSpec::Disk { .. } | DeviceSpec::DiskVhostUser(_) => VIRTIO_ID_BLOCK,
             DeviceSpec::Rng | DeviceSpec::RngVhostUser(_) => VIRTIO_ID_RNG,
+            DeviceSpec::Console { .. } | DeviceSpec::ConsoleVhostUser(_) => VIRTIO_ID_CONSOLE,
         }
     }
 }
@@ -65,6 +79,12 @@ pub enum DeviceError {
     /// The rng device could not be built.
     #[error("rng device")]
     Rng(#[source] RngError),
+    /// A console file could not be opened.
+    #[error("console file {}", .0.display())]
+    ConsoleFile(PathBuf, #[source] std::io::Error),
+    /// The console device could not be built.
+    #[error("console device")]
+    Console(#[source] ConsoleError),
     /// The vhost-user backend could not be reached or refused to negotiate.
     #[error("vhost-user backend at {}", .0.display())]
     VhostUser(PathBuf, #[source] FrontendError),
@@ -163,6 +183,24 @@ pub fn attach(
         DeviceSpec::RngVhostUser(socket) => (
             vhost_user(socket, VIRTIO_ID_RNG, 1)?,
             format!("virtio-rng via vhost-user {}", socket.display()),
+        ),
+        DeviceSpec::Console { output, input } => {
+            let input_path = input.clone().unwrap_or_else(|| "/dev/null".into());
+            let input = std::fs::File::open(&input_path)
+                .map_err(|e| DeviceError::ConsoleFile(input_path, e))?;
+            let out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(output)
+                .map_err(|e| DeviceError::ConsoleFile(output.clone(), e))?;
+            let device =
+                ConsoleDevice::new(input, out, QUEUE_SIZE).map_err(DeviceError::Console)?;
+            let what = format!("virtio-console -> {} (in-process)", output.display());
+            (in_process(device, subscribers)?, what)
+        }
+        DeviceSpec::ConsoleVhostUser(socket) => (
+            vhost_user(socket, VIRTIO_ID_CONSOLE, 2)?,
+            format!("virtio-console via vhost-user {}", socket.display()),
         ),
     };
     let transport = MmioTransport::new(control, memory.clone()).map_err(DeviceError::Transport)?;

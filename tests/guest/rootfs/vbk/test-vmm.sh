@@ -4,6 +4,8 @@
 # of tests/guest/run-vmm.sh, or directly on a host whose KVM is real).
 # Settings come from $VMM_PLAN (default /vmm/plan, a sourced file):
 #   VMM_DEVICES   devices in guest order: disk disk-ro vhost-user-blk qsd-blk rng rng-vhost-user
+#                 console console-vhost-user (host side: a file for the guest's
+#                 output, a FIFO typed into once the guest has written)
 #   VMM_VCPUS (2) VMM_MEM_MIB (256) VMM_DISK_MIB (64)
 #   VMM_QSD_QUEUES (2: queues of a qsd-blk disk)
 #   VMM_L2_VMM (vmm; qemu: QEMU runs the L2 guest, virtio-pci disks)
@@ -25,7 +27,7 @@ cr=$(printf '\r')
 now_cs() { local up f; read -r up _ </proc/uptime; f=${up#*.}; f=${f#0}; echo $((${up%.*} * 100 + f)); }
 qsd=$bin/qemu-storage-daemon; [ -x "$qsd" ] || qsd=$(command -v qemu-storage-daemon)
 
-args= qargs= socks= pids= i=0
+args= qargs= socks= pids= holders= consoles= i=0
 for d in ${VMM_DEVICES:-disk rng}; do
     img=$work/disk$i.img sock=$work/dev$i.sock
     case "$d" in
@@ -50,6 +52,23 @@ for d in ${VMM_DEVICES:-disk rng}; do
         rng-vhost-user)
             "$bin/vhost-user-rng" --socket "$sock" >"$work/dev$i.log" 2>&1 &
             pids="$pids $!"; args="$args --rng-vhost-user $sock" ;;
+        console|console-vhost-user)
+            fifo=$work/hvc$i.in out=$work/hvc$i.out
+            rm -f "$fifo"; mkfifo "$fifo"; : >"$out"
+            # Holds the FIFO open for writing, so its reader never sees EOF.
+            sleep 100000 >"$fifo" & holders="$holders $!"
+            consoles="$consoles $i"
+            if [ "$d" = console ]; then
+                args="$args --console $out,input=$fifo"
+            else
+                "$bin/vhost-user-console" --socket "$sock" <"$fifo" >"$out" 2>"$work/dev$i.log" &
+                pids="$pids $!"; args="$args --console-vhost-user $sock"
+            fi
+            # Type a line once the guest has written to this console.
+            ( n=0; while ! grep -q VBK-HVC-OUT "$out" 2>/dev/null; do
+                  sleep 0.2; n=$((n + 1)); [ $n -gt 1500 ] && exit 0; done
+              echo "VBK-HVC-IN console$i" >"$fifo" ) &
+            holders="$holders $!" ;;
         *) echo "vbk-vmm: unknown device '$d'"; exit 1 ;;
     esac
     i=$((i + 1))
@@ -96,8 +115,13 @@ fi
 t1=$(now_cs)
 touch "$work/vmm-done"; kill "$watchdog" 2>/dev/null
 rc=$(cat "$work/rc" 2>/dev/null || echo 255)
-for p in $pids; do kill "$p" 2>/dev/null; done
+for p in $pids $holders; do kill "$p" 2>/dev/null; done
 for p in $pids; do wait "$p" 2>/dev/null; done
+for c in $consoles; do
+    # What the guest wrote on that console, as the host got it.
+    got=$(grep -o 'VBK-HVC-OUT [^ ]*' "$work/hvc$c.out" 2>/dev/null | head -n1)
+    echo "VBK-RESULT console-host dev=$c got=${got:-nothing}"
+done
 for f in "$work"/dev*.log; do [ -s "$f" ] && sed "s|^|backend ${f##*/}: |" "$f" | tail -n 5; done
 status=fail
 [ "$rc" = 0 ] && grep -q 'VBK-DONE status=ok' "$work/l2.log" 2>/dev/null && status=ok
