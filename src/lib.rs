@@ -12,6 +12,8 @@ pub mod memory;
 pub mod mmio;
 mod shared_mapping;
 pub mod snapshot;
+#[cfg(feature = "test-utils")]
+pub mod testing;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;
 pub mod vring;

@@ -12,27 +12,25 @@ mod common;
 mod process;
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{fence, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{spawn_daemon, TestDevice, Watchdog, TEST_CONFIG_SIZE, TEST_DEVICE_TYPE};
 use virtio_backend_kit::core::{Activation, ControlError, DeviceControl, QueueActivation};
+use virtio_backend_kit::testing::{self, Interrupt, SplitQueueDriver};
 use virtio_backend_kit::vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_backend_kit::vhost_user::daemon::bind;
 use virtio_backend_kit::vhost_user::{
     FrontendError, FrontendOptions, ServeMode, VhostUserDaemon, VhostUserFrontendDevice,
 };
-use virtio_backend_kit::vm_memory::mmap::MmapRegionBuilder;
-use virtio_backend_kit::vm_memory::{Bytes, FileOffset, GuestAddress};
-use virtio_backend_kit::vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use virtio_backend_kit::vring::{Notifier, INTERRUPT_USED_BUFFER};
-use virtio_backend_kit::{ConfigNotifier, DeviceBackend, DirtyLogBitmap};
-use virtio_backend_kit::{GuestMemoryLog, GuestRegionLog};
+use virtio_backend_kit::vm_memory::GuestAddress;
+use virtio_backend_kit::vmm_sys_util::eventfd::EventFd;
+use virtio_backend_kit::GuestMemoryLog;
+use virtio_backend_kit::{ConfigNotifier, DeviceBackend};
 use vmm_example::devices::{BlkConfig, BlkDevice, Target};
 
 const VIRTIO_ID_BLOCK: u32 = 2;
@@ -41,8 +39,6 @@ const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 const VIRTIO_BLK_T_IN: u32 = 0;
 const VIRTIO_BLK_T_OUT: u32 = 1;
 const VIRTIO_BLK_S_OK: u8 = 0;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
 
 /// Guest memory: one region at a non-zero gpa, so a gpa used where a host
 /// address belongs (or the other way round) cannot go unnoticed.
@@ -57,151 +53,42 @@ const WAIT: Duration = Duration::from_secs(5);
 // Guest memory and a tiny split-ring driver
 // ---------------------------------------------------------------------------
 
-fn memfd(size: usize) -> File {
-    let name = c"vbk-frontend-adapter";
-    // SAFETY: `name` is a valid NUL-terminated string; the result is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` was just created and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size as u64).unwrap();
-    file
-}
-
 /// memfd-backed guest memory, as a VMM would build it for vhost-user.
 fn shared_guest_memory() -> GuestMemoryLog {
-    let region = MmapRegionBuilder::new_with_bitmap(MEM_SIZE, DirtyLogBitmap::default())
-        .with_file_offset(FileOffset::new(memfd(MEM_SIZE), 0))
-        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-        .with_mmap_flags(libc::MAP_SHARED)
-        .build()
-        .unwrap();
-    let region = GuestRegionLog::new(region, GuestAddress(MEM_GPA)).unwrap();
-    GuestMemoryLog::from_regions(vec![region]).unwrap()
+    testing::shared_guest_memory(MEM_GPA, MEM_SIZE).unwrap()
 }
 
-/// The driver side of one split virtqueue laid out at `area`.
-struct Ring {
-    mem: GuestMemoryLog,
-    index: u16,
-    size: u16,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    last_used: u16,
-    /// Where request buffers go.
-    data: u64,
+/// The kit's test driver for one split virtqueue.
+type Ring = SplitQueueDriver;
+
+/// Queue `index` in its own area of the test's guest memory.
+fn queue_at(mem: &GuestMemoryLog, index: u16, size: u16) -> Ring {
+    SplitQueueDriver::new(mem, index, size, MEM_GPA + u64::from(index) * QUEUE_AREA)
 }
 
-impl Ring {
-    fn new(mem: &GuestMemoryLog, index: u16, size: u16) -> Self {
-        let area = MEM_GPA + u64::from(index) * QUEUE_AREA;
-        mem.write_slice(&[0u8; 0x3000], GuestAddress(area)).unwrap();
-        Ring {
-            mem: mem.clone(),
-            index,
-            size,
-            desc: area,
-            avail: area + 0x1000,
-            used: area + 0x2000,
-            next_desc: 0,
-            avail_idx: 0,
-            last_used: 0,
-            data: area + 0x3000,
-        }
-    }
-
-    /// The queue as the transport hands it to the device.
-    fn activation(&self, irq: &Interrupt) -> (QueueActivation, EventFd) {
-        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-        let driver_kick = kick.try_clone().unwrap();
-        let q = QueueActivation {
-            index: self.index,
-            size: self.size,
-            desc_table: self.desc,
-            avail_ring: self.avail,
-            used_ring: self.used,
-            kick,
-            call: irq.notifier(),
-            err: Notifier::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-        };
-        (q, driver_kick)
-    }
-
-    /// Make a chain of `(gpa, len, device_writes)` buffers available.
-    fn add_chain(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
-            let idx = (self.next_desc + i as u16) % self.size;
-            let mut flags = if write { DESC_F_WRITE } else { 0 };
-            let next = (idx + 1) % self.size;
-            if i + 1 < bufs.len() {
-                flags |= DESC_F_NEXT;
-            }
-            let d = self.desc + 16 * u64::from(idx);
-            self.mem.write_obj(addr, GuestAddress(d)).unwrap();
-            self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
-            self.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
-            self.mem.write_obj(next, GuestAddress(d + 14)).unwrap();
-        }
-        self.next_desc = (self.next_desc + bufs.len() as u16) % self.size;
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        fence(Ordering::SeqCst);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .unwrap();
-        fence(Ordering::SeqCst);
-        head
-    }
-
-    /// The next used entry, if the device published one.
-    fn pop_used(&mut self) -> Option<(u32, u32)> {
-        fence(Ordering::SeqCst);
-        let idx: u16 = self.mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        if idx == self.last_used {
-            return None;
-        }
-        let e = self.used + 4 + 8 * u64::from(self.last_used % self.size);
-        let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
-        let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
-        self.last_used = self.last_used.wrapping_add(1);
-        Some((id, len))
-    }
-
-    /// Lay out one virtio-blk request (header, data, status) in this
-    /// queue's buffer area and make it available. For a write, `data` is
-    /// the payload; for a read, its length is the size read.
-    fn blk_request(&mut self, kind: u32, sector: u64, data: &[u8]) -> BlkRequest {
-        let hdr = self.data;
-        let buf = hdr + 0x1000;
-        let status = buf + data.len() as u64;
-        let mut header = [0u8; 16];
-        header[..4].copy_from_slice(&kind.to_le_bytes());
-        header[8..].copy_from_slice(&sector.to_le_bytes());
-        self.mem.write_slice(&header, GuestAddress(hdr)).unwrap();
-        self.mem.write_slice(data, GuestAddress(buf)).unwrap();
-        self.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
-        let head = self.add_chain(&[
-            (hdr, 16, false),
-            (buf, data.len() as u32, kind == VIRTIO_BLK_T_IN),
-            (status, 1, true),
-        ]);
-        BlkRequest {
-            head,
-            buf,
-            len: data.len(),
-            status,
-        }
-    }
-
-    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.mem.read_slice(&mut v, GuestAddress(gpa)).unwrap();
-        v
+/// Lay out one virtio-blk request (header, data, status) in this
+/// queue's buffer area and make it available. For a write, `data` is
+/// the payload; for a read, its length is the size read.
+fn blk_request(ring: &mut Ring, kind: u32, sector: u64, data: &[u8]) -> BlkRequest {
+    let hdr = ring.data_area();
+    let buf = hdr + 0x1000;
+    let status = buf + data.len() as u64;
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&kind.to_le_bytes());
+    header[8..].copy_from_slice(&sector.to_le_bytes());
+    ring.write(hdr, &header);
+    ring.write(buf, data);
+    ring.write(status, &[0xff]);
+    let head = ring.add_chain(&[
+        (hdr, 16, false),
+        (buf, data.len() as u32, kind == VIRTIO_BLK_T_IN),
+        (status, 1, true),
+    ]);
+    BlkRequest {
+        head,
+        buf,
+        len: data.len(),
+        status,
     }
 }
 
@@ -212,65 +99,19 @@ struct BlkRequest {
     status: u64,
 }
 
-/// An interrupt line as an in-process transport has it: the irqfd KVM
-/// would inject from, and the virtio-mmio InterruptStatus word.
-struct Interrupt {
-    irqfd: EventFd,
-    status: Arc<AtomicU32>,
-}
-
-impl Interrupt {
-    fn new() -> Self {
-        Interrupt {
-            irqfd: EventFd::new(EFD_NONBLOCK).unwrap(),
-            status: Arc::new(AtomicU32::new(0)),
-        }
-    }
-
-    fn notifier(&self) -> Notifier {
-        Notifier::with_status(
-            self.irqfd.try_clone().unwrap(),
-            self.status.clone(),
-            INTERRUPT_USED_BUFFER,
-        )
-    }
-
-    /// Wait for the irqfd to fire; the status bit must already be set by
-    /// then (the guest reads it in its interrupt handler). Acks both.
-    fn wait(&self) {
-        let mut pfd = libc::pollfd {
-            fd: self.irqfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, WAIT.as_millis() as i32) };
-        assert_eq!(n, 1, "no interrupt within {WAIT:?}");
-        let status = self
-            .status
-            .fetch_and(!INTERRUPT_USED_BUFFER, Ordering::SeqCst);
-        assert_ne!(
-            status & INTERRUPT_USED_BUFFER,
-            0,
-            "irqfd fired before the InterruptStatus bit was set"
-        );
-        self.irqfd.read().unwrap();
-    }
-}
-
 /// Kick, wait for the interrupt and return the completed request's status.
 fn complete(ring: &mut Ring, kick: &EventFd, irq: &Interrupt, req: &BlkRequest) -> u8 {
     kick.write(1).unwrap();
     let deadline = Instant::now() + WAIT;
     loop {
-        irq.wait();
+        assert!(irq.wait(WAIT), "no interrupt within {WAIT:?}");
         if let Some((id, _len)) = ring.pop_used() {
             assert_eq!(id, u32::from(req.head));
             break;
         }
         assert!(Instant::now() < deadline, "request never completed");
     }
-    ring.mem.read_obj(GuestAddress(req.status)).unwrap()
+    ring.read(req.status, 1)[0]
 }
 
 // ---------------------------------------------------------------------------
@@ -377,7 +218,7 @@ fn blk_round_trip_reset_and_reactivate() {
     // Activate both queues.
     let mem = shared_guest_memory();
     let irqs = [Interrupt::new(), Interrupt::new()];
-    let mut rings = [Ring::new(&mem, 0, 64), Ring::new(&mem, 1, 64)];
+    let mut rings = [queue_at(&mem, 0, 64), queue_at(&mem, 1, 64)];
     let (q0, kick0) = rings[0].activation(&irqs[0]);
     let (q1, kick1) = rings[1].activation(&irqs[1]);
     dev.activate(Activation {
@@ -390,7 +231,7 @@ fn blk_round_trip_reset_and_reactivate() {
 
     // Write on queue 0, read back on queue 1.
     let data = pattern(4096, 0x5a);
-    let req = rings[0].blk_request(VIRTIO_BLK_T_OUT, 8, &data);
+    let req = blk_request(&mut rings[0], VIRTIO_BLK_T_OUT, 8, &data);
     assert_eq!(
         complete(&mut rings[0], &kick0, &irqs[0], &req),
         VIRTIO_BLK_S_OK
@@ -402,7 +243,7 @@ fn blk_round_trip_reset_and_reactivate() {
         .unwrap();
     assert_eq!(on_disk, data, "the image holds what the guest wrote");
 
-    let req = rings[1].blk_request(VIRTIO_BLK_T_IN, 8, &vec![0u8; 4096]);
+    let req = blk_request(&mut rings[1], VIRTIO_BLK_T_IN, 8, &vec![0u8; 4096]);
     assert_eq!(
         complete(&mut rings[1], &kick1, &irqs[1], &req),
         VIRTIO_BLK_S_OK
@@ -414,14 +255,10 @@ fn blk_round_trip_reset_and_reactivate() {
     assert!(!dev.is_active());
     kick0.write(1).unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(
-        irqs[0].status.load(Ordering::SeqCst),
-        0,
-        "a reset device must not interrupt"
-    );
+    assert_eq!(irqs[0].status(), 0, "a reset device must not interrupt");
 
     let irq = Interrupt::new();
-    let mut ring = Ring::new(&mem, 0, 128);
+    let mut ring = queue_at(&mem, 0, 128);
     let (q0, kick0) = ring.activation(&irq);
     dev.activate(Activation {
         features: VIRTIO_F_VERSION_1,
@@ -430,14 +267,14 @@ fn blk_round_trip_reset_and_reactivate() {
     })
     .unwrap();
     let second = pattern(1024, 0xc3);
-    let req = ring.blk_request(VIRTIO_BLK_T_OUT, 100, &second);
+    let req = blk_request(&mut ring, VIRTIO_BLK_T_OUT, 100, &second);
     assert_eq!(complete(&mut ring, &kick0, &irq, &req), VIRTIO_BLK_S_OK);
-    let req = ring.blk_request(VIRTIO_BLK_T_IN, 8, &vec![0u8; 4096]);
+    let req = blk_request(&mut ring, VIRTIO_BLK_T_IN, 8, &vec![0u8; 4096]);
     assert_eq!(complete(&mut ring, &kick0, &irq, &req), VIRTIO_BLK_S_OK);
     assert_eq!(ring.read(req.buf, req.len), data, "data survives a reset");
 
     // Activating an active device resets it first.
-    let mut ring = Ring::new(&mem, 1, 32);
+    let mut ring = queue_at(&mem, 1, 32);
     let (q1, kick1) = ring.activation(&irq);
     dev.activate(Activation {
         features: VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_MQ,
@@ -445,7 +282,7 @@ fn blk_round_trip_reset_and_reactivate() {
         queues: vec![q1],
     })
     .unwrap();
-    let req = ring.blk_request(VIRTIO_BLK_T_IN, 100, &vec![0u8; 1024]);
+    let req = blk_request(&mut ring, VIRTIO_BLK_T_IN, 100, &vec![0u8; 1024]);
     assert_eq!(complete(&mut ring, &kick1, &irq, &req), VIRTIO_BLK_S_OK);
     assert_eq!(ring.read(req.buf, req.len), second);
 
@@ -472,7 +309,7 @@ fn bad_activations_are_refused() {
 
     // Anonymous memory cannot be shared with another process.
     let anon = GuestMemoryLog::from_ranges(&[(GuestAddress(MEM_GPA), MEM_SIZE)]).unwrap();
-    let ring = Ring::new(&anon, 0, 64);
+    let ring = queue_at(&anon, 0, 64);
     let (q, _) = ring.activation(&irq);
     let r = dev.activate(Activation {
         features: VIRTIO_F_VERSION_1,
@@ -494,7 +331,7 @@ fn bad_activations_are_refused() {
         ("features", Box::new(|_| {}), VIRTIO_F_VERSION_1 | (1 << 30)),
     ];
     for (what, tweak, features) in cases {
-        let ring = Ring::new(&mem, 0, 64);
+        let ring = queue_at(&mem, 0, 64);
         let (mut q, _) = ring.activation(&irq);
         tweak(&mut q);
         let r = dev.activate(Activation {
@@ -507,7 +344,7 @@ fn bad_activations_are_refused() {
     }
 
     // The device still works after the refusals.
-    let mut ring = Ring::new(&mem, 0, 64);
+    let mut ring = queue_at(&mem, 0, 64);
     let (q, kick) = ring.activation(&irq);
     dev.activate(Activation {
         features: VIRTIO_F_VERSION_1,
@@ -515,7 +352,7 @@ fn bad_activations_are_refused() {
         queues: vec![q],
     })
     .unwrap();
-    let req = ring.blk_request(VIRTIO_BLK_T_IN, 0, &vec![0u8; 512]);
+    let req = blk_request(&mut ring, VIRTIO_BLK_T_IN, 0, &vec![0u8; 512]);
     assert_eq!(complete(&mut ring, &kick, &irq, &req), VIRTIO_BLK_S_OK);
     drop(dev);
     daemon_thread.join().unwrap().unwrap();
@@ -600,7 +437,7 @@ fn backend_death_is_an_error_not_a_panic() {
 
     let mem = shared_guest_memory();
     let irq = Interrupt::new();
-    let mut ring = Ring::new(&mem, 0, 64);
+    let mut ring = queue_at(&mem, 0, 64);
     let (q, kick) = ring.activation(&irq);
     dev.activate(Activation {
         features: VIRTIO_F_VERSION_1,
@@ -608,7 +445,7 @@ fn backend_death_is_an_error_not_a_panic() {
         queues: vec![q],
     })
     .unwrap();
-    let req = ring.blk_request(VIRTIO_BLK_T_IN, 0, &vec![0u8; 512]);
+    let req = blk_request(&mut ring, VIRTIO_BLK_T_IN, 0, &vec![0u8; 512]);
     assert_eq!(complete(&mut ring, &kick, &irq, &req), VIRTIO_BLK_S_OK);
 
     // The backend goes away mid-session (as its socket does when the
@@ -622,7 +459,7 @@ fn backend_death_is_an_error_not_a_panic() {
     }
 
     assert!(is_external(dev.reset()));
-    let ring = Ring::new(&mem, 0, 64);
+    let ring = queue_at(&mem, 0, 64);
     let (q, _) = ring.activation(&irq);
     assert!(is_external(dev.activate(Activation {
         features: VIRTIO_F_VERSION_1,
@@ -761,7 +598,7 @@ fn one_queue(ring: &Ring, irq: &Interrupt, mem: &GuestMemoryLog) -> Activation {
 fn device_state_crosses_homes_both_ways() {
     use virtio_backend_kit::core::DeviceCore;
     let mem = shared_guest_memory();
-    let ring = Ring::new(&mem, 0, 64);
+    let ring = queue_at(&mem, 0, 64);
     let irq = Interrupt::new();
 
     let first = Arc::new(Stateful::default());
@@ -828,7 +665,7 @@ fn device_state_for_a_backend_without_device_state_is_refused() {
     let mut adapter = VhostUserFrontendDevice::connect(&sock, blk_options(1)).unwrap();
 
     let mem = shared_guest_memory();
-    let ring = Ring::new(&mem, 0, 64);
+    let ring = queue_at(&mem, 0, 64);
     let irq = Interrupt::new();
     let mut core = virtio_backend_kit::core::DeviceCore::new(Arc::new(
         BlkDevice::new(Target::null(IMAGE_SIZE), BlkConfig::default()).unwrap(),
@@ -900,11 +737,11 @@ const RX_BUF: u32 = 4096;
 
 impl ConsoleGuest {
     fn new(mem: &GuestMemoryLog) -> Self {
-        let rx = Ring::new(mem, 0, 64);
-        let data = rx.data;
+        let rx = queue_at(mem, 0, 64);
+        let data = rx.data_area();
         ConsoleGuest {
             rx,
-            tx: Ring::new(mem, 1, 64),
+            tx: queue_at(mem, 1, 64),
             posted: std::collections::HashMap::new(),
             next_buf: data,
         }
@@ -926,8 +763,8 @@ impl ConsoleGuest {
         for _ in 0..n {
             let gpa = self.next_buf;
             self.next_buf += u64::from(RX_BUF);
-            if self.next_buf + u64::from(RX_BUF) > self.rx.data + 0x8_0000 {
-                self.next_buf = self.rx.data;
+            if self.next_buf + u64::from(RX_BUF) > self.rx.data_area() + 0x8_0000 {
+                self.next_buf = self.rx.data_area();
             }
             let head = self.rx.add_chain(&[(gpa, RX_BUF, true)]);
             self.posted.insert(head, gpa);
@@ -960,8 +797,8 @@ impl ConsoleGuest {
 
     /// Transmit `bytes` and wait for the device to take them.
     fn transmit(&mut self, bytes: &[u8], kick: &EventFd) {
-        let gpa = self.tx.data;
-        self.tx.mem.write_slice(bytes, GuestAddress(gpa)).unwrap();
+        let gpa = self.tx.data_area();
+        self.tx.write(gpa, bytes);
         self.tx.add_chain(&[(gpa, bytes.len() as u32, false)]);
         kick.write(1).unwrap();
         let deadline = Instant::now() + WAIT;

@@ -1,0 +1,254 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Test support for device authors (cargo feature `test-utils`): guest
+//! memory shared the way a VMM shares it, an interrupt line as an
+//! in-process transport has it, and the driver side of a split virtqueue
+//! that can post buffers now and collect their completions later (what a
+//! receive queue needs).
+//!
+//! With these a device can be driven in every home from one test: hand
+//! [`SplitQueueDriver::activation`] to a [`crate::core::DeviceCore`] (in
+//! process) or to a [`crate::vhost_user::VhostUserFrontendDevice`] (a
+//! vhost-user backend), post chains, kick, and read the used ring.
+//!
+//! These are test harness pieces: they panic on failures of memory they
+//! own (a driver writing outside its own guest memory is a bug in the
+//! test, not input to handle).
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Bytes, FileOffset, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::core::QueueActivation;
+use crate::memory::{DirtyLogBitmap, GuestMemoryLog, GuestRegionLog};
+use crate::vring::{Notifier, INTERRUPT_USED_BUFFER};
+
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+
+/// `size` bytes of guest memory at `gpa`, backed by a memfd mapped shared:
+/// what a VMM gives a vhost-user backend, and what works in process too.
+pub fn shared_guest_memory(gpa: u64, size: usize) -> std::io::Result<GuestMemoryLog> {
+    // SAFETY: a valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"vbk-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.set_len(size as u64)?;
+    let region = MmapRegionBuilder::new_with_bitmap(size, DirtyLogBitmap::default())
+        .with_file_offset(FileOffset::new(file, 0))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED)
+        .build()
+        .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+    let region = GuestRegionLog::new(region, GuestAddress(gpa))
+        .ok_or_else(|| std::io::Error::other("guest region overflows"))?;
+    GuestMemoryLog::from_regions(vec![region]).map_err(|e| std::io::Error::other(format!("{e}")))
+}
+
+/// An interrupt line as an in-process transport has it: the eventfd KVM
+/// would inject from (an irqfd) and the virtio-mmio InterruptStatus word.
+#[derive(Debug)]
+pub struct Interrupt {
+    irqfd: EventFd,
+    status: Arc<AtomicU32>,
+}
+
+impl Default for Interrupt {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Interrupt {
+    /// A fresh line.
+    pub fn new() -> Self {
+        Interrupt {
+            irqfd: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+            status: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    /// A used-buffer notifier for a queue on this line.
+    pub fn notifier(&self) -> Notifier {
+        Notifier::with_status(
+            self.irqfd.try_clone().expect("eventfd dup"),
+            self.status.clone(),
+            INTERRUPT_USED_BUFFER,
+        )
+    }
+
+    /// The InterruptStatus word as the guest would read it.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Wait up to `timeout` for the line to fire; returns whether it did,
+    /// acknowledging it. Panics if it fired before InterruptStatus had the
+    /// used-buffer bit (a guest would miss that interrupt's cause).
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.irqfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } != 1 {
+            return false;
+        }
+        let status = self
+            .status
+            .fetch_and(!INTERRUPT_USED_BUFFER, Ordering::SeqCst);
+        assert_ne!(
+            status & INTERRUPT_USED_BUFFER,
+            0,
+            "irqfd fired before the InterruptStatus bit was set"
+        );
+        let _ = self.irqfd.read();
+        true
+    }
+}
+
+/// The driver side of one split virtqueue (up to 256 entries) laid out at
+/// `area`: descriptor table, available ring and used ring on their own
+/// 4 KiB pages, buffers from `area + 0x3000` ([`SplitQueueDriver::data_area`]).
+#[derive(Debug)]
+pub struct SplitQueueDriver {
+    mem: GuestMemoryLog,
+    index: u16,
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next_desc: u16,
+    avail_idx: u16,
+    last_used: u16,
+    data: u64,
+}
+
+impl SplitQueueDriver {
+    /// Queue `index` of `size` entries (a power of two up to 256) at
+    /// `area` in `mem`, its rings zeroed.
+    pub fn new(mem: &GuestMemoryLog, index: u16, size: u16, area: u64) -> Self {
+        assert!(size.is_power_of_two() && size <= 256, "queue size {size}");
+        mem.write_slice(&[0u8; 0x3000], GuestAddress(area))
+            .expect("the rings lie in guest memory");
+        SplitQueueDriver {
+            mem: mem.clone(),
+            index,
+            size,
+            desc: area,
+            avail: area + 0x1000,
+            used: area + 0x2000,
+            next_desc: 0,
+            avail_idx: 0,
+            last_used: 0,
+            data: area + 0x3000,
+        }
+    }
+
+    /// The queue as a transport hands it to the device, interrupts on
+    /// `irq`; and the driver's end of its kick eventfd.
+    pub fn activation(&self, irq: &Interrupt) -> (QueueActivation, EventFd) {
+        let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let driver_kick = kick.try_clone().expect("eventfd dup");
+        let q = QueueActivation {
+            index: self.index,
+            size: self.size,
+            desc_table: self.desc,
+            avail_ring: self.avail,
+            used_ring: self.used,
+            kick,
+            call: irq.notifier(),
+            err: Notifier::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")),
+        };
+        (q, driver_kick)
+    }
+
+    /// Make a chain of `(gpa, len, device_writes)` buffers available;
+    /// returns its head. Completion comes later, through
+    /// [`SplitQueueDriver::pop_used`].
+    pub fn add_chain(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
+        let head = self.next_desc;
+        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+            let idx = (self.next_desc + i as u16) % self.size;
+            let mut flags = if write { DESC_F_WRITE } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= DESC_F_NEXT;
+            }
+            let d = self.desc + 16 * u64::from(idx);
+            self.write_obj(addr, d);
+            self.write_obj(len, d + 8);
+            self.write_obj(flags, d + 12);
+            self.write_obj((idx + 1) % self.size, d + 14);
+        }
+        self.next_desc = (self.next_desc + bufs.len() as u16) % self.size;
+        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
+        self.write_obj(head, slot);
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.write_obj(self.avail_idx, self.avail + 2);
+        fence(Ordering::SeqCst);
+        head
+    }
+
+    /// The next used entry `(id, len)`, if the device published one.
+    pub fn pop_used(&mut self) -> Option<(u32, u32)> {
+        fence(Ordering::SeqCst);
+        let idx: u16 = self.read_obj(self.used + 2);
+        if idx == self.last_used {
+            return None;
+        }
+        let e = self.used + 4 + 8 * u64::from(self.last_used % self.size);
+        let id: u32 = self.read_obj(e);
+        let len: u32 = self.read_obj(e + 4);
+        self.last_used = self.last_used.wrapping_add(1);
+        Some((id, len))
+    }
+
+    /// Where this queue's buffers may go (up to the next queue's area).
+    pub fn data_area(&self) -> u64 {
+        self.data
+    }
+
+    /// The guest memory the queue lives in.
+    pub fn memory(&self) -> &GuestMemoryLog {
+        &self.mem
+    }
+
+    /// Read `len` bytes of guest memory at `gpa`.
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem
+            .read_slice(&mut v, GuestAddress(gpa))
+            .expect("the test's buffer lies in guest memory");
+        v
+    }
+
+    /// Write `bytes` into guest memory at `gpa`.
+    pub fn write(&self, gpa: u64, bytes: &[u8]) {
+        self.mem
+            .write_slice(bytes, GuestAddress(gpa))
+            .expect("the test's buffer lies in guest memory");
+    }
+
+    fn write_obj<T: vm_memory::ByteValued>(&self, value: T, gpa: u64) {
+        self.mem
+            .write_obj(value, GuestAddress(gpa))
+            .expect("the rings lie in guest memory");
+    }
+
+    fn read_obj<T: vm_memory::ByteValued>(&self, gpa: u64) -> T {
+        self.mem
+            .read_obj(GuestAddress(gpa))
+            .expect("the rings lie in guest memory")
+    }
+}
