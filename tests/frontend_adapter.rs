@@ -683,6 +683,27 @@ fn device_state_for_a_backend_without_device_state_is_refused() {
         msg.contains("19 bytes of device state") && msg.contains("DEVICE_STATE"),
         "the reason is not in the top-level message: {msg}"
     );
+    drop(adapter);
+
+    // A device the VMM knows keeps state (a console, say) cannot be
+    // snapshotted through this backend: refused, and it keeps running.
+    let options = FrontendOptions {
+        stateful: true,
+        ..blk_options(1)
+    };
+    let mut adapter = VhostUserFrontendDevice::connect(&sock, options).unwrap();
+    adapter.activate(one_queue(&ring, &irq, &mem)).unwrap();
+    let msg = adapter
+        .snapshot()
+        .expect_err("state would be lost")
+        .to_string();
+    println!("VBK-CROSSHOME refused: {msg}");
+    assert!(
+        msg.contains("does not offer DEVICE_STATE to save it"),
+        "{msg}"
+    );
+    assert!(adapter.is_connected());
+    drop(adapter);
     qsd.stop(Duration::from_secs(5));
 }
 

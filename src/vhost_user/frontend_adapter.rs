@@ -160,6 +160,12 @@ pub enum FrontendError {
     /// The backend's device state is not a snapshot in the kit's format.
     #[error("the backend's device state is not in the kit's snapshot format")]
     StateFormat(#[source] crate::snapshot::SnapshotError),
+    /// The device keeps state of its own, but the backend cannot save it.
+    #[error(
+        "the device keeps state of its own, but the vhost-user backend does not offer \
+         DEVICE_STATE to save it: a snapshot would lose it"
+    )]
+    StateNotSaved,
     /// A snapshot holds device state for a backend that cannot take it.
     #[error(
         "the snapshot holds {len} bytes of device state, but the vhost-user backend \
@@ -194,6 +200,11 @@ pub struct FrontendOptions {
     /// How long one request may wait for its reply before the connection is
     /// cut (`None`: wait forever).
     pub request_timeout: Option<Duration>,
+    /// The device keeps state of its own (a console's pending bytes): a
+    /// snapshot of a backend without DEVICE_STATE then fails instead of
+    /// silently dropping that state. vhost-user cannot tell this; the VMM
+    /// knows what kind of device it attaches.
+    pub stateful: bool,
 }
 
 impl FrontendOptions {
@@ -219,6 +230,7 @@ impl FrontendOptions {
             config_size,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Some(Duration::from_secs(10)),
+            stateful: false,
         }
     }
 }
@@ -516,6 +528,7 @@ pub struct VhostUserFrontendDevice {
     max_queue_size: u16,
     config_size: u32,
     request_timeout: Option<Duration>,
+    stateful: bool,
     /// Features from `GET_FEATURES`, vhost-user bits included.
     backend_features: u64,
     protocol: VhostUserProtocolFeatures,
@@ -586,6 +599,7 @@ impl VhostUserFrontendDevice {
             max_queue_size: options.max_queue_size,
             config_size: options.config_size,
             request_timeout: options.request_timeout,
+            stateful: options.stateful,
             backend_features: 0,
             protocol: VhostUserProtocolFeatures::empty(),
             active: None,
@@ -1137,6 +1151,10 @@ impl DeviceControl for VhostUserFrontendDevice {
     }
 
     fn snapshot(&mut self) -> Result<DeviceSnapshot, ControlError> {
+        if self.stateful && !self.has(VhostUserProtocolFeatures::DEVICE_STATE) {
+            // Refused before anything stops: the device keeps running.
+            return Err(FrontendError::StateNotSaved.into());
+        }
         let active = self.active.take().ok_or(ControlError::Invalid(
             "snapshot of a device that is not active",
         ))?;

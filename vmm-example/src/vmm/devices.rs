@@ -134,7 +134,11 @@ fn vhost_user(
     device_type: u32,
     queues: usize,
 ) -> Result<Box<dyn DeviceControl>, DeviceError> {
-    let options = FrontendOptions::new(device_type, queues, QUEUE_SIZE);
+    let options = FrontendOptions {
+        // A console's pending host bytes must travel with a snapshot.
+        stateful: device_type == VIRTIO_ID_CONSOLE,
+        ..FrontendOptions::new(device_type, queues, QUEUE_SIZE)
+    };
     let device = VhostUserFrontendDevice::connect(socket, options)
         .map_err(|e| DeviceError::VhostUser(socket.clone(), e))?;
     Ok(Box::new(device))
