@@ -268,7 +268,10 @@ fuzz_target!(|data: &[u8]| {
         // serves) ends the session after this, well inside the 1 s limit.
         let mut daemon = VhostUserDaemon::new(Arc::new(Device::default()))
             .expect("daemon")
-            .with_stop_timeout(std::time::Duration::from_millis(50));
+            .with_stop_timeout(std::time::Duration::from_millis(50))
+            // A transfer the input never finishes is cancelled at CHECK
+            // after this (the 2 s default would make such inputs slow).
+            .with_check_grace(std::time::Duration::from_millis(50));
         let _ = daemon.serve_stream(backend);
         drop(daemon);
         // Replies are bounded by what was asked: a header (12 bytes) plus at

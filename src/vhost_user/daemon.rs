@@ -92,6 +92,7 @@ pub enum ServeMode {
 pub struct VhostUserDaemon<B: DeviceBackend> {
     core: DeviceCore<B>,
     state_file: Option<PathBuf>,
+    check_grace: Duration,
     stop: DaemonStopper,
 }
 
@@ -143,6 +144,7 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
         Ok(VhostUserDaemon {
             core: DeviceCore::new(backend)?,
             state_file: None,
+            check_grace: super::session::DEFAULT_CHECK_GRACE,
             stop: DaemonStopper::default(),
         })
     }
@@ -185,6 +187,13 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
         self
     }
 
+    /// How long `CHECK_DEVICE_STATE` waits for a transfer the frontend
+    /// left unfinished (default [`super::session::DEFAULT_CHECK_GRACE`]).
+    pub fn with_check_grace(mut self, grace: Duration) -> Self {
+        self.check_grace = grace;
+        self
+    }
+
     /// The control core (for inspection and tests).
     pub fn core(&self) -> &DeviceCore<B> {
         &self.core
@@ -204,6 +213,7 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
         crate::fault_guard::set_session_socket(Some(stream.as_raw_fd()));
         let end = Session::new(&mut self.core, stream)
             .with_state_file(self.state_file.clone())
+            .with_check_grace(self.check_grace)
             .run();
         *lock(&self.stop.inner.stream) = None;
         crate::fault_guard::set_session_socket(None);

@@ -209,13 +209,15 @@ pub struct Session<'a, B: DeviceBackend> {
     channel: BackendChannel,
     transfer: Option<StateTransfer>,
     state_file: Option<std::path::PathBuf>,
+    check_grace: std::time::Duration,
     #[cfg(feature = "postcopy")]
     postcopy: Postcopy,
 }
 
-/// How long `CHECK_DEVICE_STATE` waits for a transfer the frontend should
-/// already have drained (save) or closed (load) before cancelling it.
-const CHECK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long `CHECK_DEVICE_STATE` waits by default for a transfer the
+/// frontend should already have drained (save) or closed (load) before
+/// cancelling it.
+pub const DEFAULT_CHECK_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl<'a, B: DeviceBackend> Session<'a, B> {
     /// Start a session on a connected socket.
@@ -233,9 +235,17 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
             channel,
             transfer: None,
             state_file: None,
+            check_grace: DEFAULT_CHECK_GRACE,
             #[cfg(feature = "postcopy")]
             postcopy: Postcopy::default(),
         }
+    }
+
+    /// How long `CHECK_DEVICE_STATE` waits for an unfinished transfer
+    /// (default [`DEFAULT_CHECK_GRACE`]).
+    pub fn with_check_grace(mut self, grace: std::time::Duration) -> Self {
+        self.check_grace = grace;
+        self
     }
 
     /// Persist the device state to `path` as it settles (see
@@ -639,7 +649,7 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
         let loading = self.transfer.as_ref().is_some_and(StateTransfer::is_load);
         let result = match self.transfer.take() {
             None => Err("no state transfer was started".to_string()),
-            Some(t) => t.finish(CHECK_GRACE).map_err(|e| e.to_string()),
+            Some(t) => t.finish(self.check_grace).map_err(|e| e.to_string()),
         };
         let result = result.and_then(|bytes| {
             if loading {
