@@ -292,14 +292,34 @@ fn new_image(dir: &Path) -> (PathBuf, File) {
     (path, image)
 }
 
-fn blk_daemon(image: &Path) -> Daemon<BlkDevice> {
+fn blk_device(image: &Path) -> Arc<BlkDevice> {
     let cfg = BlkConfig {
         queues: 1,
         queue_size: QSIZE,
         ..BlkConfig::default()
     };
-    let device = BlkDevice::new(Target::open_image(image, false).unwrap(), cfg).unwrap();
-    spawn_daemon(Arc::new(device), ServeMode::Once)
+    Arc::new(BlkDevice::new(Target::open_image(image, false).unwrap(), cfg).unwrap())
+}
+
+fn blk_daemon(image: &Path) -> Daemon<BlkDevice> {
+    spawn_daemon(blk_device(image), ServeMode::Once)
+}
+
+/// A listening session whose worker is blocked on a fault of a write
+/// nobody serves: (client, the frontend's userfaultfd, guest, queue).
+fn worker_blocked_on_a_fault(daemon: &Daemon<BlkDevice>) -> (Client, File, GuestMem, SplitQueue) {
+    let mut client = Client::new(daemon.connect(), 1);
+    client.negotiate(VIRTIO_F_VERSION_1, with_pagefault());
+    let uffd = advise(&client.raw);
+    assert_eq!(listen(&client.raw), 0);
+    let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
+    postcopy_set_mem_table(&client.raw, &guest);
+    let mut q = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
+    client.start_queue(&q, 0);
+    queue_write(&mut q);
+    q.kick();
+    read_fault(&uffd, TIMEOUT).expect("no page fault");
+    (client, uffd, guest, q)
 }
 
 /// What one postcopy write showed.
@@ -528,17 +548,7 @@ fn frontend_gone_while_a_worker_waits_on_a_fault_ends_the_session() {
     let dir = tempfile::tempdir().unwrap();
     let (path, _image) = new_image(dir.path());
     let mut daemon = blk_daemon(&path);
-    let mut client = Client::new(daemon.connect(), 1);
-    client.negotiate(VIRTIO_F_VERSION_1, with_pagefault());
-    let uffd = advise(&client.raw);
-    assert_eq!(listen(&client.raw), 0);
-    let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
-    postcopy_set_mem_table(&client.raw, &guest);
-    let mut q = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
-    client.start_queue(&q, 0);
-    queue_write(&mut q);
-    q.kick();
-    read_fault(&uffd, TIMEOUT).expect("no page fault");
+    let (client, uffd, _guest, _q) = worker_blocked_on_a_fault(&daemon);
     // The frontend disappears without resolving the fault (its uffd copy
     // stays open, as a hung QEMU's would): the session must still end.
     drop(client);
@@ -559,26 +569,10 @@ fn frontend_gone_while_a_worker_waits_on_a_fault_ends_the_session() {
 fn a_fault_nobody_serves_ends_the_session_instead_of_wedging_it() {
     let dir = tempfile::tempdir().unwrap();
     let (path, _image) = new_image(dir.path());
-    let cfg = BlkConfig {
-        queues: 1,
-        queue_size: QSIZE,
-        ..BlkConfig::default()
-    };
-    let device = BlkDevice::new(Target::open_image(&path, false).unwrap(), cfg).unwrap();
-    let daemon = spawn_daemon_with(Arc::new(device), ServeMode::KeepServing, |d| {
+    let daemon = spawn_daemon_with(blk_device(&path), ServeMode::KeepServing, |d| {
         d.with_stop_timeout(Duration::from_millis(300))
     });
-    let mut client = Client::new(daemon.connect(), 1);
-    client.negotiate(VIRTIO_F_VERSION_1, with_pagefault());
-    let uffd = advise(&client.raw);
-    assert_eq!(listen(&client.raw), 0);
-    let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
-    postcopy_set_mem_table(&client.raw, &guest);
-    let mut q = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
-    client.start_queue(&q, 0);
-    queue_write(&mut q);
-    q.kick();
-    read_fault(&uffd, TIMEOUT).expect("no page fault");
+    let (mut client, uffd, _guest, q) = worker_blocked_on_a_fault(&daemon);
     // A new kick fd restarts the queue: its worker must stop it first.
     let asked = Instant::now();
     let refused = client.frontend.set_vring_kick(0, &q.kick);
