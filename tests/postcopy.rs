@@ -572,7 +572,7 @@ fn a_fault_nobody_serves_ends_the_session_instead_of_wedging_it() {
     let daemon = spawn_daemon_with(blk_device(&path), ServeMode::KeepServing, |d| {
         d.with_stop_timeout(Duration::from_millis(300))
     });
-    let (mut client, uffd, _guest, q) = worker_blocked_on_a_fault(&daemon);
+    let (client, uffd, _guest, q) = worker_blocked_on_a_fault(&daemon);
     // A new kick fd restarts the queue: its worker must stop it first.
     let asked = Instant::now();
     let refused = client.frontend.set_vring_kick(0, &q.kick);
