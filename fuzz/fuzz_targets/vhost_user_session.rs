@@ -273,16 +273,13 @@ fuzz_target!(|data: &[u8]| {
             // after this (the 2 s default would make such inputs slow).
             .with_check_grace(std::time::Duration::from_millis(50));
         let _ = daemon.serve_stream(backend);
-        // Replies are read (and the fds they carry closed) before the
-        // daemon is dropped. KNOWN OPEN BUG: a worker can stay blocked on a
-        // postcopy fault after its session ended while the frontend keeps
-        // a copy of the userfaultfd open (here: unread in the socket), and
-        // dropping the daemon then waits for that worker for ever. Reading
-        // first releases the frontend's copy, as a frontend that goes away
-        // does; remove this ordering once the kit unblocks such a worker.
+        // Dropped while the replies, and the userfaultfd copies they carry,
+        // are still unread: a worker must not stay asleep on a postcopy
+        // fault after its session ended (fuzz/regressions/ holds the input
+        // that once left one there).
+        drop(daemon);
         let mut replies = Vec::new();
         let _ = (&frontend).read_to_end(&mut replies);
-        drop(daemon);
         // Replies are bounded by what was asked: a header (12 bytes) plus at
         // most 256 bytes of config or a 64-region table per request.
         assert!(replies.len() <= 12 + data.len() * (12 + 1024), "{} reply bytes", replies.len());

@@ -62,6 +62,7 @@ mod nr {
     ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
     ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
     ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
+    ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
     // On /dev/userfaultfd.
     ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
 }
@@ -214,23 +215,52 @@ impl Userfaultfd {
         Ok(())
     }
 
-    /// Unregister `len` bytes at `addr`. The kernel wakes any thread still
-    /// blocked on a fault in the range, which then faults the page in from
-    /// the backing file as usual.
+    /// Unregister `len` bytes at `addr` and wake every thread blocked on
+    /// a fault in the range, which then faults the page in from the
+    /// backing file as usual.
+    ///
+    /// The kernel wakes blocked faulters itself while it unregisters, but
+    /// a fault taken under the per-VMA lock can queue its waiter just
+    /// after that wake and then sleep on a range nobody serves any more
+    /// (found by the `vhost_user_session` fuzz target: a worker stayed in
+    /// `handle_userfault` on an unregistered mapping for good). The
+    /// explicit `UFFDIO_WAKE` afterwards reaches such a waiter: the
+    /// unregistration has by then waited for the faulting thread to
+    /// release the mapping, so its waiter is queued.
     pub fn unregister(&self, addr: u64, len: u64) -> Result<(), UserfaultfdError> {
         let len = page_round_up(len);
         let range = UffdioRange { start: addr, len };
         // SAFETY: UFFDIO_UNREGISTER reads one `struct uffdio_range`, which
         // `range` is; the kernel validates the range.
         let ret = unsafe { ioctl_with_ref(&self.fd, nr::UFFDIO_UNREGISTER(), &range) };
-        if ret < 0 {
-            return Err(UserfaultfdError::Unregister {
+        let unregistered = if ret < 0 {
+            Err(UserfaultfdError::Unregister {
                 addr,
                 len,
                 source: io::Error::last_os_error(),
-            });
+            })
+        } else {
+            Ok(())
+        };
+        // Also after a failed unregistration (the mapping went away with
+        // a waiter on it): a wake is harmless where nobody waits.
+        self.wake(addr, len);
+        unregistered
+    }
+
+    /// Wake threads blocked on faults in `len` bytes at `addr`.
+    fn wake(&self, addr: u64, len: u64) {
+        let range = UffdioRange { start: addr, len };
+        // SAFETY: UFFDIO_WAKE reads one `struct uffdio_range`, which
+        // `range` is; the kernel only checks it against the address space
+        // size and wakes this userfaultfd's waiters in it.
+        let ret = unsafe { ioctl_with_ref(&self.fd, nr::UFFDIO_WAKE(), &range) };
+        if ret < 0 {
+            log::debug!(
+                "userfaultfd: cannot wake {len:#x} bytes at {addr:#x}: {}",
+                io::Error::last_os_error()
+            );
         }
-        Ok(())
     }
 
     /// A second fd for the same userfaultfd, to hand to the frontend.
