@@ -130,7 +130,7 @@ fn restore_refuses_devices_of_another_kind() {
         clock: Default::default(),
         serial: Default::default(),
         devices: vec![DeviceRecord {
-            spec: DeviceSpec::Rng,
+            spec: DeviceSpec::in_process("rng", Default::default()),
             envelope: virtio_backend_kit::snapshot::encode(&snap).unwrap(),
         }],
     };

@@ -22,7 +22,9 @@ use std::process::ExitCode;
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use log::error;
-use vmm_example::vmm::{error_chain, DeviceSpec, ExitReason, VmConfig, Vmm};
+use vmm_example::vmm::{
+    error_chain, DeviceOptions, DeviceRegistry, DeviceSpec, ExitReason, VmConfig, Vmm,
+};
 
 /// Boot a Linux guest under KVM with virtio-mmio devices, each served in
 /// this process or by a vhost-user backend.
@@ -78,7 +80,7 @@ struct Args {
 fn parse_console(arg: &str) -> Result<DeviceSpec, String> {
     let (output, input) = match arg.split_once(',') {
         Some((out, opt)) => match opt.strip_prefix("input=") {
-            Some(input) if !input.is_empty() => (out, Some(input.into())),
+            Some(input) if !input.is_empty() => (out, Some(input)),
             _ => return Err(format!("--console {arg}: unknown option '{opt}'")),
         },
         None => (arg, None),
@@ -86,10 +88,11 @@ fn parse_console(arg: &str) -> Result<DeviceSpec, String> {
     if output.is_empty() {
         return Err("--console needs an output file".into());
     }
-    Ok(DeviceSpec::Console {
-        output: output.into(),
-        input,
-    })
+    let mut options = DeviceOptions::new().with("output", output);
+    if let Some(input) = input {
+        options = options.with("input", input);
+    }
+    Ok(DeviceSpec::in_process("console", options))
 }
 
 fn parse_disk(arg: &str) -> Result<DeviceSpec, String> {
@@ -101,10 +104,11 @@ fn parse_disk(arg: &str) -> Result<DeviceSpec, String> {
     if path.is_empty() {
         return Err("--disk needs a file".into());
     }
-    Ok(DeviceSpec::Disk {
-        path: path.into(),
-        read_only,
-    })
+    let mut options = DeviceOptions::new().with("path", path);
+    if read_only {
+        options = options.with("read-only", "true");
+    }
+    Ok(DeviceSpec::in_process("disk", options))
 }
 
 /// The devices in command-line order (clap groups values per option; their
@@ -124,16 +128,20 @@ fn devices(args: &Args, matches: &ArgMatches) -> Result<Vec<DeviceSpec>, String>
         .into_iter()
         .zip(&args.disk_vhost_user)
     {
-        found.push((i, DeviceSpec::DiskVhostUser(s.clone())));
+        found.push((i, DeviceSpec::vhost_user("disk", s)));
     }
     if args.rng {
-        found.extend(indices("rng").first().map(|i| (*i, DeviceSpec::Rng)));
+        found.extend(
+            indices("rng")
+                .first()
+                .map(|i| (*i, DeviceSpec::in_process("rng", DeviceOptions::new()))),
+        );
     }
     if let Some(s) = &args.rng_vhost_user {
         found.extend(
             indices("rng_vhost_user")
                 .first()
-                .map(|i| (*i, DeviceSpec::RngVhostUser(s.clone()))),
+                .map(|i| (*i, DeviceSpec::vhost_user("rng", s))),
         );
     }
     if let (Some(c), Some(i)) = (&args.console, indices("console").first()) {
@@ -143,7 +151,7 @@ fn devices(args: &Args, matches: &ArgMatches) -> Result<Vec<DeviceSpec>, String>
         &args.console_vhost_user,
         indices("console_vhost_user").first(),
     ) {
-        found.push((*i, DeviceSpec::ConsoleVhostUser(s.clone())));
+        found.push((*i, DeviceSpec::vhost_user("console", s)));
     }
     found.sort_by_key(|(i, _)| *i);
     Ok(found.into_iter().map(|(_, d)| d).collect())
@@ -153,10 +161,12 @@ fn run() -> Result<ExitReason, Box<dyn std::error::Error>> {
     let matches = Args::command().get_matches();
     let args = Args::from_arg_matches(&matches)?;
     let devices = devices(&args, &matches)?;
+    let registry = DeviceRegistry::with_builtin_kinds();
     let mut vmm = match (args.restore_from, args.kernel) {
-        (Some(snapshot), _) => Vmm::restore(&snapshot, devices)?,
+        (Some(snapshot), _) => Vmm::restore(&snapshot, devices, &registry)?,
         (None, Some(kernel)) => Vmm::new(&VmConfig {
             devices,
+            registry: registry.clone(),
             kernel,
             initrd: args.initrd,
             cmdline: args.cmdline,

@@ -6,7 +6,7 @@
 //! the VMM's event loop, or a [`VhostUserFrontendDevice`] talking to a
 //! backend in another process. The transport cannot tell the difference.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use event_manager::MutEventSubscriber;
@@ -18,57 +18,11 @@ use virtio_backend_kit::vhost_user::{FrontendError, FrontendOptions, VhostUserFr
 use virtio_backend_kit::{DeviceBackend, GuestMemoryLog};
 
 use super::acpi::MmioWindow;
+use super::builtin_kinds::QUEUE_SIZE;
+use super::device_spec::{DeviceHome, DeviceSpec};
 use super::layout;
-use crate::devices::blk::VIRTIO_ID_BLOCK;
-use crate::devices::rng::VIRTIO_ID_RNG;
-use crate::devices::{
-    BlkConfig, BlkDevice, BlkError, ConsoleDevice, ConsoleError, RngDevice, RngError, Target,
-    VIRTIO_ID_CONSOLE,
-};
-
-/// Request queues of a disk (the guest spreads them over its vCPUs).
-const DISK_QUEUES: u16 = 2;
-/// Queue size offered to the driver.
-const QUEUE_SIZE: u16 = 256;
-
-/// A device the user asked for, in command-line order.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum DeviceSpec {
-    /// virtio-blk in this process, on a raw image.
-    Disk {
-        /// The image.
-        path: PathBuf,
-        /// Refuse writes.
-        read_only: bool,
-    },
-    /// virtio-blk served by a vhost-user backend on this socket.
-    DiskVhostUser(PathBuf),
-    /// virtio-rng in this process.
-    Rng,
-    /// virtio-rng served by a vhost-user backend on this socket.
-    RngVhostUser(PathBuf),
-    /// A one-port virtio-console in this process: guest output appended to
-    /// `output`, host input read from `input` (none: no input).
-    Console {
-        /// Where the guest's console output goes.
-        output: PathBuf,
-        /// What is typed into the guest (a file or a FIFO).
-        input: Option<PathBuf>,
-    },
-    /// virtio-console served by a vhost-user backend on this socket.
-    ConsoleVhostUser(PathBuf),
-}
-
-impl DeviceSpec {
-    /// The virtio device ID the guest sees, whichever home serves it.
-    pub fn device_type(&self) -> u32 {
-        match self {
-            DeviceSpec::Disk { .. } | DeviceSpec::DiskVhostUser(_) => VIRTIO_ID_BLOCK,
-            DeviceSpec::Rng | DeviceSpec::RngVhostUser(_) => VIRTIO_ID_RNG,
-            DeviceSpec::Console { .. } | DeviceSpec::ConsoleVhostUser(_) => VIRTIO_ID_CONSOLE,
-        }
-    }
-}
+use super::registry::{check_option_keys, DeviceKind, DeviceRegistry};
+use crate::devices::{BlkError, ConsoleError, RngError};
 
 /// Errors attaching a device.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +51,22 @@ pub enum DeviceError {
     /// KVM refused the ioeventfd/irqfd wiring.
     #[error("KVM wiring")]
     Kvm(#[source] KvmError),
+    /// No kind of this name is registered.
+    #[error("unknown device kind '{kind}' (known: {known})")]
+    UnknownKind {
+        /// The name asked for.
+        kind: String,
+        /// The registered names.
+        known: String,
+    },
+    /// The options do not suit the kind.
+    #[error("{kind}: {reason}")]
+    Option {
+        /// The kind.
+        kind: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
     /// More devices than interrupt lines.
     #[error("too many devices (at most {})", layout::DEVICE_GSIS.len())]
     TooMany,
@@ -117,7 +87,9 @@ pub struct AttachedDevice {
     _wiring: KvmWiring,
 }
 
-fn in_process<B: DeviceBackend>(
+/// Put `backend` in process, its data plane on the VMM's event loop (its
+/// subscribers go to `subscribers`): what a [`DeviceKind::build`] returns.
+pub fn in_process<B: DeviceBackend>(
     backend: B,
     subscribers: &mut Subscribers,
 ) -> Result<Box<dyn DeviceControl>, DeviceError> {
@@ -129,25 +101,23 @@ fn in_process<B: DeviceBackend>(
     Ok(Box::new(core))
 }
 
-fn vhost_user(
-    socket: &PathBuf,
-    device_type: u32,
-    queues: usize,
-) -> Result<Box<dyn DeviceControl>, DeviceError> {
+fn vhost_user(socket: &Path, kind: &dyn DeviceKind) -> Result<Box<dyn DeviceControl>, DeviceError> {
     let options = FrontendOptions {
-        // A console's pending host bytes must travel with a snapshot.
-        stateful: device_type == VIRTIO_ID_CONSOLE,
-        ..FrontendOptions::new(device_type, queues, QUEUE_SIZE)
+        // A device with state of its own must not lose it in a snapshot.
+        stateful: kind.stateful(),
+        ..FrontendOptions::new(kind.device_type(), kind.queues(), QUEUE_SIZE)
     };
     let device = VhostUserFrontendDevice::connect(socket, options)
-        .map_err(|e| DeviceError::VhostUser(socket.clone(), e))?;
+        .map_err(|e| DeviceError::VhostUser(socket.to_path_buf(), e))?;
     Ok(Box::new(device))
 }
 
-/// Build device number `index` of `spec`, put it in its window and wire it
-/// to KVM. In-process data planes are added to `subscribers`.
+/// Build device number `index` of `spec` (its kind from `registry`), put
+/// it in its window and wire it to KVM. In-process data planes are added
+/// to `subscribers`.
 pub fn attach(
     spec: &DeviceSpec,
+    registry: &DeviceRegistry,
     index: usize,
     memory: &GuestMemoryLog,
     vm: &Arc<VmFd>,
@@ -159,52 +129,21 @@ pub fn attach(
         size: layout::MMIO_WINDOW,
         gsi,
     };
-    let (control, description) = match spec {
-        DeviceSpec::Disk { path, read_only } => {
-            let disk_err = |e| DeviceError::Disk(path.clone(), e);
-            let target = Target::open_image(path, *read_only).map_err(disk_err)?;
-            let config = BlkConfig {
-                queues: DISK_QUEUES,
-                queue_size: QUEUE_SIZE,
-                read_only: *read_only,
-                ..BlkConfig::default()
-            };
-            let device = BlkDevice::new(target, config).map_err(disk_err)?;
-            let what = format!("virtio-blk {} (in-process)", path.display());
-            (in_process(device, subscribers)?, what)
+    let kind = registry.get(&spec.kind)?;
+    let (control, description) = match &spec.home {
+        DeviceHome::InProcess(options) => {
+            check_option_keys(kind, options)?;
+            let (control, detail) = kind.build(options, subscribers)?;
+            let what = format!("{} {detail} (in-process)", kind.display_name());
+            (control, what.replace("  ", " "))
         }
-        DeviceSpec::DiskVhostUser(socket) => (
-            vhost_user(socket, VIRTIO_ID_BLOCK, DISK_QUEUES.into())?,
-            format!("virtio-blk via vhost-user {}", socket.display()),
-        ),
-        DeviceSpec::Rng => {
-            let device = RngDevice::new(QUEUE_SIZE).map_err(DeviceError::Rng)?;
-            (
-                in_process(device, subscribers)?,
-                "virtio-rng (in-process)".to_string(),
-            )
-        }
-        DeviceSpec::RngVhostUser(socket) => (
-            vhost_user(socket, VIRTIO_ID_RNG, 1)?,
-            format!("virtio-rng via vhost-user {}", socket.display()),
-        ),
-        DeviceSpec::Console { output, input } => {
-            let input_path = input.clone().unwrap_or_else(|| "/dev/null".into());
-            let input = std::fs::File::open(&input_path)
-                .map_err(|e| DeviceError::ConsoleFile(input_path, e))?;
-            let out = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(output)
-                .map_err(|e| DeviceError::ConsoleFile(output.clone(), e))?;
-            let device =
-                ConsoleDevice::new(input, out, QUEUE_SIZE).map_err(DeviceError::Console)?;
-            let what = format!("virtio-console -> {} (in-process)", output.display());
-            (in_process(device, subscribers)?, what)
-        }
-        DeviceSpec::ConsoleVhostUser(socket) => (
-            vhost_user(socket, VIRTIO_ID_CONSOLE, 2)?,
-            format!("virtio-console via vhost-user {}", socket.display()),
+        DeviceHome::VhostUser(socket) => (
+            vhost_user(socket, kind)?,
+            format!(
+                "{} via vhost-user {}",
+                kind.display_name(),
+                socket.display()
+            ),
         ),
     };
     let transport = MmioTransport::new(control, memory.clone()).map_err(DeviceError::Transport)?;

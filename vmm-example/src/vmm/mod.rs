@@ -23,10 +23,13 @@
 
 pub mod acpi;
 pub mod boot;
+mod builtin_kinds;
 pub mod bus;
+pub mod device_spec;
 pub mod devices;
 pub mod diagnostics;
 pub mod memory;
+pub mod registry;
 pub mod serial;
 pub mod snapshot;
 pub mod vcpu;
@@ -50,8 +53,9 @@ use virtio_backend_kit::GuestMemoryLog;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use devices::DeviceSpec;
+pub use device_spec::{DeviceHome, DeviceOptions, DeviceSpec};
 pub use memory::layout;
+pub use registry::{DeviceKind, DeviceRegistry};
 
 use bus::{Bus, PowerDevice, ResetDevice};
 use devices::{AttachedDevice, Subscribers};
@@ -74,6 +78,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Devices, in the order the guest should see them.
     pub devices: Vec<DeviceSpec>,
+    /// The kinds `devices` name.
+    pub registry: DeviceRegistry,
 }
 
 /// Why the guest stopped.
@@ -253,6 +259,7 @@ impl Machine {
     fn build(
         mem_mib: u64,
         specs: &[DeviceSpec],
+        registry: &DeviceRegistry,
         fill: impl FnOnce(&GuestMemoryLog) -> Result<(), VmmError>,
     ) -> Result<(Self, KvmMemorySlots), VmmError> {
         let kvm = Kvm::new().map_err(VmmError::Kvm)?;
@@ -274,6 +281,7 @@ impl Machine {
         for (index, spec) in specs.iter().enumerate() {
             let dev = devices::attach(
                 spec,
+                registry,
                 index,
                 &machine.memory,
                 &machine.vm,
@@ -378,7 +386,12 @@ impl Vmm {
                 })?;
             }
         }
-        let (machine, slots) = Machine::build(config.mem_mib, &config.devices, |_| Ok(()))?;
+        let (machine, slots) = Machine::build(
+            config.mem_mib,
+            &config.devices,
+            &config.registry,
+            |_| Ok(()),
+        )?;
 
         let mut cmdline = config.cmdline.trim().to_string();
         for dev in &machine.devices {
@@ -431,8 +444,12 @@ impl Vmm {
     /// Build the VM saved in `path`. `devices` chooses each device's home
     /// (in process or a vhost-user backend); it must list the same kinds of
     /// device in the same order as the snapshot, or be empty to keep the
-    /// homes the snapshot records.
-    pub fn restore(path: &Path, devices: Vec<DeviceSpec>) -> Result<Self, VmmError> {
+    /// homes the snapshot records. Their kinds come from `registry`.
+    pub fn restore(
+        path: &Path,
+        devices: Vec<DeviceSpec>,
+        registry: &DeviceRegistry,
+    ) -> Result<Self, VmmError> {
         let started = Instant::now();
         let file = SnapshotFile::open(path)?;
         let state = &file.state;
@@ -452,18 +469,21 @@ impl Vmm {
         for (index, (spec, record)) in specs.iter().zip(&state.devices).enumerate() {
             let snap = device_snapshot::decode(&record.envelope)
                 .map_err(|e| VmmError::DeviceSnapshot(index, Box::new(e)))?;
-            if snap.device_type != spec.device_type() {
+            let kind = registry
+                .get(&spec.kind)
+                .map_err(|e| VmmError::Device(index, e))?;
+            if snap.device_type != kind.device_type() {
                 return Err(VmmError::Config(format!(
                     "device {index}: the snapshot holds virtio device type {}, {spec:?} is type {}",
                     snap.device_type,
-                    spec.device_type()
+                    kind.device_type()
                 )));
             }
             pending.push(Some(snap));
         }
         let vcpu_count = check_vcpus(state.vcpus.len())?;
         let (mut ram_loaded, mut ram_ms) = (0, 0.0);
-        let (machine, slots) = Machine::build(state.mem_mib, &specs, |memory| {
+        let (machine, slots) = Machine::build(state.mem_mib, &specs, registry, |memory| {
             let ram = memory::ram_file(memory)
                 .ok_or(VmmError::Config("guest RAM has no backing file".into()))?;
             let t = Instant::now();

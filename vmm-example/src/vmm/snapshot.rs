@@ -31,14 +31,18 @@ use std::path::Path;
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
 use serde::{Deserialize, Serialize};
 
-use super::devices::DeviceSpec;
+use super::device_spec::DeviceSpec;
 use super::serial::SerialSnapshot;
 use super::vcpu::VcpuState;
 
 /// First bytes of a VM snapshot file.
 pub const MAGIC: [u8; 8] = *b"\x89VBKVM\r\n";
-/// The format this code writes; it reads this one only.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format this code writes. Version 2 records each device as a kind
+/// name and a home ([`DeviceSpec`]); version 1 recorded a closed list of
+/// devices, which still reads (as the same kinds).
+pub const FORMAT_VERSION: u16 = 2;
+/// The oldest format this code reads.
+pub const OLDEST_FORMAT_VERSION: u16 = 1;
 /// Largest state section accepted.
 pub const MAX_STATE_LEN: u32 = 64 << 20;
 const HEADER_LEN: usize = 32;
@@ -64,7 +68,7 @@ pub enum VmSnapshotError {
     #[error("not a vmm-example snapshot (bad magic)")]
     Magic,
     /// Written by a newer (or unknown) format version.
-    #[error("snapshot format version {0} is not supported (this build reads {FORMAT_VERSION})")]
+    #[error("snapshot format version {0} is not supported (this build reads {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})")]
     Version(u16),
     /// A length or offset in the header is out of range.
     #[error("corrupt snapshot header: {0}")]
@@ -299,7 +303,7 @@ impl SnapshotFile {
             return Err(VmSnapshotError::Magic);
         }
         let version = field(8..10) as u16;
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(VmSnapshotError::Version(version));
         }
         let state_len = field(12..16);

@@ -52,7 +52,7 @@ fn state(mem_mib: u64) -> VmState {
             ..Default::default()
         },
         devices: vec![DeviceRecord {
-            spec: DeviceSpec::Rng,
+            spec: DeviceSpec::in_process("rng", Default::default()),
             envelope: vec![1, 2, 3],
         }],
     }
@@ -91,7 +91,10 @@ fn round_trip_keeps_state_and_ram() {
     assert_eq!(s.vcpus[0].msrs[0].data, 0x1234_5678_9abc);
     assert_eq!(s.clock.clock, 123_456_789);
     assert_eq!(s.serial.in_buffer, b"x");
-    assert_eq!(s.devices[0].spec, DeviceSpec::Rng);
+    assert_eq!(
+        s.devices[0].spec,
+        DeviceSpec::in_process("rng", Default::default())
+    );
     assert_eq!(s.devices[0].envelope, [1, 2, 3]);
 
     let target = tempfile::tempfile().unwrap();
