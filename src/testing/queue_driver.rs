@@ -111,6 +111,12 @@ impl SplitQueueDriver {
         Some((id, len))
     }
 
+    /// Guest-physical addresses of the descriptor table, the available
+    /// ring and the used ring (what a driver programs into a transport).
+    pub fn rings(&self) -> (u64, u64, u64) {
+        (self.desc, self.avail, self.used)
+    }
+
     /// Where this queue's buffers may go (up to the next queue's area).
     pub fn data_area(&self) -> u64 {
         self.data

@@ -5,13 +5,13 @@
 //! would) and waits for the interrupt eventfd (a KVM irqfd).
 #![allow(dead_code)]
 
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use virtio_backend_kit::memory::{DirtyLogBitmap, GuestMemoryLog, GuestRegionLog};
+use virtio_backend_kit::memory::GuestMemoryLog;
 use virtio_backend_kit::mmio::*;
-use virtio_backend_kit::vm_memory::mmap::MmapRegionBuilder;
-use virtio_backend_kit::vm_memory::{Bytes, FileOffset, GuestAddress};
+use virtio_backend_kit::testing::{self, SplitQueueDriver};
+use virtio_backend_kit::vm_memory::{Bytes, GuestAddress};
 
 /// Guest RAM size used by the driver.
 pub const MEM_SIZE: usize = 16 << 20;
@@ -20,29 +20,7 @@ const DATA_BASE: u64 = 0x80_0000;
 
 /// Memfd-backed guest RAM at gpa 0, shareable with an external backend.
 pub fn guest_memory() -> GuestMemoryLog {
-    // SAFETY: memfd_create with a valid NUL-terminated name; the result is
-    // checked and owned by the File below.
-    let fd = unsafe { libc::memfd_create(c"vbk-test-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create failed");
-    // SAFETY: `fd` was just created and nothing else owns it.
-    let file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).unwrap();
-    let map = MmapRegionBuilder::new_with_bitmap(MEM_SIZE, DirtyLogBitmap::default())
-        .with_file_offset(FileOffset::new(file, 0))
-        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-        .with_mmap_flags(libc::MAP_SHARED)
-        .build()
-        .unwrap();
-    GuestMemoryLog::from_regions(vec![GuestRegionLog::new(map, GuestAddress(0)).unwrap()]).unwrap()
-}
-
-struct Queue {
-    size: u16,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    avail_idx: u16,
-    last_used: u16,
+    testing::shared_guest_memory(0, MEM_SIZE).unwrap()
 }
 
 /// The driver.
@@ -50,7 +28,7 @@ pub struct Driver {
     /// The transport under test.
     pub t: MmioTransport,
     mem: GuestMemoryLog,
-    queues: Vec<Queue>,
+    queues: Vec<SplitQueueDriver>,
     interrupts: usize,
     data_next: u64,
 }
@@ -140,10 +118,8 @@ impl Driver {
         self.queues.clear();
         for q in 0..queues {
             let area = QUEUE_AREA * (1 + u64::from(q));
-            let (desc, avail, used) = (area, area + 0x1000, area + 0x2000);
-            self.mem
-                .write_slice(&[0u8; 0x3000], GuestAddress(area))
-                .unwrap();
+            let queue = SplitQueueDriver::new(&self.mem, q, size, area);
+            let (desc, avail, used) = queue.rings();
             self.wr(QUEUE_SEL, u32::from(q));
             assert!(self.rd(QUEUE_NUM_MAX) >= u32::from(size));
             self.wr(QUEUE_NUM, u32::from(size));
@@ -155,14 +131,7 @@ impl Driver {
             self.wr(QUEUE_DEVICE_HIGH, 0);
             self.wr(QUEUE_READY, 1);
             assert_eq!(self.rd(QUEUE_READY), 1, "queue {q} not ready");
-            self.queues.push(Queue {
-                size,
-                desc,
-                avail,
-                used,
-                avail_idx: 0,
-                last_used: 0,
-            });
+            self.queues.push(queue);
         }
         self.wr(
             STATUS,
@@ -201,34 +170,7 @@ impl Driver {
     /// Publish a chain of (gpa, len, writable) and kick, without waiting.
     fn publish(&mut self, q: u16, bufs: &[(u64, u32, bool)]) {
         let qi = usize::from(q);
-        let (size, desc, avail) = {
-            let queue = &self.queues[qi];
-            (queue.size, queue.desc, queue.avail)
-        };
-        assert!(bufs.len() <= usize::from(size));
-        for (i, (addr, len, writable)) in bufs.iter().enumerate() {
-            let mut flags = if *writable { 2u16 } else { 0 };
-            if i + 1 < bufs.len() {
-                flags |= 1;
-            }
-            let at = desc + 16 * i as u64;
-            self.mem.write_obj(*addr, GuestAddress(at)).unwrap();
-            self.mem.write_obj(*len, GuestAddress(at + 8)).unwrap();
-            self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-            self.mem
-                .write_obj(i as u16 + 1, GuestAddress(at + 14))
-                .unwrap();
-        }
-        let queue = &mut self.queues[qi];
-        let slot = queue.avail_idx % size;
-        self.mem
-            .write_obj(0u16, GuestAddress(avail + 4 + 2 * u64::from(slot)))
-            .unwrap();
-        queue.avail_idx = queue.avail_idx.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem
-            .write_obj(queue.avail_idx, GuestAddress(avail + 2))
-            .unwrap();
+        self.queues[qi].add_chain(bufs);
         // What a KVM ioeventfd does for a QueueNotify write.
         self.t.queue_kicks()[qi].1.write(1).unwrap();
     }
@@ -254,13 +196,9 @@ impl Driver {
             config_irq = status & 2 != 0;
             self.wr(INTERRUPT_ACK, status);
         }
-        let (used, last_used) = {
-            let queue = &self.queues[usize::from(q)];
-            (queue.used, queue.last_used)
-        };
-        let used_idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
+        let completed = self.queues[usize::from(q)].pop_used().is_some();
         let needs_reset = self.status() & 0x40 != 0;
-        (needs_reset, config_irq, used_idx != last_used)
+        (needs_reset, config_irq, completed)
     }
 
     fn wait_used(&mut self, q: u16) -> u32 {
@@ -282,15 +220,7 @@ impl Driver {
                     self.wr(INTERRUPT_ACK, status);
                 }
             }
-            let queue = &self.queues[qi];
-            let used_idx: u16 = self.mem.read_obj(GuestAddress(queue.used + 2)).unwrap();
-            if used_idx != queue.last_used {
-                let slot = u64::from(queue.last_used % queue.size);
-                let len: u32 = self
-                    .mem
-                    .read_obj(GuestAddress(queue.used + 4 + 8 * slot + 4))
-                    .unwrap();
-                self.queues[qi].last_used = queue.last_used.wrapping_add(1);
+            if let Some((_, len)) = self.queues[qi].pop_used() {
                 return len;
             }
             assert!(Instant::now() < deadline, "queue {q}: no completion");
