@@ -26,19 +26,19 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use virtio_backend_kit::testing;
 use virtio_backend_kit::vhost::vhost_user::message::{
     VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use virtio_backend_kit::vhost::vhost_user::{Frontend, VhostUserFrontend};
 use virtio_backend_kit::vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_backend_kit::vhost_user::{DaemonError, ServeMode, VhostUserDaemon};
-use virtio_backend_kit::vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-};
+use virtio_backend_kit::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use virtio_backend_kit::vmm_sys_util::eventfd::EventFd;
 use virtio_backend_kit::vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use virtio_backend_kit::{
-    BackendError, ConfigNotifier, DeviceBackend, DeviceEvent, QueueSet, VringOwned, VringT,
+    BackendError, ConfigNotifier, DeviceBackend, DeviceEvent, GuestMemoryLog, QueueSet, VringOwned,
+    VringT,
 };
 
 /// How long any single wait in a test may take.
@@ -94,19 +94,21 @@ pub struct GuestMem {
     /// Size in bytes.
     pub size: u64,
     /// The driver's shared mapping of the same file.
-    pub mem: GuestMemoryMmap<()>,
+    pub mem: GuestMemoryLog,
 }
 
 impl GuestMem {
     /// Create `size` bytes of guest memory at `gpa`.
     pub fn new(gpa: u64, size: u64) -> Self {
-        let file = memfd("vbk-guest", size);
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
-            GuestAddress(gpa),
-            size as usize,
-            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-        )])
-        .expect("map guest memory");
+        let mem = testing::shared_guest_memory(gpa, size as usize).expect("guest memory");
+        let file = mem
+            .iter()
+            .next()
+            .and_then(|r| r.file_offset())
+            .expect("a memfd-backed region")
+            .file()
+            .try_clone()
+            .unwrap();
         GuestMem {
             file,
             gpa,
@@ -830,7 +832,7 @@ const RINGS_SIZE: u64 = 0x3000;
 /// available ring and (on its own page) the used ring, then a data area
 /// handed out by [`SplitQueue::alloc`].
 pub struct SplitQueue {
-    mem: GuestMemoryMmap<()>,
+    mem: GuestMemoryLog,
     /// Queue index.
     pub index: u16,
     /// Queue size.
