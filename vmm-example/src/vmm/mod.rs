@@ -13,6 +13,7 @@
 //! | [`bus`] | MMIO and port-I/O buses, power-off and reset registers |
 //! | [`serial`] | the 16550 console on stdout |
 //! | [`devices`] | virtio devices behind [`virtio_backend_kit::mmio::MmioTransport`] |
+//! | [`registry`], [`device_spec`] | the open list of device kinds; what the user asked for |
 //! | [`snapshot`] | the whole VM in one file: vCPUs, irqchips, devices, RAM |
 //!
 //! [`Vmm::new`] builds the machine for a fresh boot and [`Vmm::restore`]
@@ -28,6 +29,7 @@ pub mod bus;
 pub mod device_spec;
 pub mod devices;
 pub mod diagnostics;
+mod machine;
 pub mod memory;
 pub mod registry;
 pub mod serial;
@@ -39,9 +41,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_irqchip, kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber};
+use kvm_bindings::kvm_irqchip;
+use kvm_ioctls::VmFd;
 use log::{error, info};
 use signal_hook::consts::SIGUSR1;
 use signal_hook::iterator::Signals;
@@ -57,8 +59,8 @@ pub use device_spec::{DeviceHome, DeviceOptions, DeviceSpec};
 pub use memory::layout;
 pub use registry::{DeviceKind, DeviceRegistry};
 
-use bus::{Bus, PowerDevice, ResetDevice};
-use devices::{AttachedDevice, Subscribers};
+use devices::AttachedDevice;
+use machine::{check_vcpus, Machine, IRQCHIP_IDS};
 use serial::SerialConsole;
 use snapshot::{DeviceRecord, SnapshotFile, VmState};
 use vcpu::{Buses, PauseGate, Vcpu};
@@ -215,158 +217,6 @@ pub struct Vmm {
     // Kept alive for the VM's lifetime.
     _serial_irq: EventFd,
     _slots: KvmMemorySlots,
-}
-
-fn create_vm(kvm: &Kvm) -> Result<Arc<VmFd>, VmmError> {
-    let vm = kvm.create_vm().map_err(VmmError::Kvm)?;
-    vm.set_tss_address(layout::KVM_TSS_ADDR)
-        .map_err(|e| VmmError::VmIoctl("KVM_SET_TSS_ADDR", e))?;
-    vm.create_irq_chip()
-        .map_err(|e| VmmError::VmIoctl("KVM_CREATE_IRQCHIP", e))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit)
-        .map_err(|e| VmmError::VmIoctl("KVM_CREATE_PIT2", e))?;
-    Ok(Arc::new(vm))
-}
-
-fn check_vcpus(count: usize) -> Result<u8, VmmError> {
-    u8::try_from(count)
-        .ok()
-        .filter(|n| (1..=32).contains(n))
-        .ok_or_else(|| VmmError::Config(format!("{count} vCPUs (1 to 32 supported)")))
-}
-
-/// KVM's in-kernel interrupt controllers: PIC master, PIC slave, I/O APIC.
-const IRQCHIP_IDS: [u32; 3] = [0, 1, 2];
-
-/// What the fresh-boot and restore paths build the same way.
-struct Machine {
-    kvm: Kvm,
-    vm: Arc<VmFd>,
-    memory: GuestMemoryLog,
-    exit: Arc<ExitSignal>,
-    subscribers: Subscribers,
-    mmio: Bus,
-    devices: Vec<AttachedDevice>,
-}
-
-impl Machine {
-    /// A VM with `mem_mib` of RAM (filled by `fill` before KVM sees it) and
-    /// `specs` attached.
-    fn build(
-        mem_mib: u64,
-        specs: &[DeviceSpec],
-        registry: &DeviceRegistry,
-        fill: impl FnOnce(&GuestMemoryLog) -> Result<(), VmmError>,
-    ) -> Result<(Self, KvmMemorySlots), VmmError> {
-        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
-        let vm = create_vm(&kvm)?;
-        let memory = memory::create(mem_mib)?;
-        fill(&memory)?;
-        let slots =
-            KvmMemorySlots::register(vm.clone(), &memory, 0).map_err(VmmError::MemorySlots)?;
-        let exit = Arc::new(ExitSignal::new().map_err(VmmError::EventFd)?);
-        let mut machine = Machine {
-            kvm,
-            vm,
-            memory,
-            exit,
-            subscribers: Vec::new(),
-            mmio: Bus::default(),
-            devices: Vec::new(),
-        };
-        for (index, spec) in specs.iter().enumerate() {
-            let dev = devices::attach(
-                spec,
-                registry,
-                index,
-                &machine.memory,
-                &machine.vm,
-                &mut machine.subscribers,
-            )
-            .map_err(|e| VmmError::Device(index, e))?;
-            let w = dev.window;
-            info!("{} at {:#x}, GSI {}", dev.description, w.base, w.gsi);
-            machine.mmio.insert(w.base, w.size, dev.transport.clone())?;
-            machine.devices.push(dev);
-        }
-        Ok((machine, slots))
-    }
-
-    /// The port-I/O platform (console, power-off, reset) around `serial`.
-    fn port_bus(&self, serial: Arc<Mutex<SerialConsole>>) -> Result<Bus, VmmError> {
-        let mut pio = Bus::default();
-        pio.insert(layout::SERIAL_PORT.into(), 8, serial)?;
-        pio.insert(
-            layout::SLEEP_CONTROL_PORT.into(),
-            2,
-            Arc::new(Mutex::new(PowerDevice::new(self.exit.clone()))),
-        )?;
-        pio.insert(
-            layout::RESET_PORT.into(),
-            1,
-            Arc::new(Mutex::new(ResetDevice::new(
-                layout::RESET_VALUE,
-                self.exit.clone(),
-            ))),
-        )?;
-        pio.insert(
-            layout::I8042_COMMAND_PORT.into(),
-            1,
-            Arc::new(Mutex::new(ResetDevice::new(0xfe, self.exit.clone()))),
-        )?;
-        Ok(pio)
-    }
-
-    fn serial_irq(&self) -> Result<EventFd, VmmError> {
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        self.vm
-            .register_irqfd(&irq, layout::SERIAL_GSI)
-            .map_err(|e| VmmError::VmIoctl("KVM_IRQFD (serial)", e))?;
-        Ok(irq)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn into_vmm(
-        self,
-        slots: KvmMemorySlots,
-        vcpus: Vec<Vcpu>,
-        specs: Vec<DeviceSpec>,
-        pending: Vec<Option<DeviceSnapshot>>,
-        mem_mib: u64,
-        serial: Arc<Mutex<SerialConsole>>,
-        serial_irq: EventFd,
-        pio: Bus,
-    ) -> Result<Vmm, VmmError> {
-        let mut event_loop: EventManager<Box<dyn MutEventSubscriber + Send>> =
-            EventManager::new().map_err(VmmError::EventLoop)?;
-        event_loop.add_subscriber(Box::new(ExitSubscriber(self.exit.clone())));
-        for s in self.subscribers {
-            event_loop.add_subscriber(s);
-        }
-        Ok(Vmm {
-            vcpus,
-            buses: Arc::new(Buses {
-                mmio: self.mmio,
-                pio,
-            }),
-            exit: self.exit,
-            event_loop,
-            devices: self.devices,
-            specs,
-            pending,
-            memory: self.memory,
-            mem_mib,
-            serial,
-            snapshot_to: None,
-            vm: self.vm,
-            _serial_irq: serial_irq,
-            _slots: slots,
-        })
-    }
 }
 
 impl Vmm {
@@ -741,11 +591,6 @@ impl Control {
 
 /// An error and its sources on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    msg
+    std::iter::successors(e.source(), |s| s.source())
+        .fold(e.to_string(), |msg, s| format!("{msg}: {s}"))
 }
