@@ -152,7 +152,6 @@ pub fn serve<B: DeviceBackend>(
     device: B,
     args: &DaemonArgs,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let place = resolve(args)?;
     let mut daemon = VhostUserDaemon::new(Arc::new(device))?;
     if let Some(path) = &args.state_file {
         daemon = daemon.with_state_file(path.clone())?;
@@ -169,6 +168,9 @@ pub fn serve<B: DeviceBackend>(
         })
         .map_err(ServeError::Signals)?;
     drop(signal_thread);
+    // Bound only now that signals are handled: a frontend that finds the
+    // socket can rely on SIGTERM stopping the daemon cleanly.
+    let place = resolve(args)?;
     if args.no_seccomp {
         warn!("running without the seccomp sandbox (--no-seccomp)");
     } else {
