@@ -1,0 +1,84 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! DEVICE_STATE: the device's own state saved to or loaded from a pipe
+//! the frontend gives (`SET_DEVICE_STATE_FD`, `CHECK_DEVICE_STATE`).
+
+use super::*;
+
+impl<B: DeviceBackend> Session<'_, B> {
+    pub(super) fn set_device_state_fd(
+        &mut self,
+        req: FrontendReq,
+        msg: &mut Message,
+    ) -> RequestResult {
+        let t = parse::<VhostUserTransferDeviceState>(req, &msg.payload)?;
+        let file = msg.take_single_file().ok_or(RequestError::BadFds {
+            request: req,
+            expected: 1,
+            got: msg.files.len(),
+        })?;
+        // Only the STOPPED phase exists: the rings were stopped with
+        // GET_VRING_BASE before this.
+        if t.phase != 0 || t.direction > 1 {
+            return Err(RequestError::BadPayload {
+                request: req,
+                len: msg.payload.len(),
+            });
+        }
+        // A transfer still running is cancelled (its thread ends) first.
+        self.transfer = None;
+        let transfer = if t.direction == 0 {
+            let snap = self.core.snapshot(Some(self.acked_protocol))?;
+            // The rings were already stopped; a frontend that cancels the
+            // migration restarts them with SET_VRING_KICK as usual.
+            self.core.resume();
+            let bytes =
+                crate::snapshot::encode(&snap).map_err(|e| RequestError::State(e.to_string()))?;
+            StateTransfer::save(file, bytes)
+        } else {
+            let cap = crate::snapshot::MAX_PAYLOAD_LEN as u64 + 64;
+            StateTransfer::load(file, cap)
+        };
+        self.transfer = Some(transfer.map_err(|e| RequestError::State(e.to_string()))?);
+        // Success, and no fd of our own: the frontend's fd is used.
+        Ok(u64_reply(0x100))
+    }
+
+    /// Finish the transfer started by SET_DEVICE_STATE_FD; true on success.
+    pub(super) fn check_device_state(&mut self) -> bool {
+        let loading = self.transfer.as_ref().is_some_and(StateTransfer::is_load);
+        let result = match self.transfer.take() {
+            None => Err("no state transfer was started".to_string()),
+            Some(t) => t.finish(self.check_grace).map_err(|e| e.to_string()),
+        };
+        let result = result.and_then(|bytes| {
+            if loading {
+                self.load_device_state(&bytes)
+            } else {
+                Ok(())
+            }
+        });
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("device state transfer failed: {e}");
+                false
+            }
+        }
+    }
+
+    pub(super) fn load_device_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let snap = crate::snapshot::decode(bytes).map_err(|e| e.to_string())?;
+        let limits = crate::snapshot::SnapshotLimits::for_backend(
+            &**self.core.backend(),
+            VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL,
+            self.protocol_offered(),
+        );
+        let valid =
+            crate::snapshot::ValidatedSnapshot::new(snap, &limits).map_err(|e| e.to_string())?;
+        // The frontend sets up features and rings itself; what travels here
+        // is what only the backend knows.
+        self.core
+            .restore_device_state(&valid)
+            .map_err(|e| e.to_string())
+    }
+}
