@@ -33,7 +33,7 @@ mod queue_driver;
 
 #[cfg(feature = "vhost-user")]
 pub use conformance::{Conformance, ConformanceError, Home, MoveReport, Phase, Rig};
-pub use queue_driver::SplitQueueDriver;
+pub use queue_driver::{RawDescriptor, SplitQueueDriver};
 
 /// `size` bytes of guest memory at `gpa`, backed by a memfd mapped shared:
 /// what a VMM gives a vhost-user backend, and what works in process too.

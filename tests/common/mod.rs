@@ -9,8 +9,9 @@
 //! * [`spawn_daemon`], serving a device on a real unix socket in a thread;
 //! * [`RawClient`], a byte-level vhost-user client for messages the `vhost`
 //!   crate's `Frontend` cannot send (or cannot send malformed);
-//! * [`SplitQueue`], a minimal split-virtqueue driver that can also build
-//!   malicious chains.
+//! * [`SplitQueue`], the kit's `testing::SplitQueueDriver` with the
+//!   eventfds and frontend addresses a vhost-user test needs; it can also
+//!   build malicious chains.
 //!
 //! Everything waits with a timeout so a bug fails a test instead of hanging it.
 
@@ -21,7 +22,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -824,15 +825,17 @@ pub struct Desc {
 
 /// Bytes one queue's [`SplitQueue::new`] area takes.
 pub const QUEUE_AREA: u64 = 0x10000;
-const RINGS_SIZE: u64 = 0x3000;
 
-/// A driver-side split virtqueue living in a [`GuestMem`].
+/// A driver-side split virtqueue living in a [`GuestMem`]: the kit's public
+/// [`testing::SplitQueueDriver`] for the rings, plus what a vhost-user test
+/// needs around it (kick, call and err eventfds, the frontend's ring
+/// addresses, a data area and chains built from raw descriptors).
 ///
 /// Its area of [`QUEUE_AREA`] bytes holds the descriptor table, the
 /// available ring and (on its own page) the used ring, then a data area
 /// handed out by [`SplitQueue::alloc`].
 pub struct SplitQueue {
-    mem: GuestMemoryLog,
+    driver: testing::SplitQueueDriver,
     /// Queue index.
     pub index: u16,
     /// Queue size.
@@ -850,8 +853,6 @@ pub struct SplitQueue {
     /// Device error notification.
     pub err: EventFd,
     next_desc: u16,
-    avail_idx: u16,
-    last_used: u16,
     data_start: u64,
     data_end: u64,
     data_next: u64,
@@ -861,14 +862,12 @@ impl SplitQueue {
     /// A queue of `size` entries (≤ 256) whose rings and data live in the
     /// [`QUEUE_AREA`] bytes at `area` inside `guest`. The rings are zeroed.
     pub fn new(guest: &GuestMem, index: u16, size: u16, area: u64) -> Self {
-        assert!(size <= 256 && size.is_power_of_two());
         assert!(area >= guest.gpa && area + QUEUE_AREA <= guest.gpa + guest.size);
-        let desc = area;
-        let avail = area + 0x1000;
-        let used = area + 0x2000;
-        guest.write(area, &vec![0u8; RINGS_SIZE as usize]);
+        let driver = testing::SplitQueueDriver::new(&guest.mem, index, size, area);
+        let (desc, avail, used) = driver.rings();
+        let data_start = driver.data_area();
         SplitQueue {
-            mem: guest.mem.clone(),
+            driver,
             index,
             size,
             desc,
@@ -878,18 +877,17 @@ impl SplitQueue {
             call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             err: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             next_desc: 0,
-            avail_idx: 0,
-            last_used: 0,
-            data_start: area + RINGS_SIZE,
+            data_start,
             data_end: area + QUEUE_AREA,
-            data_next: area + RINGS_SIZE,
+            data_next: data_start,
         }
     }
 
     /// The ring addresses as `SET_VRING_ADDR` carries them (the frontend's
     /// virtual addresses).
     pub fn config_data(&self) -> VringConfigData {
-        let host = |gpa: u64| self.mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+        let mem = self.driver.memory();
+        let host = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
         VringConfigData {
             queue_max_size: self.size,
             queue_size: self.size,
@@ -925,14 +923,12 @@ impl SplitQueue {
 
     /// Write `data` into guest memory.
     pub fn write(&self, gpa: u64, data: &[u8]) {
-        self.mem.write_slice(data, GuestAddress(gpa)).unwrap();
+        self.driver.write(gpa, data);
     }
 
     /// Read guest memory.
     pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
-        let mut buf = vec![0u8; len];
-        self.mem.read_slice(&mut buf, GuestAddress(gpa)).unwrap();
-        buf
+        self.driver.read(gpa, len)
     }
 
     /// Reserve `n` consecutive descriptor slots and return the first.
@@ -949,12 +945,13 @@ impl SplitQueue {
     /// Write descriptor `slot` of the table at `table` (the queue's own
     /// table unless building an indirect one).
     pub fn write_desc_at(&self, table: u64, slot: u16, d: Desc) {
-        let mut raw = [0u8; 16];
-        raw[..8].copy_from_slice(&d.addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&d.len.to_le_bytes());
-        raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&d.next.to_le_bytes());
-        self.write(table + 16 * u64::from(slot), &raw);
+        let raw = testing::RawDescriptor {
+            addr: d.addr,
+            len: d.len,
+            flags: d.flags,
+            next: d.next,
+        };
+        self.driver.write_descriptor(table, slot, raw);
     }
 
     /// Write descriptor `slot` of the queue's table.
@@ -981,32 +978,17 @@ impl SplitQueue {
 
     /// Put `head` on the available ring and publish the new index.
     pub fn publish(&mut self, head: u16) {
-        let slot = u64::from(self.avail_idx % self.size);
-        self.mem
-            .write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        fence(Ordering::SeqCst);
-        self.mem
-            .store(
-                self.avail_idx,
-                GuestAddress(self.avail + 2),
-                Ordering::Release,
-            )
-            .unwrap();
+        self.driver.publish(head);
     }
 
     /// Overwrite the published available index (for malformed rings).
     pub fn set_avail_idx(&mut self, idx: u16) {
-        self.avail_idx = idx;
-        self.mem
-            .store(idx, GuestAddress(self.avail + 2), Ordering::Release)
-            .unwrap();
+        self.driver.set_avail_idx(idx);
     }
 
     /// The driver's available index.
     pub fn avail_idx(&self) -> u16 {
-        self.avail_idx
+        self.driver.avail_idx()
     }
 
     /// Build a chain of `bufs`, publish it and return its head.
@@ -1054,37 +1036,29 @@ impl SplitQueue {
 
     /// `used_event` (in the available ring, used with EVENT_IDX).
     pub fn set_used_event(&self, value: u16) {
-        let at = self.avail + 4 + 2 * u64::from(self.size);
-        self.mem
-            .store(value, GuestAddress(at), Ordering::Release)
-            .unwrap();
+        self.driver.set_used_event(value);
     }
 
     /// The device's used index.
     pub fn used_idx(&self) -> u16 {
-        self.mem
-            .load(GuestAddress(self.used + 2), Ordering::Acquire)
-            .unwrap()
+        self.driver.used_idx()
     }
 
     /// Used ring entry `i` (modulo the size): (id, len).
     pub fn used_elem(&self, i: u16) -> (u32, u32) {
-        let at = self.used + 4 + 8 * u64::from(i % self.size);
-        let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
-        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
-        (id, len)
+        self.driver.used_entry(i)
     }
 
     /// The used index the driver has consumed up to.
     pub fn last_used(&self) -> u16 {
-        self.last_used
+        self.driver.last_used()
     }
 
     /// Wait until `n` more chains are used and return their (id, len).
     pub fn wait_used(&mut self, n: u16) -> Vec<(u32, u32)> {
-        let target = self.last_used.wrapping_add(n);
+        let target = self.last_used().wrapping_add(n);
         let deadline = Instant::now() + TIMEOUT;
-        while self.used_idx().wrapping_sub(self.last_used) < n {
+        while self.used_idx().wrapping_sub(self.last_used()) < n {
             assert!(
                 Instant::now() < deadline,
                 "queue {}: used idx stuck at {} (want {target})",
@@ -1093,12 +1067,9 @@ impl SplitQueue {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        fence(Ordering::SeqCst);
-        let out = (0..n)
-            .map(|k| self.used_elem(self.last_used.wrapping_add(k)))
-            .collect();
-        self.last_used = target;
-        out
+        (0..n)
+            .map(|_| self.driver.pop_used().expect("counted as used"))
+            .collect()
     }
 
     /// Wait up to `timeout` for the call eventfd; consumes the signal.

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tempfile::NamedTempFile;
+use virtio_backend_kit::testing::{RawDescriptor, SplitQueueDriver};
 use virtio_backend_kit::vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use virtio_backend_kit::vmm_sys_util::eventfd::EventFd;
 use virtio_backend_kit::vring::{Notifier, NotifierSlot};
@@ -26,12 +27,15 @@ const IMAGE_SIZE: u64 = 1 << 20;
 /// One descriptor to lay out: guest address, length, device-writable.
 type D = (u64, u32, bool);
 
+/// A [`Vring`] in real guest memory, driven by the kit's public
+/// [`SplitQueueDriver`]: chains laid out by hand (including indirect and
+/// malformed ones), one batch at a time.
 struct Harness {
     mem: GuestMemoryHandle,
     vring: Vring,
+    driver: SplitQueueDriver,
     call: EventFd,
     next_desc: u16,
-    avail_idx: u16,
     next_data: u64,
 }
 
@@ -41,9 +45,10 @@ impl Harness {
     }
 
     fn with_event_idx(event_idx: bool) -> Self {
-        let mem = GuestMemoryAtomic::new(
-            GuestMemoryLog::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
-        );
+        let guest = GuestMemoryLog::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let driver = SplitQueueDriver::new(&guest, 0, QSIZE, DESC_TABLE);
+        assert_eq!(driver.rings(), (DESC_TABLE, AVAIL_RING, USED_RING));
+        let mem = GuestMemoryAtomic::new(guest);
         let state = VringState {
             size: QSIZE,
             ready: true,
@@ -69,9 +74,9 @@ impl Harness {
         Harness {
             mem,
             vring,
+            driver,
             call,
             next_desc: 0,
-            avail_idx: 0,
             next_data: DATA_START,
         }
     }
@@ -110,12 +115,13 @@ impl Harness {
     }
 
     fn write_desc(&self, table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.to_le_bytes());
-        self.write(table + 16 * u64::from(index), &raw);
+        let d = RawDescriptor {
+            addr,
+            len,
+            flags,
+            next,
+        };
+        self.driver.write_descriptor(table, index, d);
     }
 
     /// Lay out a chain in the descriptor table and make it available.
@@ -162,10 +168,7 @@ impl Harness {
     }
 
     fn make_available(&mut self, head: u16) {
-        let slot = AVAIL_RING + 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        self.write(slot, &head.to_le_bytes());
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.write(AVAIL_RING + 2, &self.avail_idx.to_le_bytes());
+        self.driver.publish(head);
     }
 
     fn run(&mut self, dev: &BlkDevice) {
@@ -181,17 +184,12 @@ impl Harness {
     }
 
     fn used_idx(&self) -> u16 {
-        let b = self.read(USED_RING + 2, 2);
-        u16::from_le_bytes([b[0], b[1]])
+        self.driver.used_idx()
     }
 
     /// Used-ring entry `i`: (descriptor head, length).
     fn used(&self, i: u16) -> (u32, u32) {
-        let b = self.read(USED_RING + 4 + 8 * u64::from(i % QSIZE), 8);
-        (
-            u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
-        )
+        self.driver.used_entry(i)
     }
 
     /// Submit one chain, run the device, return (used length, status byte
@@ -1013,15 +1011,14 @@ fn a_looping_chain_is_bounded() {
 fn event_idx_suppresses_notifications_the_driver_did_not_ask_for() {
     let dev = BlkDevice::null(1 << 20).unwrap();
     let mut h = Harness::with_event_idx(true);
-    let used_event = AVAIL_RING + 4 + 2 * u64::from(QSIZE);
 
     // The driver wants an interrupt once used index passes 0.
-    h.write(used_event, &0u16.to_le_bytes());
+    h.driver.set_used_event(0);
     assert_eq!(h.request(&dev, VIRTIO_BLK_T_FLUSH, 0, &[]), (1, OK));
     assert_eq!(h.call.read().unwrap(), 1);
 
     // Now only after entry 5: the next completion is silent.
-    h.write(used_event, &5u16.to_le_bytes());
+    h.driver.set_used_event(5);
     assert_eq!(h.request(&dev, VIRTIO_BLK_T_FLUSH, 0, &[]), (1, OK));
     assert!(h.call.read().is_err());
 }
