@@ -4,8 +4,9 @@
 use super::worker::WorkerError;
 use crate::vring::VringError;
 
-/// Errors from control-core operations. Each maps to a refused request; none
-/// is fatal to the core.
+/// Errors from control-core operations. Each maps to a refused request;
+/// only [`CoreError::WorkerStuck`] also ends the frontend's session
+/// ([`CoreError::is_fatal`]).
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
     /// The queue index is beyond the device's queues.
@@ -64,6 +65,27 @@ pub enum CoreError {
     /// Worker setup failed.
     #[error(transparent)]
     Worker(#[from] WorkerError),
+}
+
+impl CoreError {
+    /// Whether the core cannot go on serving its current frontend: a worker
+    /// did not stop its queue ([`CoreError::WorkerStuck`]). Every other
+    /// failure refuses one operation and leaves the core as it was.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            CoreError::WorkerStuck { .. } => true,
+            CoreError::QueueIndex(_)
+            | CoreError::QueueSize { .. }
+            | CoreError::UnofferedFeatures(_)
+            | CoreError::QueueRunning(_)
+            | CoreError::QueueStart { .. }
+            | CoreError::Memory(_)
+            | CoreError::ConfigRange { .. }
+            | CoreError::Device(_)
+            | CoreError::WorkerGone(_)
+            | CoreError::Worker(_) => false,
+        }
+    }
 }
 
 /// Result of a control-core operation.

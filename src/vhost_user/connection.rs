@@ -34,11 +34,13 @@ pub enum ConnectionError {
     /// stream cannot be resynchronised.
     #[error("payload of {0} bytes exceeds the protocol limit")]
     OversizedPayload(u32),
-    /// A request left a worker blocked (for example on a postcopy fault
-    /// the frontend never serves); the session is ended so that the fault
-    /// is released and the daemon can serve the next frontend.
-    #[error("a worker is blocked; the session is ended")]
-    WorkerStuck(#[source] crate::core::CoreError),
+    /// A request failed in a way that ends the session
+    /// ([`super::session::RequestError::ends_session`]): a worker left
+    /// blocked, for example on a postcopy fault the frontend never serves.
+    /// Ending the session releases the fault and lets the daemon serve the
+    /// next frontend.
+    #[error("a request failed in a way that ends the session")]
+    Fatal(#[source] Box<super::session::RequestError>),
 }
 
 /// A received request.

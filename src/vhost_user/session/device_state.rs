@@ -5,28 +5,17 @@
 use super::*;
 
 impl<B: DeviceBackend> Session<'_, B> {
+    /// `SET_DEVICE_STATE_FD`: start saving the device's state into `file`
+    /// or loading it from there. Only the STOPPED phase exists: the rings
+    /// were stopped with GET_VRING_BASE before this.
     pub(super) fn set_device_state_fd(
         &mut self,
-        req: FrontendReq,
-        msg: &mut Message,
+        direction: StateDirection,
+        file: File,
     ) -> RequestResult {
-        let t = parse::<VhostUserTransferDeviceState>(req, &msg.payload)?;
-        let file = msg.take_single_file().ok_or(RequestError::BadFds {
-            request: req,
-            expected: 1,
-            got: msg.files.len(),
-        })?;
-        // Only the STOPPED phase exists: the rings were stopped with
-        // GET_VRING_BASE before this.
-        if t.phase != 0 || t.direction > 1 {
-            return Err(RequestError::BadPayload {
-                request: req,
-                len: msg.payload.len(),
-            });
-        }
         // A transfer still running is cancelled (its thread ends) first.
         self.transfer = None;
-        let transfer = if t.direction == 0 {
+        let transfer = if direction == StateDirection::Save {
             let snap = self.core.snapshot(Some(self.acked_protocol))?;
             // The rings were already stopped; a frontend that cancels the
             // migration restarts them with SET_VRING_KICK as usual.

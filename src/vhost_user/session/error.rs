@@ -76,3 +76,34 @@ pub enum RequestError {
     #[error(transparent)]
     Postcopy(#[from] PostcopyError),
 }
+
+impl RequestError {
+    /// Whether the session must end after this failure, instead of refusing
+    /// the request and going on. Only a worker the core could not stop (it
+    /// is blocked, on a postcopy fault the frontend never serves or in the
+    /// device) ends it: ending the session releases the fault and lets the
+    /// daemon serve the next frontend. The match is exhaustive on purpose: a
+    /// new kind of failure must be classified before it compiles.
+    pub fn ends_session(&self) -> bool {
+        match self {
+            RequestError::Core(e) => e.is_fatal(),
+            RequestError::BadHeader(_)
+            | RequestError::Unsupported(_)
+            | RequestError::BadPayload { .. }
+            | RequestError::BadFds { .. }
+            | RequestError::NoMemory(_)
+            | RequestError::UnmappedAddress(_)
+            | RequestError::UnofferedProtocolFeatures(_)
+            | RequestError::Region(_)
+            | RequestError::TooManyRegions(_)
+            | RequestError::TooMuchMemory { .. }
+            | RequestError::NoSuchRegion(_)
+            | RequestError::Log(_)
+            | RequestError::State(_)
+            | RequestError::Inflight(_)
+            | RequestError::Fd(_) => false,
+            #[cfg(feature = "postcopy")]
+            RequestError::Postcopy(_) => false,
+        }
+    }
+}

@@ -5,42 +5,17 @@
 use super::*;
 
 impl<B: DeviceBackend> Session<'_, B> {
-    pub(super) fn set_mem_table(&mut self, req: FrontendReq, msg: &mut Message) -> RequestResult {
-        let hdr_len = std::mem::size_of::<VhostUserMemory>();
-        let reg_len = std::mem::size_of::<VhostUserMemoryRegion>();
-        let p = &msg.payload;
-        if p.len() < hdr_len {
-            return Err(RequestError::BadPayload {
-                request: req,
-                len: p.len(),
-            });
-        }
-        let hdr = parse::<VhostUserMemory>(req, &p[..hdr_len])?;
-        let n = hdr.num_regions as usize;
-        if n == 0 || n > MAX_ATTACHED_FD_ENTRIES || p.len() != hdr_len + n * reg_len {
-            return Err(RequestError::BadPayload {
-                request: req,
-                len: p.len(),
-            });
-        }
-        if msg.files.len() != n {
-            return Err(RequestError::BadFds {
-                request: req,
-                expected: n,
-                got: msg.files.len(),
-            });
-        }
-        let regions = (0..n)
-            .map(|i| {
-                let off = hdr_len + i * reg_len;
-                parse::<VhostUserMemoryRegion>(req, &msg.payload[off..off + reg_len])
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+    /// `SET_MEM_TABLE`: map the new table and make it the device's (or,
+    /// while postcopy listens, park it until the frontend's ack).
+    pub(super) fn set_mem_table(
+        &mut self,
+        header: VhostUserMemory,
+        regions: Vec<(VhostUserMemoryRegion, File)>,
+    ) -> RequestResult {
         // The new table replaces the old one: only its own total counts.
-        check_memory_limit(regions.iter().map(|r| r.memory_size))?;
-        let mut mapped = Vec::with_capacity(n);
-        let files = std::mem::take(&mut msg.files);
-        for (file, r) in files.into_iter().zip(regions) {
+        check_memory_limit(regions.iter().map(|(r, _)| r.memory_size))?;
+        let mut mapped = Vec::with_capacity(regions.len());
+        for (r, file) in regions {
             mapped.push(MappedRegion::map(
                 file,
                 r.guest_phys_addr,
@@ -52,8 +27,9 @@ impl<B: DeviceBackend> Session<'_, B> {
         }
         #[cfg(feature = "postcopy")]
         if self.postcopy.is_listening() {
-            return self.postcopy_mem_table(&msg.payload[..hdr_len], mapped);
+            return self.postcopy_mem_table(header.as_slice(), mapped);
         }
+        let _ = header;
         self.install_table(mapped)?;
         Ok(Outcome::Ack)
     }
@@ -82,13 +58,12 @@ impl<B: DeviceBackend> Session<'_, B> {
         Ok(())
     }
 
-    pub(super) fn add_mem_reg(&mut self, req: FrontendReq, msg: &mut Message) -> RequestResult {
-        let r = parse::<VhostUserSingleMemoryRegion>(req, &msg.payload)?;
-        let file = msg.take_single_file().ok_or(RequestError::BadFds {
-            request: req,
-            expected: 1,
-            got: msg.files.len(),
-        })?;
+    /// `ADD_MEM_REG`: one more region, within the slot and size limits.
+    pub(super) fn add_mem_reg(
+        &mut self,
+        r: VhostUserSingleMemoryRegion,
+        file: File,
+    ) -> RequestResult {
         if self.regions.len() as u64 >= MAX_MEM_SLOTS {
             return Err(RequestError::TooManyRegions(self.regions.len() + 1));
         }
@@ -109,13 +84,17 @@ impl<B: DeviceBackend> Session<'_, B> {
         Ok(Outcome::Ack)
     }
 
-    pub(super) fn set_log_base(&mut self, req: FrontendReq, msg: &mut Message) -> RequestResult {
-        let log = parse::<VhostUserLog>(req, &msg.payload)?;
-        let file = msg.take_single_file().ok_or(RequestError::BadFds {
-            request: req,
-            expected: 1,
-            got: msg.files.len(),
-        })?;
+    /// `REM_MEM_REG`: a region the session has, by address and size.
+    pub(super) fn rem_mem_reg(&mut self, r: VhostUserSingleMemoryRegion) -> RequestResult {
+        if !self.regions.remove(r.guest_phys_addr, r.memory_size) {
+            return Err(RequestError::NoSuchRegion(r.guest_phys_addr));
+        }
+        self.core.remove_region(r.guest_phys_addr, r.memory_size)?;
+        Ok(Outcome::Ack)
+    }
+
+    /// `SET_LOG_BASE`: the dirty log the device writes while `LOG_ALL` is on.
+    pub(super) fn set_log_base(&mut self, log: VhostUserLog, file: File) -> RequestResult {
         self.core
             .dirty_log()
             .set_area(&file, log.mmap_size, log.mmap_offset)?;

@@ -2,6 +2,14 @@
 //! The request dispatcher: one frontend connection, each message turned into
 //! control-core operations.
 //!
+//! A message goes through three steps: `request::decode` checks its
+//! payload and fds and makes it a typed `Request` (pure, tested on bytes);
+//! `Session::serve` hands it to the handler of its group (`features.rs`,
+//! `memory.rs`, `vrings.rs`, `device_state.rs`, `postcopy_memory.rs`);
+//! `Session::dispatch` turns the result into the reply the protocol owes,
+//! and ends the session on the one kind of failure that must
+//! ([`RequestError::ends_session`]).
+//!
 //! Rules this dispatcher keeps, whatever the frontend does:
 //! - a request that fails is NACKed (when the frontend asked for an ack) and
 //!   logged; the session goes on. Only a broken socket ends it;
@@ -18,9 +26,8 @@ use std::os::unix::net::UnixStream;
 use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserLog, VhostUserMemory,
-    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion,
-    VhostUserTransferDeviceState, VhostUserU64, VhostUserVringAddr, VhostUserVringState,
-    MAX_ATTACHED_FD_ENTRIES, VHOST_USER_CONFIG_SIZE,
+    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserU64,
+    VhostUserVringAddr, VhostUserVringState,
 };
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
@@ -39,12 +46,16 @@ use crate::inflight::{InflightArea, InflightError};
 
 mod device_state;
 mod error;
+mod features;
 mod memory;
 mod outcome;
 mod postcopy_memory;
+mod request;
+mod vrings;
 
 pub use error::RequestError;
 use outcome::*;
+use request::{Request, StateDirection, VringFdKind};
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -57,8 +68,6 @@ pub const MAX_MEM_SLOTS: u64 = 64;
 /// memfds of any claimed size cannot use up the 128 TiB address space of
 /// the process (even while a new table is mapped beside the old one).
 pub const MAX_GUEST_MEMORY: u64 = 16 << 40;
-const VRING_IDX_MASK: u64 = 0xff;
-const VRING_NOFD_MASK: u64 = 0x100;
 
 /// Protocol features the kit offers: a fixed set, plus `PAGEFAULT` with the
 /// `postcopy` feature where this process can use userfaultfd.
@@ -220,10 +229,13 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
                 None => Err(RequestError::Unsupported(code)),
             }
         };
-        if let Err(RequestError::Core(e @ CoreError::WorkerStuck { .. })) = result {
-            error!("{e}: ending the session");
-            return Err(ConnectionError::WorkerStuck(e));
-        }
+        let result = match result {
+            Err(e) if e.ends_session() => {
+                error!("{e}: ending the session");
+                return Err(ConnectionError::Fatal(Box::new(e)));
+            }
+            other => other,
+        };
         let explicit = request.is_some_and(has_reply)
             || region_reply
             || (request == Some(FrontendReq::SET_LOG_BASE) && self.log_shmfd_enabled());
@@ -284,304 +296,50 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
         if self.is_postcopy_ack(req, msg) {
             return self.postcopy_ack(req, msg);
         }
-        let p = &msg.payload;
-        match req {
-            FrontendReq::GET_FEATURES => Ok(u64_reply(
-                self.core.device_features() | VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL,
-            )),
-            FrontendReq::SET_FEATURES => {
-                let features = parse::<VhostUserU64>(req, p)?.value;
-                self.core
-                    .set_features(features, VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL)?;
-                let log_all = features & VHOST_F_LOG_ALL != 0;
-                self.core.dirty_log().set_active(log_all);
-                if !self.protocol_negotiated() {
-                    // Without protocol features, started rings are enabled.
-                    for q in 0..self.core.num_queues() as u32 {
-                        self.core.set_queue_enabled(q, true)?;
-                    }
-                }
-                Ok(Outcome::Ack)
-            }
-            FrontendReq::GET_PROTOCOL_FEATURES => Ok(u64_reply(self.protocol_offered())),
-            FrontendReq::SET_PROTOCOL_FEATURES => {
-                let features = parse::<VhostUserU64>(req, p)?.value;
-                let unoffered = features & !self.protocol_offered();
-                if unoffered != 0 {
-                    return Err(RequestError::UnofferedProtocolFeatures(unoffered));
-                }
-                self.acked_protocol = features;
-                self.protocol_set = true;
-                Ok(Outcome::Ack)
-            }
-            FrontendReq::SET_OWNER => Ok(Outcome::Ack),
-            FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE => {
-                self.core.reset();
-                self.status = 0;
-                Ok(Outcome::Ack)
-            }
-            FrontendReq::GET_QUEUE_NUM => Ok(u64_reply(self.core.num_queues() as u64)),
-            FrontendReq::GET_MAX_MEM_SLOTS => Ok(u64_reply(MAX_MEM_SLOTS)),
-            FrontendReq::SET_MEM_TABLE => self.set_mem_table(req, msg),
-            FrontendReq::ADD_MEM_REG => self.add_mem_reg(req, msg),
-            FrontendReq::REM_MEM_REG => {
-                let r = parse::<VhostUserSingleMemoryRegion>(req, p)?;
-                if !self.regions.remove(r.guest_phys_addr, r.memory_size) {
-                    return Err(RequestError::NoSuchRegion(r.guest_phys_addr));
-                }
-                self.core.remove_region(r.guest_phys_addr, r.memory_size)?;
-                Ok(Outcome::Ack)
-            }
-            FrontendReq::SET_LOG_BASE => self.set_log_base(req, msg),
-            FrontendReq::SET_LOG_FD => Ok(Outcome::Ack),
-            FrontendReq::SET_VRING_NUM => {
-                let s = parse::<VhostUserVringState>(req, p)?;
-                self.core.set_queue_size(s.index, s.num)?;
-                Ok(Outcome::Ack)
-            }
-            FrontendReq::SET_VRING_ADDR => {
-                let a = parse::<VhostUserVringAddr>(req, p)?;
-                if self.regions.is_empty() {
-                    return Err(RequestError::NoMemory(req));
-                }
-                let tr = |vva| {
-                    self.regions
-                        .vva_to_gpa(vva)
-                        .ok_or(RequestError::UnmappedAddress(vva))
-                };
-                let (desc, avail, used) = (tr(a.descriptor)?, tr(a.available)?, tr(a.used)?);
-                self.core.set_queue_addresses(a.index, desc, avail, used)?;
-                Ok(Outcome::Ack)
-            }
-            FrontendReq::SET_VRING_BASE => {
-                let s = parse::<VhostUserVringState>(req, p)?;
-                let base = u16::try_from(s.num).map_err(|_| RequestError::BadPayload {
-                    request: req,
-                    len: p.len(),
-                })?;
-                self.core.set_queue_base(s.index, base, None)?;
-                Ok(Outcome::Ack)
-            }
-            FrontendReq::GET_VRING_BASE => {
-                let s = parse::<VhostUserVringState>(req, p)?;
-                let state = self.core.stop_queue(s.index)?;
-                Ok(Outcome::Reply(
-                    VhostUserVringState::new(s.index, u32::from(state.next_avail))
-                        .as_slice()
-                        .to_vec(),
-                ))
-            }
-            FrontendReq::SET_VRING_KICK => {
-                let (index, fd) = self.vring_fd(req, msg)?;
-                if fd.is_none() {
-                    // Polling mode (no kick fd) is not supported.
-                    return Err(RequestError::BadFds {
-                        request: req,
-                        expected: 1,
-                        got: 0,
-                    });
-                }
-                if !self.protocol_negotiated() {
-                    self.core.set_queue_enabled(index, true)?;
-                }
-                self.core.set_kick(index, fd)?;
-                Ok(Outcome::Ack)
-            }
-            FrontendReq::SET_VRING_CALL => {
-                let (index, fd) = self.vring_fd(req, msg)?;
-                self.core.set_call(index, fd)?;
-                Ok(Outcome::Ack)
-            }
-            FrontendReq::SET_VRING_ERR => {
-                let (index, fd) = self.vring_fd(req, msg)?;
-                self.core.set_err(index, fd)?;
-                Ok(Outcome::Ack)
-            }
-            FrontendReq::SET_VRING_ENABLE => {
-                let s = parse::<VhostUserVringState>(req, p)?;
-                if s.num > 1 {
-                    return Err(RequestError::BadPayload {
-                        request: req,
-                        len: p.len(),
-                    });
-                }
-                self.core.set_queue_enabled(s.index, s.num == 1)?;
-                Ok(Outcome::Ack)
-            }
-            FrontendReq::GET_CONFIG => self.get_config(req, p),
-            FrontendReq::SET_CONFIG => {
-                let (offset, data) = self.config_request(req, p)?;
-                self.core.write_config(offset, data)?;
-                Ok(Outcome::Ack)
-            }
-            FrontendReq::SET_BACKEND_REQ_FD => {
-                let file = msg.take_single_file().ok_or(RequestError::BadFds {
-                    request: req,
-                    expected: 1,
-                    got: msg.files.len(),
-                })?;
-                self.channel
-                    .set(UnixStream::from(std::os::fd::OwnedFd::from(file)));
-                Ok(Outcome::Ack)
-            }
-            FrontendReq::SET_STATUS => {
-                let status = parse::<VhostUserU64>(req, p)?.value;
-                let status = u8::try_from(status).map_err(|_| RequestError::BadPayload {
-                    request: req,
-                    len: p.len(),
-                })?;
-                if status == 0 && self.status != 0 {
-                    info!("driver reset the device (status 0)");
-                    self.core.reset();
-                }
-                self.status = status;
-                Ok(Outcome::Ack)
-            }
-            FrontendReq::GET_STATUS => Ok(u64_reply(u64::from(self.status))),
-            FrontendReq::SET_DEVICE_STATE_FD => self.set_device_state_fd(req, msg),
-            FrontendReq::CHECK_DEVICE_STATE => {
-                let ok = self.check_device_state();
-                Ok(u64_reply(u64::from(!ok)))
-            }
-            FrontendReq::GET_INFLIGHT_FD => {
-                let want = parse::<VhostUserInflight>(req, p)?;
-                self.check_inflight_geometry(req, &want)?;
-                let area = Arc::new(InflightArea::create(want.num_queues, want.queue_size)?);
-                let reply =
-                    VhostUserInflight::new(area.len() as u64, 0, want.num_queues, want.queue_size);
-                self.core.set_inflight(Some(area.clone()));
-                Ok(Outcome::ReplyWithFile(reply.as_slice().to_vec(), area))
-            }
-            FrontendReq::SET_INFLIGHT_FD => {
-                let info = parse::<VhostUserInflight>(req, p)?;
-                self.check_inflight_geometry(req, &info)?;
-                let file = msg.take_single_file().ok_or(RequestError::BadFds {
-                    request: req,
-                    expected: 1,
-                    got: msg.files.len(),
-                })?;
-                let area = InflightArea::from_file(
-                    file,
-                    info.mmap_size,
-                    info.mmap_offset,
-                    info.num_queues,
-                    info.queue_size,
-                )?;
-                self.core.set_inflight(Some(Arc::new(area)));
-                Ok(Outcome::Ack)
-            }
-            #[cfg(feature = "postcopy")]
-            FrontendReq::POSTCOPY_ADVISE => {
-                self.require_pagefault()?;
-                let fd = self.postcopy.advise()?;
-                Ok(Outcome::ReplyWithFd(Vec::new(), fd))
-            }
-            #[cfg(feature = "postcopy")]
-            FrontendReq::POSTCOPY_LISTEN => {
-                self.require_pagefault()?;
-                self.postcopy.listen(&self.regions.host_ranges())?;
-                Ok(Outcome::Ack)
-            }
-            #[cfg(feature = "postcopy")]
-            FrontendReq::POSTCOPY_END => {
-                self.require_pagefault()?;
-                self.postcopy.end()?;
-                Ok(u64_reply(0))
-            }
-            other => Err(RequestError::Unsupported(other.into())),
-        }
+        let files = std::mem::take(&mut msg.files);
+        let request = request::decode(req, &msg.payload, files)?;
+        self.serve(request)
     }
 
-    fn check_inflight_geometry(
-        &self,
-        req: FrontendReq,
-        info: &VhostUserInflight,
-    ) -> Result<(), RequestError> {
-        if usize::from(info.num_queues) > self.core.num_queues()
-            || info.queue_size > self.core.backend().max_queue_size().max(1024)
-        {
-            return Err(RequestError::BadPayload {
-                request: req,
-                len: std::mem::size_of::<VhostUserInflight>(),
-            });
+    /// Carry out one decoded request; each group's handlers live in the
+    /// file named after it.
+    fn serve(&mut self, request: Request) -> RequestResult {
+        match request {
+            // features.rs: features, status, config space, the session.
+            Request::GetFeatures => Ok(u64_reply(self.offered_features())),
+            Request::SetFeatures(features) => self.set_features(features),
+            Request::GetProtocolFeatures => Ok(u64_reply(self.protocol_offered())),
+            Request::SetProtocolFeatures(features) => self.set_protocol_features(features),
+            Request::SetOwner | Request::SetLogFd => Ok(Outcome::Ack),
+            Request::Reset => Ok(self.reset()),
+            Request::GetQueueNum => Ok(u64_reply(self.core.num_queues() as u64)),
+            Request::GetMaxMemSlots => Ok(u64_reply(MAX_MEM_SLOTS)),
+            Request::SetStatus(status) => Ok(self.set_status(status)),
+            Request::GetStatus => Ok(u64_reply(u64::from(self.status))),
+            Request::GetConfig { header } => self.get_config(header),
+            Request::SetConfig { offset, data } => self.set_config(offset, &data),
+            Request::SetBackendReqFd(file) => Ok(self.set_backend_req_fd(file)),
+            // memory.rs: guest memory and the dirty log.
+            Request::SetMemTable { header, regions } => self.set_mem_table(header, regions),
+            Request::AddMemReg(region, file) => self.add_mem_reg(region, file),
+            Request::RemMemReg(region) => self.rem_mem_reg(region),
+            Request::SetLogBase(log, file) => self.set_log_base(log, file),
+            // vrings.rs: the queues and their in-flight area.
+            Request::SetVringNum { index, size } => self.set_vring_num(index, size),
+            Request::SetVringAddr(addr) => self.set_vring_addr(&addr),
+            Request::SetVringBase { index, base } => self.set_vring_base(index, base),
+            Request::GetVringBase { index } => self.get_vring_base(index),
+            Request::SetVringFd { kind, index, file } => self.set_vring_fd(kind, index, file),
+            Request::SetVringEnable { index, enable } => self.set_vring_enable(index, enable),
+            Request::GetInflightFd(want) => self.get_inflight_fd(&want),
+            Request::SetInflightFd(info, file) => self.set_inflight_fd(&info, file),
+            // device_state.rs: DEVICE_STATE.
+            Request::SetDeviceStateFd(direction, file) => self.set_device_state_fd(direction, file),
+            Request::CheckDeviceState => Ok(u64_reply(u64::from(!self.check_device_state()))),
+            // postcopy_memory.rs: PAGEFAULT.
+            Request::PostcopyAdvise => self.postcopy_advise(),
+            Request::PostcopyListen => self.postcopy_listen(),
+            Request::PostcopyEnd => self.postcopy_end(),
         }
-        Ok(())
     }
-
-    /// Parse the u64 payload of SET_VRING_KICK/CALL/ERR and its optional fd.
-    fn vring_fd(
-        &self,
-        req: FrontendReq,
-        msg: &mut Message,
-    ) -> Result<(u32, Option<EventFd>), RequestError> {
-        let v = parse::<VhostUserU64>(req, &msg.payload)?.value;
-        let index = (v & VRING_IDX_MASK) as u32;
-        if index as usize >= self.core.num_queues() || v & !(VRING_IDX_MASK | VRING_NOFD_MASK) != 0
-        {
-            return Err(RequestError::Core(CoreError::QueueIndex(index)));
-        }
-        if v & VRING_NOFD_MASK != 0 {
-            return Ok((index, None));
-        }
-        let file = msg.take_single_file().ok_or(RequestError::BadFds {
-            request: req,
-            expected: 1,
-            got: msg.files.len(),
-        })?;
-        // The peer chose this fd: it may be a full eventfd or a pipe that
-        // nobody reads. Non-blocking, a write to it fails with EAGAIN (the
-        // notification is dropped, see `Notifier::notify`) instead of
-        // wedging the worker, and a read of a kick that is not ready
-        // returns instead of blocking. The flag is on the shared open file
-        // description; the frontend's eventfds are non-blocking anyway.
-        if let Err(e) = super::state_transfer::set_nonblocking(&file) {
-            warn!("{req:?}: cannot make the fd non-blocking: {e}");
-        }
-        Ok((index, Some(file_to_eventfd(file))))
-    }
-
-    fn config_request<'p>(
-        &self,
-        req: FrontendReq,
-        p: &'p [u8],
-    ) -> Result<(u32, &'p [u8]), RequestError> {
-        let hdr_len = std::mem::size_of::<VhostUserConfig>();
-        let bad = || RequestError::BadPayload {
-            request: req,
-            len: p.len(),
-        };
-        if p.len() < hdr_len {
-            return Err(bad());
-        }
-        let hdr = parse::<VhostUserConfig>(req, &p[..hdr_len])?;
-        let data = &p[hdr_len..];
-        if hdr.size as usize != data.len()
-            || hdr.size > VHOST_USER_CONFIG_SIZE
-            || hdr
-                .offset
-                .checked_add(hdr.size)
-                .is_none_or(|end| end > VHOST_USER_CONFIG_SIZE)
-        {
-            return Err(bad());
-        }
-        Ok((hdr.offset, data))
-    }
-
-    fn get_config(&mut self, req: FrontendReq, p: &[u8]) -> RequestResult {
-        let (offset, data) = self.config_request(req, p)?;
-        let hdr_len = std::mem::size_of::<VhostUserConfig>();
-        let mut reply = p[..hdr_len].to_vec();
-        let mut buf = vec![0u8; data.len()];
-        self.core.read_config(offset, &mut buf)?;
-        reply.extend_from_slice(&buf);
-        Ok(Outcome::Reply(reply))
-    }
-}
-
-fn file_to_eventfd(file: File) -> EventFd {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    // SAFETY: `into_raw_fd` transfers ownership of a valid fd we received;
-    // `EventFd` takes it over and closes it on drop. If the fd is not an
-    // eventfd, reads and writes on it fail with an error, never UB.
-    unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
 }

@@ -98,4 +98,44 @@ impl<B: DeviceBackend> Session<'_, B> {
         self.postcopy.add_pending(mapped);
         Ok(Outcome::Reply(reply.as_slice().to_vec()))
     }
+
+    #[cfg(feature = "postcopy")]
+    pub(super) fn postcopy_advise(&mut self) -> RequestResult {
+        self.require_pagefault()?;
+        let fd = self.postcopy.advise()?;
+        Ok(Outcome::ReplyWithFd(Vec::new(), fd))
+    }
+
+    #[cfg(feature = "postcopy")]
+    pub(super) fn postcopy_listen(&mut self) -> RequestResult {
+        self.require_pagefault()?;
+        self.postcopy.listen(&self.regions.host_ranges())?;
+        Ok(Outcome::Ack)
+    }
+
+    #[cfg(feature = "postcopy")]
+    pub(super) fn postcopy_end(&mut self) -> RequestResult {
+        self.require_pagefault()?;
+        self.postcopy.end()?;
+        Ok(u64_reply(0))
+    }
+
+    #[cfg(not(feature = "postcopy"))]
+    pub(super) fn postcopy_advise(&mut self) -> RequestResult {
+        Err(RequestError::Unsupported(
+            FrontendReq::POSTCOPY_ADVISE.into(),
+        ))
+    }
+
+    #[cfg(not(feature = "postcopy"))]
+    pub(super) fn postcopy_listen(&mut self) -> RequestResult {
+        Err(RequestError::Unsupported(
+            FrontendReq::POSTCOPY_LISTEN.into(),
+        ))
+    }
+
+    #[cfg(not(feature = "postcopy"))]
+    pub(super) fn postcopy_end(&mut self) -> RequestResult {
+        Err(RequestError::Unsupported(FrontendReq::POSTCOPY_END.into()))
+    }
 }
