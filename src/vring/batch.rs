@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Taking chains from the available ring, one at a time or in bounded
-//! batches, with in-flight tracking.
+//! Taking chains from the available ring: one at a time (`pop_chain`), or
+//! in bounded batches through the one loop of `source.rs`.
 
+use super::source::{
+    queue_error, take_batch, BatchStop, MappedSource, QueueSource, ResubmitSource,
+};
 use super::*;
 
 impl Vring {
@@ -16,11 +19,7 @@ impl Vring {
         }
         if let Some(resubmit) = &mut self.resubmit {
             let mem = resubmit.mem.memory();
-            let next = resubmit
-                .queue
-                .iter(mem)
-                .map_err(|source| VringError::Queue { index, source })?
-                .next();
+            let next = resubmit.queue.iter(mem).map_err(queue_error(index))?.next();
             match next {
                 Some(chain) => {
                     if let Some(inflight) = &mut self.inflight {
@@ -32,11 +31,7 @@ impl Vring {
             }
         }
         let mem = self.mem.memory();
-        let chain = self
-            .queue
-            .iter(mem)
-            .map_err(|source| VringError::Queue { index, source })?
-            .next();
+        let chain = self.queue.iter(mem).map_err(queue_error(index))?.next();
         if let (Some(inflight), Some(chain)) = (&mut self.inflight, &chain) {
             inflight.begin(chain.head_index());
         }
@@ -60,7 +55,12 @@ impl Vring {
         F: FnMut(DescriptorChain<&GuestMemoryLog>) -> R,
         R: Into<Completion>,
     {
-        self.drain_available(|chain, _| f(chain).into())
+        if self.needs_reset {
+            return Ok(0);
+        }
+        let done = self.resubmit_phase(|chain, _| f(chain).into())?;
+        let rest = self.batch_limit().saturating_sub(done);
+        Ok(done + self.queue_phase(rest, |chain, _| f(chain).into())?)
     }
 
     /// [`Vring::process_available`], handing `f` a [`DescIter`] instead of
@@ -79,118 +79,103 @@ impl Vring {
         if self.needs_reset {
             return Ok(0);
         }
-        let guard = self.mem.memory();
-        let mem: &GuestMemoryLog = &guard;
-        let rings = match RingMap::new(mem, &self.queue) {
-            Some(rings) if self.resubmit.is_none() => rings,
-            _ => {
-                return self
-                    .drain_available(|chain, table| f(table.chain(chain.head_index())).into())
-            }
+        let done = self.resubmit_phase(|chain, table| f(table.chain(chain.head_index())).into())?;
+        let rest = self.batch_limit().saturating_sub(done);
+        let more = match self.mapped_phase(rest, |descs| f(descs).into())? {
+            Some(n) => n,
+            None => self.queue_phase(rest, |chain, table| {
+                f(table.chain(chain.head_index())).into()
+            })?,
         };
-        let index = self.index;
-        let qerr = |source| VringError::Queue { index, source };
-        if !self.queue.ready() || self.queue.avail_ring() == 0 {
-            return Err(qerr(virtio_queue::Error::QueueNotReady));
-        }
-        let table = DescTable::new(mem, &self.queue);
-        let mut next_avail = Wrapping(self.queue.next_avail());
-        let mut next_used = Wrapping(self.queue.next_used());
-        let mut avail_idx = rings.avail_idx(next_avail).map_err(qerr)?;
-        let limit = self.batch_limit();
-        let mut done = 0;
-        while done < limit {
-            if next_avail == avail_idx {
-                avail_idx = rings.avail_idx(next_avail).map_err(qerr)?;
-                if next_avail == avail_idx {
-                    break;
-                }
-            }
-            let head = rings.avail_head(next_avail);
-            next_avail += Wrapping(1);
-            self.queue.set_next_avail(next_avail.0);
-            if let Some(inflight) = &mut self.inflight {
-                inflight.begin(head);
-            }
-            let Completion::Used(len) = f(table.chain(head)).into() else {
-                return Err(self.stop_for_reset(head));
-            };
-            if let Some(inflight) = &mut self.inflight {
-                inflight.pre_complete(head);
-            }
-            rings.push_used(next_used, head, len).map_err(qerr)?;
-            next_used += Wrapping(1);
-            self.queue.set_next_used(next_used.0);
-            if let Some(inflight) = &mut self.inflight {
-                inflight.post_complete(head, next_used.0);
-            }
-            done += 1;
-        }
-        Ok(done)
+        Ok(done + more)
     }
 
-    pub(super) fn drain_available<F>(&mut self, mut f: F) -> Result<usize, VringError>
+    /// The chains a previous backend left in flight, all of them (at most a
+    /// queue size), before any new one.
+    fn resubmit_phase<F>(&mut self, mut f: F) -> Result<usize, VringError>
     where
         F: for<'m> FnMut(DescriptorChain<&'m GuestMemoryLog>, &'m DescTable<'m>) -> Completion,
     {
-        let index = self.index;
-        let mut done = 0;
-        if self.needs_reset {
+        let Some(mut resubmit) = self.resubmit.take() else {
             return Ok(0);
-        }
-        if let Some(resubmit) = self.resubmit.take() {
-            let guard = resubmit.mem.memory();
-            let mut queue = resubmit.queue;
-            let table = DescTable::new(&guard, &queue);
-            loop {
-                let next = queue
-                    .iter(&*guard)
-                    .map_err(|source| VringError::Queue { index, source })?
-                    .next();
-                let Some(chain) = next else { break };
-                let head = chain.head_index();
-                if let Some(inflight) = &mut self.inflight {
-                    inflight.begin(head);
+        };
+        let result = {
+            let mem = resubmit.mem.memory();
+            let guest = self.mem.memory();
+            let table = DescTable::new(&mem, &resubmit.queue);
+            let mut source = ResubmitSource {
+                private: &mut resubmit.queue,
+                mem: &mem,
+                guest: &guest,
+            };
+            let mut each = |chain| f(chain, &table);
+            take_batch(
+                &mut self.queue,
+                &mut self.inflight,
+                &mut source,
+                usize::MAX,
+                &mut each,
+            )
+        };
+        self.end_batch(result)
+    }
+
+    /// Up to `limit` new chains through `virtio-queue`.
+    fn queue_phase<F>(&mut self, limit: usize, mut f: F) -> Result<usize, VringError>
+    where
+        F: for<'m> FnMut(DescriptorChain<&'m GuestMemoryLog>, &'m DescTable<'m>) -> Completion,
+    {
+        let result = {
+            let guard = self.mem.memory();
+            let table = DescTable::new(&guard, &self.queue);
+            let mut source = QueueSource { mem: &guard };
+            let mut each = |chain| f(chain, &table);
+            take_batch(
+                &mut self.queue,
+                &mut self.inflight,
+                &mut source,
+                limit,
+                &mut each,
+            )
+        };
+        self.end_batch(result)
+    }
+
+    /// Up to `limit` new chains through the mapped rings; `None` when the
+    /// rings cannot be mapped (the caller takes the `virtio-queue` path).
+    fn mapped_phase<F>(&mut self, limit: usize, mut f: F) -> Result<Option<usize>, VringError>
+    where
+        F: FnMut(DescIter<'_>) -> Completion,
+    {
+        let result = {
+            let guard = self.mem.memory();
+            let mem: &GuestMemoryLog = &guard;
+            match MappedSource::new(mem, &self.queue) {
+                Ok(None) => return Ok(None),
+                Err(e) => Err(BatchStop::Queue(e)),
+                Ok(Some(mut source)) => {
+                    let table = DescTable::new(mem, &self.queue);
+                    let mut each = |head| f(table.chain(head));
+                    take_batch(
+                        &mut self.queue,
+                        &mut self.inflight,
+                        &mut source,
+                        limit,
+                        &mut each,
+                    )
                 }
-                let Completion::Used(len) = f(chain, &table) else {
-                    return Err(self.stop_for_reset(head));
-                };
-                self.add_used(head, len)?;
-                done += 1;
             }
+        };
+        self.end_batch(result).map(Some)
+    }
+
+    /// A batch's count, or the error that ended it (a chain the device
+    /// cannot complete stops the ring until reset).
+    fn end_batch(&mut self, result: Result<usize, BatchStop>) -> Result<usize, VringError> {
+        match result {
+            Ok(done) => Ok(done),
+            Err(BatchStop::Queue(source)) => Err(queue_error(self.index)(source)),
+            Err(BatchStop::NeedsReset(head)) => Err(self.stop_for_reset(head)),
         }
-        let guard = self.mem.memory();
-        let mem: &GuestMemoryLog = &guard;
-        let table = DescTable::new(mem, &self.queue);
-        let limit = self.batch_limit();
-        while done < limit {
-            let next = self
-                .queue
-                .iter(mem)
-                .map_err(|source| VringError::Queue { index, source })?
-                .next();
-            let Some(chain) = next else { break };
-            let head = chain.head_index();
-            if let Some(inflight) = &mut self.inflight {
-                inflight.begin(head);
-                let Completion::Used(len) = f(chain, &table) else {
-                    return Err(self.stop_for_reset(head));
-                };
-                inflight.pre_complete(head);
-                self.queue
-                    .add_used(mem, head, len)
-                    .map_err(|source| VringError::Queue { index, source })?;
-                inflight.post_complete(head, self.queue.next_used());
-            } else {
-                let Completion::Used(len) = f(chain, &table) else {
-                    return Err(self.stop_for_reset(head));
-                };
-                self.queue
-                    .add_used(mem, head, len)
-                    .map_err(|source| VringError::Queue { index, source })?;
-            }
-            done += 1;
-        }
-        Ok(done)
     }
 }

@@ -19,6 +19,7 @@ mod batch;
 mod mapped;
 mod notifier;
 mod resubmit;
+mod source;
 mod state;
 
 pub use access::{VringMutex, VringOwned, VringRwLock, VringT};
@@ -26,6 +27,7 @@ pub use mapped::DescIter;
 use mapped::*;
 pub use notifier::{Notifier, NotifierSlot, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER};
 use resubmit::*;
+use source::queue_error;
 pub use state::VringState;
 
 use std::cell::{Cell, RefCell, RefMut};
@@ -158,8 +160,7 @@ impl Vring {
         err: NotifierSlot,
     ) -> Result<Self, VringError> {
         state.validate(max_size)?;
-        let mut queue =
-            Queue::new(max_size).map_err(|source| VringError::Queue { index, source })?;
+        let mut queue = Queue::new(max_size).map_err(queue_error(index))?;
         queue.set_size(state.size);
         queue.set_desc_table_address(
             Some(state.desc_table as u32),
@@ -226,7 +227,7 @@ impl Vring {
         let used_idx = self
             .queue
             .used_idx(&*self.mem.memory(), Ordering::Acquire)
-            .map_err(|source| VringError::Queue { index, source })?
+            .map_err(queue_error(index))?
             .0;
         let recovered = inflight.recover(used_idx);
         let count = recovered.resubmit.len();
@@ -307,7 +308,7 @@ impl Vring {
         }
         self.queue
             .add_used(&*self.mem.memory(), head, len)
-            .map_err(|source| VringError::Queue { index, source })?;
+            .map_err(queue_error(index))?;
         if let Some(inflight) = &self.inflight {
             inflight.post_complete(head, self.queue.next_used());
         }
@@ -357,7 +358,7 @@ impl Vring {
         let index = self.index;
         self.queue
             .enable_notification(&*self.mem.memory())
-            .map_err(|source| VringError::Queue { index, source })
+            .map_err(queue_error(index))
     }
 
     /// Ask the driver not to kick while we are polling.
@@ -365,7 +366,7 @@ impl Vring {
         let index = self.index;
         self.queue
             .disable_notification(&*self.mem.memory())
-            .map_err(|source| VringError::Queue { index, source })
+            .map_err(queue_error(index))
     }
 
     /// Signal the call eventfd unconditionally.
@@ -449,7 +450,7 @@ impl Vring {
         let avail = self
             .queue
             .avail_idx(&*self.mem.memory(), Ordering::Acquire)
-            .map_err(|source| VringError::Queue { index, source })?;
+            .map_err(queue_error(index))?;
         Ok((avail - Wrapping(self.queue.next_avail())).0)
     }
 }

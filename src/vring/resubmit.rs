@@ -49,8 +49,7 @@ impl Resubmit {
         }
         mem.write_obj(heads.len() as u16, GuestAddress(base + 2))
             .map_err(|e| fail(e.to_string()))?;
-        let mut queue =
-            Queue::new(real.max_size()).map_err(|source| VringError::Queue { index, source })?;
+        let mut queue = Queue::new(real.max_size()).map_err(queue_error(index))?;
         queue.set_size(real.size());
         let desc = real.desc_table();
         queue.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
