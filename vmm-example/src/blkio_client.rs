@@ -292,14 +292,7 @@ impl BlkioClient {
         if depth == 0 || depth * block > self.region.len || self.capacity < block as u64 {
             return Err(ClientError::Invalid("depth * block exceeds the buffer"));
         }
-        let blocks = self.capacity / block as u64;
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next_offset = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % blocks) * block as u64
-        };
+        let mut next_offset = random_offsets(self.capacity, block);
         let base = self.region.addr as *mut u8;
         let mut issued_at = vec![Instant::now(); depth];
         let mut stats = RunStats::default();
@@ -374,25 +367,8 @@ impl BlkioClient {
                 "num_queues * depth * block exceeds the buffer",
             ));
         }
-        let mut fds = Vec::with_capacity(num_queues);
-        for q in &self.queues[..num_queues] {
-            let fd = q
-                .get_completion_fd()
-                .ok_or(ClientError::Invalid("queue has no completion fd"))?;
-            fds.push(libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            });
-        }
-        let blocks = self.capacity / block as u64;
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next_offset = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % blocks) * block as u64
-        };
+        let mut fds = self.completion_pollfds(num_queues)?;
+        let mut next_offset = random_offsets(self.capacity, block);
         let base = self.region.addr as *mut u8;
         let mut issued_at = vec![Instant::now(); slots_total];
         let mut stats = RunStats::default();
@@ -448,9 +424,7 @@ impl BlkioClient {
             }
             if got > 0 {
                 if armed {
-                    for q in &mut self.queues[..num_queues] {
-                        q.set_completion_fd_enabled(false);
-                    }
+                    self.set_completion_fds(num_queues, false);
                     armed = false;
                 }
                 continue;
@@ -461,44 +435,86 @@ impl BlkioClient {
             if !armed {
                 // Arm the completion eventfds, then look once more before
                 // sleeping so a completion that raced with arming is seen.
-                for q in &mut self.queues[..num_queues] {
-                    q.set_completion_fd_enabled(true);
-                }
+                self.set_completion_fds(num_queues, true);
                 armed = true;
                 continue;
             }
-            for p in &mut fds {
-                p.revents = 0;
-            }
-            // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs
-            // that outlives the call.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(ClientError::Blkio {
-                        op: "poll",
-                        message: e.to_string(),
-                    });
-                }
-            }
-            for p in &fds {
-                if p.revents & libc::POLLIN != 0 {
-                    let mut val = [0u8; 8];
-                    // SAFETY: reads 8 bytes into a local 8-byte buffer from
-                    // an eventfd libblkio keeps open while the queue lives.
-                    let _ = unsafe { libc::read(p.fd, val.as_mut_ptr().cast(), 8) };
-                }
-            }
+            sleep_on_completions(&mut fds)?;
         }
         if armed {
-            for q in &mut self.queues[..num_queues] {
-                q.set_completion_fd_enabled(false);
-            }
+            self.set_completion_fds(num_queues, false);
         }
         stats.elapsed = start.elapsed();
         Ok(stats)
     }
+
+    /// Arm (`on`) or disarm the completion eventfds of the first
+    /// `num_queues` queues.
+    fn set_completion_fds(&mut self, num_queues: usize, on: bool) {
+        for q in &mut self.queues[..num_queues] {
+            q.set_completion_fd_enabled(on);
+        }
+    }
+
+    /// A `pollfd` for the completion eventfd of each of the first
+    /// `num_queues` queues.
+    fn completion_pollfds(&self, num_queues: usize) -> Result<Vec<libc::pollfd>, ClientError> {
+        self.queues[..num_queues]
+            .iter()
+            .map(|q| {
+                let fd = q
+                    .get_completion_fd()
+                    .ok_or(ClientError::Invalid("queue has no completion fd"))?;
+                Ok(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Block-aligned offsets spread over `capacity` bytes (xorshift64, the
+/// same sequence every run).
+fn random_offsets(capacity: u64, block: usize) -> impl FnMut() -> u64 {
+    let blocks = capacity / block as u64;
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % blocks) * block as u64
+    }
+}
+
+/// Sleep in `poll(2)` until one of the completion eventfds `fds` fires, and
+/// reset those that did.
+fn sleep_on_completions(fds: &mut [libc::pollfd]) -> Result<(), ClientError> {
+    for p in fds.iter_mut() {
+        p.revents = 0;
+    }
+    // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs that
+    // outlives the call.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(ClientError::Blkio {
+                op: "poll",
+                message: e.to_string(),
+            });
+        }
+    }
+    for p in fds.iter() {
+        if p.revents & libc::POLLIN != 0 {
+            let mut val = [0u8; 8];
+            // SAFETY: reads 8 bytes into a local 8-byte buffer from an
+            // eventfd libblkio keeps open while the queue lives.
+            let _ = unsafe { libc::read(p.fd, val.as_mut_ptr().cast(), 8) };
+        }
+    }
+    Ok(())
 }
 
 impl Drop for BlkioClient {

@@ -202,16 +202,13 @@ pub(super) fn decode(
         FrontendReq::SET_VRING_KICK => vring_fd(req, VringFdKind::Kick, p, files)?,
         FrontendReq::SET_VRING_CALL => vring_fd(req, VringFdKind::Call, p, files)?,
         FrontendReq::SET_VRING_ERR => vring_fd(req, VringFdKind::Err, p, files)?,
-        FrontendReq::SET_VRING_ENABLE => {
-            let s = state()?;
-            if s.num > 1 {
-                return Err(bad());
-            }
-            Request::SetVringEnable {
+        FrontendReq::SET_VRING_ENABLE => match state()? {
+            s if s.num <= 1 => Request::SetVringEnable {
                 index: s.index,
                 enable: s.num == 1,
-            }
-        }
+            },
+            _ => return Err(bad()),
+        },
         FrontendReq::GET_CONFIG => Request::GetConfig {
             header: config(req, p)?.0,
         },
@@ -228,16 +225,7 @@ pub(super) fn decode(
             Request::SetStatus(u8::try_from(status).map_err(|_| bad())?)
         }
         FrontendReq::GET_STATUS => Request::GetStatus,
-        FrontendReq::SET_DEVICE_STATE_FD => {
-            let t = parse::<VhostUserTransferDeviceState>(req, p)?;
-            let file = one_file(req, files)?;
-            let direction = match (t.phase, t.direction) {
-                (0, 0) => StateDirection::Save,
-                (0, 1) => StateDirection::Load,
-                _ => return Err(bad()),
-            };
-            Request::SetDeviceStateFd(direction, file)
-        }
+        FrontendReq::SET_DEVICE_STATE_FD => device_state_fd(req, p, files)?,
         FrontendReq::CHECK_DEVICE_STATE => Request::CheckDeviceState,
         FrontendReq::GET_INFLIGHT_FD => Request::GetInflightFd(parse(req, p)?),
         FrontendReq::SET_INFLIGHT_FD => {
@@ -312,6 +300,24 @@ fn vring_fd(
         Some(one_file(req, files)?)
     };
     Ok(Request::SetVringFd { kind, index, file })
+}
+
+/// `SET_DEVICE_STATE_FD`: a save or a load in the STOPPED phase (the only
+/// phase there is), and its pipe.
+fn device_state_fd(req: FrontendReq, p: &[u8], files: Vec<File>) -> Result<Request, RequestError> {
+    let t = parse::<VhostUserTransferDeviceState>(req, p)?;
+    let file = one_file(req, files)?;
+    let direction = match (t.phase, t.direction) {
+        (0, 0) => StateDirection::Save,
+        (0, 1) => StateDirection::Load,
+        _ => {
+            return Err(RequestError::BadPayload {
+                request: req,
+                len: p.len(),
+            })
+        }
+    };
+    Ok(Request::SetDeviceStateFd(direction, file))
 }
 
 /// `GET_CONFIG`/`SET_CONFIG`: a header and `size` bytes, inside the

@@ -32,6 +32,7 @@ pub mod diagnostics;
 mod machine;
 pub mod memory;
 pub mod registry;
+mod restore;
 pub mod serial;
 pub mod snapshot;
 pub mod vcpu;
@@ -288,113 +289,6 @@ impl Vmm {
             serial,
             serial_irq,
             pio,
-        )
-    }
-
-    /// Build the VM saved in `path`. `devices` chooses each device's home
-    /// (in process or a vhost-user backend); it must list the same kinds of
-    /// device in the same order as the snapshot, or be empty to keep the
-    /// homes the snapshot records. Their kinds come from `registry`.
-    pub fn restore(
-        path: &Path,
-        devices: Vec<DeviceSpec>,
-        registry: &DeviceRegistry,
-    ) -> Result<Self, VmmError> {
-        let started = Instant::now();
-        let file = SnapshotFile::open(path)?;
-        let state = &file.state;
-        let specs = if devices.is_empty() {
-            state.devices.iter().map(|d| d.spec.clone()).collect()
-        } else {
-            devices
-        };
-        if specs.len() != state.devices.len() {
-            return Err(VmmError::Config(format!(
-                "the snapshot has {} device(s), {} given",
-                state.devices.len(),
-                specs.len()
-            )));
-        }
-        let mut pending = Vec::new();
-        for (index, (spec, record)) in specs.iter().zip(&state.devices).enumerate() {
-            let snap = device_snapshot::decode(&record.envelope)
-                .map_err(|e| VmmError::DeviceSnapshot(index, Box::new(e)))?;
-            let kind = registry
-                .get(&spec.kind)
-                .map_err(|e| VmmError::Device(index, e))?;
-            if snap.device_type != kind.device_type() {
-                return Err(VmmError::Config(format!(
-                    "device {index}: the snapshot holds virtio device type {}, {spec:?} is type {}",
-                    snap.device_type,
-                    kind.device_type()
-                )));
-            }
-            pending.push(Some(snap));
-        }
-        let vcpu_count = check_vcpus(state.vcpus.len())?;
-        let (mut ram_loaded, mut ram_ms) = (0, 0.0);
-        let (machine, slots) = Machine::build(state.mem_mib, &specs, registry, |memory| {
-            let ram = memory::ram_file(memory)
-                .ok_or(VmmError::Config("guest RAM has no backing file".into()))?;
-            let t = Instant::now();
-            ram_loaded = file.load_ram(ram)?;
-            ram_ms = t.elapsed().as_secs_f64() * 1e3;
-            Ok(())
-        })?;
-        let vm = &machine.vm;
-        vm.set_pit2(&state.pit)
-            .map_err(|e| VmmError::VmIoctl("KVM_SET_PIT2", e))?;
-        let mut clock = state.clock;
-        // Only the clock value is restored; the flags describe the source
-        // host's clock.
-        clock.flags = 0;
-        clock.realtime = 0;
-        clock.host_tsc = 0;
-        vm.set_clock(&clock)
-            .map_err(|e| VmmError::VmIoctl("KVM_SET_CLOCK", e))?;
-        if state.irqchips.len() != IRQCHIP_IDS.len() {
-            return Err(VmmError::Config(format!(
-                "{} interrupt controllers in the snapshot",
-                state.irqchips.len()
-            )));
-        }
-        for (chip, id) in state.irqchips.iter().zip(IRQCHIP_IDS) {
-            if chip.chip_id != id {
-                return Err(VmmError::Config(format!(
-                    "irqchip {} out of order",
-                    chip.chip_id
-                )));
-            }
-            vm.set_irqchip(chip)
-                .map_err(|e| VmmError::VmIoctl("KVM_SET_IRQCHIP", e))?;
-        }
-        let serial_irq = machine.serial_irq()?;
-        let serial = SerialConsole::restore(
-            serial_irq.try_clone().map_err(VmmError::EventFd)?,
-            &state.serial,
-        )
-        .map_err(|e| VmmError::Setup("restoring the serial console", e))?;
-        let serial = Arc::new(Mutex::new(serial));
-        let pio = machine.port_bus(serial.clone())?;
-        let msrs = vcpu::msr_indices(&machine.kvm)?;
-        let vcpus = state
-            .vcpus
-            .iter()
-            .map(|s| Vcpu::restore(&machine.kvm, &machine.vm, vcpu_count, s, msrs.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
-        info!(
-            "restored from {}: {} vCPU(s), {} device(s), {} MiB RAM ({} MiB loaded in {:.1} ms) in {:.1} ms",
-            path.display(),
-            vcpu_count,
-            specs.len(),
-            state.mem_mib,
-            ram_loaded >> 20,
-            ram_ms,
-            started.elapsed().as_secs_f64() * 1e3
-        );
-        let mem_mib = state.mem_mib;
-        machine.into_vmm(
-            slots, vcpus, specs, pending, mem_mib, serial, serial_irq, pio,
         )
     }
 
