@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod core;
 pub mod fault_guard;
+pub mod features;
 pub mod inflight;
 #[cfg(feature = "kvm")]
 pub mod kvm;

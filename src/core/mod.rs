@@ -33,8 +33,7 @@ pub use waker::WorkerWaker;
 pub use worker::WorkerError;
 use worker::{WorkerCommand, WorkerHandle};
 
-/// `VIRTIO_RING_F_EVENT_IDX`.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub use crate::features::VIRTIO_RING_F_EVENT_IDX;
 
 /// One device's control state. Not `Sync`: a single control thread drives it.
 pub struct DeviceCore<B: DeviceBackend> {

@@ -79,4 +79,4 @@ pub const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
 pub const STATUS_FAILED: u32 = 0x80;
 
 /// `VIRTIO_F_VERSION_1`, mandatory for register layout version 2.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub use crate::features::VIRTIO_F_VERSION_1;

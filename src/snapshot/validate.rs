@@ -22,8 +22,7 @@ pub const MAX_QUEUES: usize = 1024;
 /// The longest config space a snapshot may carry, whatever the device says.
 pub const MAX_CONFIG_LEN: usize = 4096;
 
-/// `VIRTIO_RING_F_EVENT_IDX`.
-const EVENT_IDX: u64 = 1 << 29;
+use crate::features::VIRTIO_RING_F_EVENT_IDX as EVENT_IDX;
 
 /// What the receiving device accepts; a snapshot is checked against it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

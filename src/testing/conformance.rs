@@ -39,10 +39,13 @@ use crate::vhost_user::{
 const MEMORY_GPA: u64 = 0x10_0000;
 /// Room per queue: three ring pages and the queue's buffers.
 const QUEUE_AREA: u64 = 0x10_0000;
-/// virtio feature bits the harness's driver does not implement.
-const UNSUPPORTED_FEATURES: u64 = (1 << 29) | (1 << 30) | (1 << 34);
-/// `VIRTIO_F_VERSION_1`.
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// virtio feature bits the harness's driver does not implement: EVENT_IDX,
+/// the vhost-user protocol-feature bit, packed rings (34).
+const UNSUPPORTED_FEATURES: u64 =
+    VIRTIO_RING_F_EVENT_IDX | VHOST_USER_F_PROTOCOL_FEATURES | (1 << 34);
+use crate::features::{
+    VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 
 /// Where a device runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

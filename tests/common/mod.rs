@@ -45,16 +45,12 @@ use virtio_backend_kit::{
 /// How long any single wait in a test may take.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `VIRTIO_F_VERSION_1`.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// `VIRTIO_RING_F_EVENT_IDX`.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-/// `VIRTIO_RING_F_INDIRECT_DESC`.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-/// `VHOST_F_LOG_ALL`.
-pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
-/// `VHOST_USER_F_PROTOCOL_FEATURES`.
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+// Not every test binary uses every bit.
+#[allow(unused_imports)]
+pub use virtio_backend_kit::features::{
+    VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
 
 /// Header flag bits of a vhost-user message.
 pub const FLAG_VERSION_1: u32 = 0x1;

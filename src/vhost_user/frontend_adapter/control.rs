@@ -129,7 +129,7 @@ impl DeviceControl for VhostUserFrontendDevice {
                     used_ring: used,
                     next_avail: next_avail as u16,
                     next_used,
-                    event_idx: active.features & (1 << 29) != 0,
+                    event_idx: active.features & crate::features::VIRTIO_RING_F_EVENT_IDX != 0,
                     signalled_used: None,
                 };
             }

@@ -81,10 +81,7 @@ mod relay;
 
 use relay::*;
 
-/// `VHOST_USER_F_PROTOCOL_FEATURES`: a vhost-user-only feature bit.
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-/// `VHOST_F_LOG_ALL`: a vhost-only feature bit (dirty logging).
-pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+pub use crate::features::{VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
 /// Size of the virtio-blk config space as the kit's block device and
 /// Linux (without the secure-erase and zoned fields) lay it out.
 pub const VIRTIO_BLK_CONFIG_SIZE: u32 = 60;

@@ -57,10 +57,7 @@ pub use error::RequestError;
 use outcome::*;
 use request::{Request, StateDirection, VringFdKind};
 
-/// `VHOST_USER_F_PROTOCOL_FEATURES`.
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-/// `VHOST_F_LOG_ALL`.
-pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+pub use crate::features::{VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
 /// Memory slots offered with CONFIGURE_MEM_SLOTS.
 pub const MAX_MEM_SLOTS: u64 = 64;
 /// The most guest memory one session maps: 16 TiB, beyond the largest

@@ -27,7 +27,7 @@ use virtio_backend_kit::{BackendError, DeviceBackend, DeviceEvent, QueueSet, Vri
 
 /// Virtio device ID of a console.
 pub const VIRTIO_ID_CONSOLE: u32 = 3;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+use virtio_backend_kit::features::VIRTIO_F_VERSION_1;
 const RECEIVEQ: u16 = 0;
 const TRANSMITQ: u16 = 1;
 /// Token of the host input fd.

@@ -13,8 +13,7 @@ use virtio_backend_kit::{BackendError, DeviceBackend, DeviceEvent, QueueSet, Vri
 
 /// Virtio device ID of an entropy source.
 pub const VIRTIO_ID_RNG: u32 = 4;
-/// `VIRTIO_F_VERSION_1`.
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+use virtio_backend_kit::features::VIRTIO_F_VERSION_1;
 /// Entropy handed out per descriptor at most; larger buffers get a short
 /// fill, which the driver accepts (the used length says how much).
 const MAX_FILL: usize = 4096;
