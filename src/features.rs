@@ -18,3 +18,6 @@ pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 /// `VHOST_USER_F_PROTOCOL_FEATURES` (bit 30): a vhost-user feature, the
 /// protocol-feature negotiation.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// The bits a vhost-user home adds to the device's own features (and that
+/// a frontend strips before it hands features to its guest).
+pub const VHOST_USER_TRANSPORT_FEATURES: u64 = VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL;

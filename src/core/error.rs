@@ -67,6 +67,18 @@ pub enum CoreError {
     Worker(#[from] WorkerError),
 }
 
+/// Why saved state bytes could not be loaded into a device
+/// ([`DeviceCore::load_device_state`](super::DeviceCore::load_device_state)).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadStateError {
+    /// The bytes are not a snapshot that fits the device.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::RestoreError),
+    /// The device refused its state.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+}
+
 impl CoreError {
     /// Whether the core cannot go on serving its current frontend: a worker
     /// did not stop its queue ([`CoreError::WorkerStuck`]). Every other

@@ -26,7 +26,7 @@ use crate::inflight::InflightArea;
 use crate::memory::{DirtyLog, GuestMemoryHandle, GuestMemoryLog, GuestRegionLog};
 use crate::vring::{Notifier, Vring, VringState};
 pub use control::{Activation, ControlError, DeviceControl, QueueActivation};
-pub use error::{CoreError, Result};
+pub use error::{CoreError, LoadStateError, Result};
 pub use event_loop::DataPlaneSubscriber;
 use queue::QueueSlot;
 pub use waker::WorkerWaker;

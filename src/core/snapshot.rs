@@ -8,9 +8,11 @@
 //! block device does) has nothing in flight once paused; a device that
 //! completes asynchronously records its requests in the in-flight area.
 
-use super::{CoreError, DeviceCore, Result};
+use super::{CoreError, DeviceCore, LoadStateError, Result};
 use crate::backend::DeviceBackend;
-use crate::snapshot::{DeviceSnapshot, InflightRecord, ValidatedSnapshot, VringSnapshot};
+use crate::snapshot::{
+    DeviceSnapshot, InflightRecord, SnapshotLimits, ValidatedSnapshot, VringSnapshot,
+};
 
 impl<B: DeviceBackend> DeviceCore<B> {
     /// Stop every running queue; they restart on [`DeviceCore::resume`].
@@ -82,6 +84,26 @@ impl<B: DeviceBackend> DeviceCore<B> {
             device_state,
             in_flight,
         })
+    }
+
+    /// Load saved state `bytes` (a state file, a DEVICE_STATE transfer) into
+    /// the device: decode them, check them against this device in a home
+    /// offering `transport_features` and `offered_protocol_features`, then
+    /// [`DeviceCore::restore_device_state`]. Every path from bytes to a
+    /// device's own state goes through here.
+    pub fn load_device_state(
+        &mut self,
+        bytes: &[u8],
+        transport_features: u64,
+        offered_protocol_features: u64,
+    ) -> std::result::Result<(), LoadStateError> {
+        let limits = SnapshotLimits::for_backend(
+            &*self.backend,
+            transport_features,
+            offered_protocol_features,
+        );
+        let valid = ValidatedSnapshot::decode(bytes, &limits)?;
+        Ok(self.restore_device_state(&valid)?)
     }
 
     /// Load only what a device keeps to itself: its own state and the

@@ -67,7 +67,8 @@ pub use envelope::{
     SnapshotError, HEADER_LEN, MAGIC, MAX_PAYLOAD_LEN, TRAILER_LEN,
 };
 pub use validate::{
-    SnapshotLimits, ValidatedSnapshot, ValidationError, MAX_CONFIG_LEN, MAX_QUEUES, MAX_QUEUE_SIZE,
+    RestoreError, SnapshotLimits, ValidatedSnapshot, ValidationError, MAX_CONFIG_LEN, MAX_QUEUES,
+    MAX_QUEUE_SIZE,
 };
 
 /// The oldest format version this build reads.

@@ -356,7 +356,26 @@ pub struct ValidatedSnapshot {
     inner: DeviceSnapshot,
 }
 
+/// Why bytes did not become a [`ValidatedSnapshot`].
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The bytes are not a snapshot envelope this build reads.
+    #[error(transparent)]
+    Format(#[from] super::SnapshotError),
+    /// The snapshot does not fit the device.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+}
+
 impl ValidatedSnapshot {
+    /// Decode `bytes` (an envelope of any version this build reads) and
+    /// check the snapshot against `limits`: the one way from untrusted bytes
+    /// (a state file, a DEVICE_STATE transfer, a migration stream) to a
+    /// snapshot a device may load.
+    pub fn decode(bytes: &[u8], limits: &SnapshotLimits) -> Result<Self, RestoreError> {
+        Ok(ValidatedSnapshot::new(super::decode(bytes)?, limits)?)
+    }
+
     /// Check `snapshot` against `limits`.
     pub fn new(snapshot: DeviceSnapshot, limits: &SnapshotLimits) -> Result<Self, ValidationError> {
         snapshot.validate(limits)?;

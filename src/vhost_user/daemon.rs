@@ -162,16 +162,8 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
                 path: path.clone(),
                 reason,
             };
-            let snap = crate::snapshot::decode(&bytes).map_err(|e| bad(e.to_string()))?;
-            let limits = crate::snapshot::SnapshotLimits::for_backend(
-                &**self.core.backend(),
-                super::session::VHOST_USER_F_PROTOCOL_FEATURES | super::session::VHOST_F_LOG_ALL,
-                u64::MAX,
-            );
-            let valid = crate::snapshot::ValidatedSnapshot::new(snap, &limits)
-                .map_err(|e| bad(e.to_string()))?;
             self.core
-                .restore_device_state(&valid)
+                .load_device_state(&bytes, super::session::TRANSPORT_FEATURES, u64::MAX)
                 .map_err(|e| bad(e.to_string()))?;
             info!("device state restored from {}", path.display());
         }

@@ -42,7 +42,7 @@ impl DeviceControl for VhostUserFrontendDevice {
     }
 
     fn device_features(&self) -> u64 {
-        self.backend_features & !(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL)
+        self.backend_features & !crate::features::VHOST_USER_TRANSPORT_FEATURES
     }
 
     fn read_config(&self, offset: u32, data: &mut [u8]) {

@@ -55,19 +55,12 @@ impl<B: DeviceBackend> Session<'_, B> {
         }
     }
 
+    /// The frontend sets up features and rings itself; what travels here
+    /// is what only the backend knows.
     pub(super) fn load_device_state(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let snap = crate::snapshot::decode(bytes).map_err(|e| e.to_string())?;
-        let limits = crate::snapshot::SnapshotLimits::for_backend(
-            &**self.core.backend(),
-            VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL,
-            self.protocol_offered(),
-        );
-        let valid =
-            crate::snapshot::ValidatedSnapshot::new(snap, &limits).map_err(|e| e.to_string())?;
-        // The frontend sets up features and rings itself; what travels here
-        // is what only the backend knows.
+        let offered = self.protocol_offered();
         self.core
-            .restore_device_state(&valid)
+            .load_device_state(bytes, TRANSPORT_FEATURES, offered)
             .map_err(|e| e.to_string())
     }
 }

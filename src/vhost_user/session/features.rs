@@ -7,12 +7,11 @@ impl<B: DeviceBackend> Session<'_, B> {
     /// What `GET_FEATURES` offers: the device's features and the vhost-user
     /// ones the kit implements.
     pub(super) fn offered_features(&self) -> u64 {
-        self.core.device_features() | VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL
+        self.core.device_features() | TRANSPORT_FEATURES
     }
 
     pub(super) fn set_features(&mut self, features: u64) -> RequestResult {
-        self.core
-            .set_features(features, VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL)?;
+        self.core.set_features(features, TRANSPORT_FEATURES)?;
         self.core
             .dirty_log()
             .set_active(features & VHOST_F_LOG_ALL != 0);

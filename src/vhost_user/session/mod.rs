@@ -57,6 +57,7 @@ pub use error::RequestError;
 use outcome::*;
 use request::{Request, StateDirection, VringFdKind};
 
+pub(crate) use crate::features::VHOST_USER_TRANSPORT_FEATURES as TRANSPORT_FEATURES;
 pub use crate::features::{VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
 /// Memory slots offered with CONFIGURE_MEM_SLOTS.
 pub const MAX_MEM_SLOTS: u64 = 64;
