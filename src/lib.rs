@@ -4,12 +4,11 @@
 
 pub mod backend;
 pub mod core;
+pub mod data_plane;
 pub mod fault_guard;
 pub mod features;
-pub mod inflight;
 #[cfg(feature = "kvm")]
 pub mod kvm;
-pub mod memory;
 pub mod mmio;
 mod shared_mapping;
 pub mod snapshot;
@@ -17,11 +16,11 @@ pub mod snapshot;
 pub mod testing;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;
-pub mod vring;
 
 pub use backend::{
     BackendError, ConfigNotifier, DeviceBackend, DeviceBackendMut, DeviceEvent, QueueSet,
 };
+pub use data_plane::{inflight, memory, vring};
 pub use memory::{DirtyLog, DirtyLogBitmap, GuestMemoryHandle, GuestMemoryLog, GuestRegionLog};
 pub use vring::{
     Chain, Completion, DescIter, Vring, VringError, VringMutex, VringOwned, VringRwLock,

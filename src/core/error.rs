@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Why a control-core operation failed.
 
-use super::worker::WorkerError;
+use crate::data_plane::WorkerError;
 use crate::vring::VringError;
 
 /// Errors from control-core operations. Each maps to a refused request;

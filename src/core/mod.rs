@@ -9,11 +9,8 @@
 
 mod control;
 mod error;
-mod event_loop;
 mod queue;
 mod snapshot;
-mod waker;
-mod worker;
 
 use std::sync::Arc;
 
@@ -22,16 +19,14 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemory
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{ConfigNotifier, DeviceBackend};
+use crate::data_plane::worker::{WorkerCommand, WorkerHandle};
+pub use crate::data_plane::{DataPlaneSubscriber, WorkerError, WorkerWaker};
 use crate::inflight::InflightArea;
 use crate::memory::{DirtyLog, GuestMemoryHandle, GuestMemoryLog, GuestRegionLog};
 use crate::vring::{Notifier, Vring, VringState};
 pub use control::{Activation, ControlError, DeviceControl, QueueActivation};
 pub use error::{CoreError, LoadStateError, Result};
-pub use event_loop::DataPlaneSubscriber;
 use queue::QueueSlot;
-pub use waker::WorkerWaker;
-pub use worker::WorkerError;
-use worker::{WorkerCommand, WorkerHandle};
 
 pub use crate::features::VIRTIO_RING_F_EVENT_IDX;
 

@@ -3,7 +3,7 @@
 //! device's queues served on their own event loop instead of on the kit's
 //! worker threads.
 //!
-//! Control operations on the [`super::DeviceCore`] (starting and stopping
+//! Control operations on the [`crate::core::DeviceCore`] (starting and stopping
 //! queues) hand vrings to the subscriber through a channel and wait for the
 //! loop to take them: call them from a thread other than the one running
 //! the event loop (a vCPU or control thread, as VMMs usually do).
