@@ -16,7 +16,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_backend_kit::testing::{Conformance, Phase, Rig};
+use virtio_backend_kit::testing::{Conformance, Home, Phase, Rig};
 use vmm_example::devices::{BlkConfig, BlkDevice, ConsoleDevice, Target};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -139,7 +139,72 @@ fn console_in_every_home_and_between_them_loses_no_byte() {
             r.from, r.to
         );
     }
-    assert_eq!(reports.len(), 4);
+    assert_eq!(reports.len(), Home::ALL.len().pow(2));
+}
+
+/// The host input a regular file: epoll cannot watch it (nor `/dev/null`,
+/// the input of the home it moves to), so the device reads it as the guest
+/// takes bytes, waking its own worker. Before the fix the in-process home
+/// never read it and the vhost-user daemon refused to start.
+#[test]
+fn console_reading_a_regular_file_moves_between_homes_with_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let typed = dir.path().join("typed");
+    let input: Vec<u8> = (0..TYPED as u32).map(|i| (i * 13 + i / 97) as u8).collect();
+    std::fs::write(&typed, &input).unwrap();
+    let outputs: Rc<RefCell<Vec<File>>> = Rc::default();
+    let made = outputs.clone();
+    let count = std::cell::Cell::new(0usize);
+    let harness = Conformance::new(move || {
+        // The first home of each move reads the file, the second
+        // `/dev/null`: what it delivers crossed the move.
+        let path = if count.get().is_multiple_of(2) {
+            typed.as_path()
+        } else {
+            std::path::Path::new("/dev/null")
+        };
+        count.set(count.get() + 1);
+        let (host_out, output) = pipe();
+        made.borrow_mut().push(host_out);
+        let file = File::open(path).expect("console input");
+        Arc::new(ConsoleDevice::new(file, output, 64).expect("console"))
+    })
+    .queue_size(64);
+    let mut guest = ConsoleGuest::default();
+    let mut delivered = Vec::new();
+    let pending_at_move = TYPED - 2 * RX_BUF as usize;
+    let reports = harness
+        .run_all(|rig, phase, dev| {
+            match phase {
+                Phase::Before => {
+                    guest = ConsoleGuest::default();
+                    delivered.clear();
+                    guest.post(rig, 2);
+                    delivered.extend(guest.receive(rig, 2 * RX_BUF as usize));
+                    wait_pending(dev, pending_at_move);
+                }
+                Phase::After => {
+                    guest.post(rig, 8);
+                    delivered.extend(guest.receive(rig, pending_at_move));
+                    assert_eq!(delivered, input, "host input lost or reordered");
+                }
+            }
+            guest.transmit(rig, b"guest output\n");
+            let mut echo = [0u8; 13];
+            let mut outputs = outputs.borrow_mut();
+            let host_out = outputs.last_mut().expect("a console was made");
+            host_out.read_exact(&mut echo).unwrap();
+            assert_eq!(&echo, b"guest output\n");
+        })
+        .unwrap();
+    for r in &reports {
+        assert_eq!(r.device_state_len, 1 + pending_at_move, "{r:?}");
+        println!(
+            "VBK-CROSSHOME device=console input=file from={} to={} pending={pending_at_move} lost=0",
+            r.from, r.to
+        );
+    }
+    assert_eq!(reports.len(), Home::ALL.len().pow(2));
 }
 
 const T_IN: u32 = 0;
@@ -227,5 +292,5 @@ fn disk_in_every_home_and_between_them_keeps_every_write() {
             r.from, r.to, r.snapshot_len
         );
     }
-    assert_eq!(reports.len(), 4);
+    assert_eq!(reports.len(), Home::ALL.len().pow(2));
 }

@@ -1,14 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Whole-VM snapshots with `vmm-example`, and moving a running guest's disk
-//! between homes through them.
+//! and console between homes through them.
 //!
 //! `tests/guest/run-vmm.sh` with `VBK_SCENARIO=snapshot` (nested under QEMU
 //! TCG where `/dev/kvm` is PVM, direct where KVM is real) boots the test
 //! guest writing numbered records to its disk, then: SIGUSR1 saves the VM
 //! (disk in process) → restore with the disk served by a `vhost-user-blk`
 //! process → SIGUSR1 again → restore with the disk back in process → the
-//! guest finishes, and every record it wrote is checked in the image.
-//! The figures are in the `VBK-VMSNAP` summary line.
+//! guest finishes, and every record it wrote is checked in the image. The
+//! console moves with the disk (in process → `vhost-user-console` → in
+//! process) holding host input the guest reads only at the end: some of it
+//! in the device's own state at both cuts, so it crosses through
+//! DEVICE_STATE. The figures are in the `VBK-VMSNAP` and
+//! `VBK-VMSNAP-CONSOLE` summary lines.
 //!
 //! The command-line and file checks run `vmm-example` on the host.
 //! Without `/dev/kvm` the boot test prints a loud SKIPPED line and passes.
@@ -80,6 +84,21 @@ fn guest_survives_two_snapshots_while_its_disk_changes_homes() {
     // The save lines name both homes.
     assert!(text.contains("VBK-VMSNAP-CUT n=1 home=in-process"));
     assert!(text.contains("VBK-VMSNAP-CUT n=2 home=vhost-user"));
+    // The console's bytes: all read by the guest, in order, after crossing
+    // both cuts partly in the device's own state.
+    let c = fields(&text, "VBK-VMSNAP-CONSOLE ").expect("console summary line");
+    assert_eq!(c["lost"], "0", "console bytes lost");
+    assert_eq!(c["md5"], "match", "console bytes out of order or corrupt");
+    assert_eq!(c["sent"], c["received"]);
+    let states: Vec<u64> = c["state_at_cuts"]
+        .split(',')
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    assert_eq!(states.len(), 2, "state_at_cuts={}", c["state_at_cuts"]);
+    assert!(
+        states.iter().all(|&s| s > 0),
+        "the console carried no state of its own at a cut: {states:?}"
+    );
     assert!(out.status.success());
 }
 

@@ -10,6 +10,10 @@
 //!
 //! - [`Home::InProcess`]: a [`DeviceCore`](crate::core::DeviceCore) on worker threads, as a VMM
 //!   embeds it;
+//! - [`Home::EventLoop`]: the same core with its data plane on an
+//!   `event-manager` loop ([`DeviceCore::with_event_loop`](crate::core::DeviceCore::with_event_loop)),
+//!   as a VMM that runs devices on its own loop embeds it (the loop on a
+//!   thread of the harness);
 //! - [`Home::VhostUser`]: the kit's [`VhostUserDaemon`] on one end of a
 //!   unix socket pair, driven through the VMM-side
 //!   [`VhostUserFrontendDevice`]; the device's own state crosses through
@@ -20,6 +24,7 @@
 //! play the host side too (a console's host input, a disk image).
 
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -52,6 +57,8 @@ use crate::features::{
 pub enum Home {
     /// In process: a [`DeviceCore`](crate::core::DeviceCore) on worker threads.
     InProcess,
+    /// In process, the data plane on an `event-manager` loop.
+    EventLoop,
     /// Out of process: the kit's vhost-user daemon, reached through the
     /// VMM-side adapter (here on a thread of the test, over a socket).
     VhostUser,
@@ -59,11 +66,12 @@ pub enum Home {
 
 impl Home {
     /// Every home.
-    pub const ALL: [Home; 2] = [Home::InProcess, Home::VhostUser];
+    pub const ALL: [Home; 3] = [Home::InProcess, Home::EventLoop, Home::VhostUser];
 
     fn name(self) -> &'static str {
         match self {
             Home::InProcess => "in-process",
+            Home::EventLoop => "event-loop",
             Home::VhostUser => "vhost-user",
         }
     }
@@ -94,6 +102,9 @@ pub enum ConformanceError {
     /// The in-process home could not be built.
     #[error("cannot build the in-process home")]
     Core(#[source] CoreError),
+    /// The event-manager loop could not be built.
+    #[error("cannot build the event loop: {0}")]
+    EventLoop(String),
     /// The daemon could not be built.
     #[error("cannot build the vhost-user daemon")]
     Daemon(#[source] DaemonError),
@@ -189,21 +200,56 @@ impl Rig {
 struct Placed<B> {
     control: Box<dyn DeviceControl>,
     device: Arc<B>,
+    /// The daemon's thread (vhost-user), or the event loop's thread and its
+    /// stop flag (event loop).
     daemon: Option<JoinHandle<()>>,
+    event_loop: Option<(JoinHandle<()>, Arc<AtomicBool>)>,
 }
 
 impl<B> Placed<B> {
     /// Let the device go: the adapter's socket closes, which ends the
-    /// daemon's session, and its thread is waited for.
+    /// daemon's session, and its thread is waited for; an event loop is
+    /// stopped once the core has taken its queues back.
     fn retire(self) {
         let Placed {
-            control, daemon, ..
+            control,
+            daemon,
+            event_loop,
+            ..
         } = self;
         drop(control);
         if let Some(daemon) = daemon {
             let _ = daemon.join();
         }
+        if let Some((thread, stop)) = event_loop {
+            stop.store(true, Ordering::SeqCst);
+            let _ = thread.join();
+        }
     }
+}
+
+/// Run `subscribers` on an `event-manager` loop on a thread of its own
+/// until the flag is set.
+fn spawn_event_loop<B: DeviceBackend + 'static>(
+    subscribers: Vec<crate::core::DataPlaneSubscriber<B>>,
+) -> Result<(JoinHandle<()>, Arc<AtomicBool>), ConformanceError> {
+    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+    let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
+        .map_err(|e| ConformanceError::EventLoop(format!("{e:?}")))?;
+    for s in subscribers {
+        em.add_subscriber(Box::new(s));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_loop = stop.clone();
+    let thread = std::thread::spawn(move || {
+        while !stop_loop.load(Ordering::SeqCst) {
+            if let Err(e) = em.run_with_timeout(20) {
+                log::error!("conformance event loop: {e:?}");
+                return;
+            }
+        }
+    });
+    Ok((thread, stop))
 }
 
 /// The harness for devices `make` builds (a fresh one per home).
@@ -320,6 +366,17 @@ impl<B: DeviceBackend + 'static> Conformance<B> {
                     control: Box::new(core),
                     device,
                     daemon: None,
+                    event_loop: None,
+                })
+            }
+            Home::EventLoop => {
+                let (core, subscribers) = crate::core::DeviceCore::with_event_loop(device.clone())
+                    .map_err(ConformanceError::Core)?;
+                Ok(Placed {
+                    control: Box::new(core),
+                    device,
+                    daemon: None,
+                    event_loop: Some(spawn_event_loop(subscribers)?),
                 })
             }
             Home::VhostUser => {
@@ -341,6 +398,7 @@ impl<B: DeviceBackend + 'static> Conformance<B> {
                     control: Box::new(adapter),
                     device,
                     daemon: Some(thread),
+                    event_loop: None,
                 })
             }
         }

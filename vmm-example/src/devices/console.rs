@@ -3,11 +3,15 @@
 //! own, the bytes the host sent that the guest has not taken yet.
 //!
 //! Queue 0 (receiveq) carries host → guest bytes, queue 1 (transmitq)
-//! guest → host. The host side is two fds: `input` (read; a terminal, a
-//! pipe, a socket) and `output` (written).
+//! guest → host. The host side is two fds: `input` (read) and `output`
+//! (written). An input that can be polled (a terminal, a pipe, a socket) is
+//! one of the worker's fds; one that cannot (a regular file, `/dev/null`:
+//! epoll refuses them) is read whenever the device has room, the device
+//! waking its own worker ([`WorkerWaker::wake`]) while that makes progress.
 //!
-//! Host input is read into a bounded buffer ([`MAX_PENDING`]) and copied
-//! into the receive buffers the guest posts. While the buffer is full (the
+//! Host input is read into a bounded buffer ([`MAX_PENDING`]), once the
+//! driver has started the receive queue, and copied into the receive
+//! buffers the guest posts. While the buffer is full (the
 //! guest takes nothing) the device pauses its input fd (a [`WorkerWaker`]):
 //! the fd stays readable and would otherwise be polled for ever. It
 //! resumes the fd from the receive-queue event that makes room. Bytes still buffered are
@@ -62,10 +66,28 @@ struct State {
     waker: Option<WorkerWaker>,
 }
 
+/// Whether epoll can watch `file` (regular files and `/dev/null` it
+/// refuses with EPERM).
+fn pollable(file: &File) -> std::io::Result<bool> {
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let epoll = Epoll::new()?;
+    match epoll.ctl(
+        ControlOperation::Add,
+        file.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, 0),
+    ) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// A one-port virtio-console (see the module docs).
 #[derive(Debug)]
 pub struct ConsoleDevice {
     input: File,
+    /// `input` is a worker fd (else it is read when there is room).
+    input_pollable: bool,
     output: Mutex<File>,
     queue_size: u16,
     state: Mutex<State>,
@@ -91,8 +113,10 @@ impl ConsoleDevice {
             return Err(ConsoleError::QueueSize(queue_size));
         }
         set_nonblocking(&input).map_err(ConsoleError::HostFd)?;
+        let input_pollable = pollable(&input).map_err(ConsoleError::HostFd)?;
         Ok(ConsoleDevice {
             input,
+            input_pollable,
             output: Mutex::new(output),
             queue_size,
             state: Mutex::new(State::default()),
@@ -108,14 +132,19 @@ impl ConsoleDevice {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Read host input into the buffer, up to its bound.
-    fn read_input(&self, st: &mut State) {
+    /// Read host input into the buffer, up to its bound; returns how many
+    /// bytes came.
+    fn read_input(&self, st: &mut State) -> usize {
         let mut buf = [0u8; CHUNK];
+        let mut read = 0;
         while st.pending.len() < MAX_PENDING && !st.input_closed {
             let room = (MAX_PENDING - st.pending.len()).min(CHUNK);
             match (&self.input).read(&mut buf[..room]) {
                 Ok(0) => st.input_closed = true,
-                Ok(n) => st.pending.extend(&buf[..n]),
+                Ok(n) => {
+                    st.pending.extend(&buf[..n]);
+                    read += n;
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -124,16 +153,22 @@ impl ConsoleDevice {
                 }
             }
         }
+        read
     }
 
-    /// Copy buffered bytes into the guest's receive buffers.
-    fn deliver(&self, st: &mut State, queues: &QueueSet<VringOwned>) -> Result<(), BackendError> {
+    /// Copy buffered bytes into the guest's receive buffers; returns how
+    /// many buffers were filled.
+    fn deliver(
+        &self,
+        st: &mut State,
+        queues: &QueueSet<VringOwned>,
+    ) -> Result<usize, BackendError> {
         let Some(vring) = queues.get(RECEIVEQ) else {
-            return Ok(());
+            return Ok(0);
         };
         let mut vring = vring.lock();
         let mem = vring.memory();
-        let mut completed = false;
+        let mut completed = 0;
         while !st.pending.is_empty() {
             let Some(chain) = vring.pop_chain()? else {
                 break;
@@ -154,19 +189,22 @@ impl ConsoleDevice {
                 }
             }
             vring.add_used(head, written)?;
-            completed = true;
+            completed += 1;
         }
-        if completed {
+        if completed > 0 {
             vring.notify_if_needed()?;
         }
-        Ok(())
+        Ok(completed)
     }
 
     /// Pause the input fd while nothing more can be taken from it (the
-    /// buffer is full, or it is at end of file and readable for ever),
-    /// resume it when there is room again.
-    fn steer_input(&self, st: &mut State) {
-        let want_paused = st.input_closed || st.pending.len() >= MAX_PENDING;
+    /// buffer is full, it is at end of file and readable for ever, or the
+    /// receive queue is not running), resume it when there is room again.
+    fn steer_input(&self, st: &mut State, receiving: bool) {
+        if !self.input_pollable {
+            return;
+        }
+        let want_paused = st.input_closed || st.pending.len() >= MAX_PENDING || !receiving;
         if want_paused == st.input_paused {
             return;
         }
@@ -242,9 +280,17 @@ impl DeviceBackend for ConsoleDevice {
         12
     }
     fn worker_fds(&self, _worker: usize) -> Vec<(RawFd, u64)> {
-        vec![(self.input.as_raw_fd(), INPUT)]
+        if self.input_pollable {
+            vec![(self.input.as_raw_fd(), INPUT)]
+        } else {
+            Vec::new()
+        }
     }
     fn set_waker(&self, _worker: usize, waker: WorkerWaker) {
+        if !self.input_pollable {
+            // Nothing will say the input is readable: take the first look.
+            waker.wake();
+        }
         self.lock().waker = Some(waker);
     }
     fn handle_event(
@@ -259,9 +305,25 @@ impl DeviceBackend for ConsoleDevice {
             _ => return Ok(()),
         }
         let mut st = self.lock();
-        self.read_input(&mut st);
-        self.deliver(&mut st, queues)?;
-        self.steer_input(&mut st);
+        // Host input is taken only once the guest can receive it: bytes
+        // read before the driver started the receive queue would be
+        // thrown away by the driver's reset.
+        let receiving = queues.get(RECEIVEQ).is_some();
+        let read = if receiving {
+            self.read_input(&mut st)
+        } else {
+            0
+        };
+        let filled = self.deliver(&mut st, queues)?;
+        self.steer_input(&mut st, receiving);
+        if !self.input_pollable && !st.input_closed && (read > 0 || filled > 0) {
+            // Progress, and more may come: look again after the worker's
+            // other events. Without progress (the buffer full, no receive
+            // buffers) the next receive-queue event looks again: no spin.
+            if let Some(w) = &st.waker {
+                w.wake();
+            }
+        }
         Ok(())
     }
     fn save_state(&self) -> Result<Vec<u8>, BackendError> {

@@ -429,6 +429,15 @@ impl Control {
                 queued += u64::from(avail_idx.wrapping_sub(q.next_avail));
                 in_flight += u64::from(q.outstanding());
             }
+            let home = match &spec.home {
+                DeviceHome::InProcess(_) => "in process",
+                DeviceHome::VhostUser(_) => "vhost-user",
+            };
+            info!(
+                "device {index} ({}, {home}): {} bytes of its own state",
+                spec.kind,
+                snap.device_state.len()
+            );
             let envelope = device_snapshot::encode(&snap)
                 .map_err(|e| VmmError::DeviceSnapshot(index, Box::new(e)))?;
             devices.push(DeviceRecord {

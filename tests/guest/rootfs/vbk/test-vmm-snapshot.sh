@@ -2,15 +2,23 @@
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # vmm snapshot test (run by test-vmm.sh when VMM_SCENARIO=snapshot): an L2
 # guest writing numbered records (test-writeloop.sh) is saved and resumed
-# twice by vmm-example, its disk changing homes each time:
-#   run 1: --disk (in process)        ... SIGUSR1 -> vm1.snap
-#   run 2: --restore-from vm1.snap --disk-vhost-user (vhost-user-blk process)
-#                                     ... SIGUSR1 -> vm2.snap
-#   run 3: --restore-from vm2.snap --disk (in process again)
+# twice by vmm-example, its disk and its console changing homes each time:
+#   run 1: --disk --console (in process)               ... SIGUSR1 -> vm1.snap
+#   run 2: --restore-from vm1.snap --disk-vhost-user --console-vhost-user
+#          (vhost-user-blk and vhost-user-console processes) ... SIGUSR1 -> vm2.snap
+#   run 3: --restore-from vm2.snap --disk --console (in process again)
 # then the stop block ends the guest's loop; the guest reads each record back
 # as it goes, and this script checks every record in the image at the end.
+# The console: once the guest has opened /dev/hvc0, the host types 2 MiB
+# into a FIFO every run's console reads, and the guest reads them only after
+# its loop (vbk.wl.hvc). That is more than the guest's tty and receive
+# buffers hold (256 of 4 KiB), so at each cut the device holds some of it,
+# its own state, which crosses the cut (through DEVICE_STATE over
+# vhost-user); the rest waits in the FIFO. The guest must read every byte,
+# in order (md5).
 # Prints the runs' consoles ("L2| "), per cut "VBK-VMSNAP-CUT ..." and
 #   VBK-VMSNAP cuts=2 in_flight_at_cuts=a,b queued_at_cuts=a,b lost=N ...
+#   VBK-VMSNAP-CONSOLE sent=N received=N md5=match|mismatch state_at_cuts=a,b ...
 #   VBK-RESULT vmm=ok|fail scenario=snapshot ...
 plan=${VMM_PLAN:-/vmm/plan}
 [ -f "$plan" ] && . "$plan"
@@ -19,6 +27,20 @@ mkdir -p "$work"
 img=$work/disk.img sock=$work/blk.sock
 per=64 ctl=12288 tag=vmsnap
 rm -f "$img"; truncate -s "${VMM_DISK_MIB:-64}M" "$img"
+csock=$work/console.sock hvc_in=$work/hvc.in hvc_fifo=$work/hvc.fifo
+awk -v n="${VMM_HVC_LINES:-32768}" \
+    'BEGIN { for (i = 0; i < n; i++) printf "%-63s\n", sprintf("VBK-HVCIN %07d", i) }' >"$hvc_in"
+hvc_bytes=$(wc -c <"$hvc_in"); hvc_md5=$(md5sum <"$hvc_in" | cut -d' ' -f1)
+rm -f "$hvc_fifo" "$work"/hvc[123].out; mkfifo "$hvc_fifo"
+# Held open (never read) for the whole test: a console's reader never sees
+# end of file between runs, and the typist never a broken pipe.
+exec 6<>"$hvc_fifo"
+# The typist: once the guest has the port open (before that the driver
+# throws input away), the whole input, as fast as the consoles take it.
+( n=0; while ! grep -q "VBK-HVC-OUT from=hvc0 ready" "$work/hvc1.out" 2>/dev/null; do
+      sleep 0.1; n=$((n + 1)); [ "$n" -gt 2400 ] && exit 0; done
+  cat "$hvc_in" >"$hvc_fifo" ) &
+typist=$!
 
 now_cs() { local up f; read -r up _ </proc/uptime; f=${up#*.}; f=${f#0}; echo $((${up%.*} * 100 + f)); }
 fail() { echo "vbk-vmsnap: FAIL: $*"; result=fail; }
@@ -52,7 +74,10 @@ cut_vm() {
     state=$(echo "$line" | sed -n 's/.*state \([0-9]*\) bytes.*/\1/p')
     save_ms=$(echo "$line" | sed -n 's/.*; \([0-9.]*\) ms in all.*/\1/p')
     snap_kib=$(du -k "$work/vm$1.snap" | cut -f1)
-    echo "VBK-VMSNAP-CUT n=$1 home=$3 in_flight=$inflight queued=$queued state_bytes=$state file_kib=$snap_kib save_ms=$save_ms signal_to_exit_ms=$(((t_saved - t_cut) * 10))"
+    cstate=$(grep -m1 'device 1 (console' "$log" | sed -n 's/.*: \([0-9]*\) bytes of its own state.*/\1/p')
+    echo "VBK-VMSNAP-CUT n=$1 home=$3 in_flight=$inflight queued=$queued state_bytes=$state console_state=${cstate:-none} file_kib=$snap_kib save_ms=$save_ms signal_to_exit_ms=$(((t_saved - t_cut) * 10))"
+    cuts_cstate="$cuts_cstate${cuts_cstate:+,}${cstate:-0}"
+    [ "${cstate:-0}" -gt 0 ] || fail "cut $1: the console had no state of its own to carry (nothing crossed)"
     cuts_inflight="$cuts_inflight${cuts_inflight:+,}$inflight"
     cuts_queued="$cuts_queued${cuts_queued:+,}$queued"
     cuts_kib="$cuts_kib${cuts_kib:+,}$snap_kib"
@@ -69,34 +94,39 @@ restored() {
     downtime_ms="$downtime_ms${downtime_ms:+,}$(((t_up - t_cut) * 10))"
 }
 
-append="console=ttyS0 quiet panic=-1 vbk.test=writeloop vbk.wl.tag=$tag vbk.wl.workers=2 vbk.wl.per=$per vbk.wl.ctl=$ctl vbk.wl.secs=400"
+append="console=ttyS0 quiet panic=-1 vbk.test=writeloop vbk.wl.tag=$tag vbk.wl.workers=2 vbk.wl.per=$per vbk.wl.ctl=$ctl vbk.wl.secs=400 vbk.wl.hvc=$hvc_bytes"
 common="--snapshot-to"
 t0=$(now_cs)
 
 log=$work/run1.log
 echo "vbk-vmsnap: run 1: boot, disk in process"
 vmm --kernel "$dir/vmlinuz" --initrd "$dir/initramfs.gz" --cmdline "$append" \
-    --vcpus "${VMM_VCPUS:-2}" --mem-mib "${VMM_MEM_MIB:-256}" --disk "$img" $common "$work/vm1.snap"
+    --vcpus "${VMM_VCPUS:-2}" --mem-mib "${VMM_MEM_MIB:-256}" --disk "$img" \
+    --console "$work/hvc1.out,input=$hvc_fifo" $common "$work/vm1.snap"
 cut_vm 1 16 in-process
 show "$log"
 
 if [ "$result" = ok ]; then
     log=$work/run2.log
-    echo "vbk-vmsnap: run 2: restore, disk served by vhost-user-blk"
+    echo "vbk-vmsnap: run 2: restore, disk and console served by vhost-user-blk and vhost-user-console"
     "$bin/vhost-user-blk" --socket "$sock" --image "$img" --queues 2 >"$work/daemon.log" 2>&1 &
     dpid=$!
-    i=0; while [ ! -S "$sock" ] && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-    vmm --restore-from "$work/vm1.snap" --disk-vhost-user "$sock" $common "$work/vm2.snap"
+    "$bin/vhost-user-console" --socket "$csock" <"$hvc_fifo" >"$work/hvc2.out" 2>"$work/console.log" &
+    cpid=$!
+    i=0; while { [ ! -S "$sock" ] || [ ! -S "$csock" ]; } && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    vmm --restore-from "$work/vm1.snap" --disk-vhost-user "$sock" --console-vhost-user "$csock" \
+        $common "$work/vm2.snap"
     restored 2 && cut_vm 2 32 vhost-user
     show "$log"
-    kill "$dpid" 2>/dev/null; wait "$dpid" 2>/dev/null
+    kill "$dpid" "$cpid" 2>/dev/null; wait "$dpid" 2>/dev/null; wait "$cpid" 2>/dev/null
     sed 's|^|backend: |' "$work/daemon.log" | tail -n 5
+    sed 's|^|console backend: |' "$work/console.log" | tail -n 5
 fi
 
 if [ "$result" = ok ]; then
     log=$work/run3.log
     echo "vbk-vmsnap: run 3: restore, disk in process again"
-    vmm --restore-from "$work/vm2.snap" --disk "$img"
+    vmm --restore-from "$work/vm2.snap" --disk "$img" --console "$work/hvc3.out,input=$hvc_fifo"
     restored 3
     if wait_for "$log" "VBK-WL progress w=0 k=48 " 240; then
         printf 'VBK-STOP\n' | dd of="$img" bs=4096 seek=$ctl conv=notrunc 2>/dev/null
@@ -129,6 +159,17 @@ for k_end in $(echo "$counts" | tr , ' '); do
 done
 [ "$lost" = 0 ] || fail "$lost record(s) missing from the image"
 [ "$verified" -gt 0 ] || fail "no record verified"
+kill "$typist" 2>/dev/null; exec 6>&-
+# The console: every byte the host typed, read by the guest in run 3.
+hvc=$(grep -h "VBK-HVC-READ" "$work"/run*.log | tail -n 1)
+hvc_got=$(echo "$hvc" | sed -n 's/.*bytes=\([0-9]*\).*/\1/p')
+hvc_sum=$(echo "$hvc" | sed -n 's/.*md5=\([0-9a-f]*\).*/\1/p')
+hvc_match=mismatch; [ "$hvc_sum" = "$hvc_md5" ] && hvc_match=match
+hvc_echo=$(grep -c "VBK-HVC-OUT from=hvc0 bytes=$hvc_bytes" "$work/hvc3.out" 2>/dev/null)
+echo "VBK-VMSNAP-CONSOLE sent=$hvc_bytes received=${hvc_got:-0} lost=$((hvc_bytes - ${hvc_got:-0})) md5=$hvc_match state_at_cuts=$cuts_cstate guest_line_in_run3=${hvc_echo:-0}"
+[ "${hvc_got:-0}" = "$hvc_bytes" ] && [ "$hvc_match" = match ] ||
+    fail "console: the guest read ${hvc_got:-0} of $hvc_bytes bytes ($hvc_match)"
+[ "${hvc_echo:-0}" -ge 1 ] || fail "console: the guest's line did not reach the host in run 3"
 maxgap=$(echo "$res" | sed -n 's/.* maxgap_ms=\([0-9]*\).*/\1/p')
 echo "VBK-VMSNAP cuts=2 in_flight_at_cuts=$cuts_inflight queued_at_cuts=$cuts_queued lost=$lost records=$records verified=$verified errors=$errors snapshot_kib=$cuts_kib restore_ms=$restore_ms downtime_ms=$downtime_ms guest_maxgap_ms=$maxgap total_cs=$(($(now_cs) - t0))"
 echo "VBK-RESULT vmm=$result scenario=snapshot"

@@ -12,6 +12,13 @@
 #   vbk.wl.ctl=B      4 KiB block the host writes "VBK-STOP" into (default 12288 = 48 MiB)
 #   vbk.wl.secs=N     give up after N seconds even without a stop (default 150)
 #   vbk.wl.stall=CS   report completion gaps >= CS centiseconds (default 50)
+#   vbk.wl.hvc=N      open /dev/hvc0 at the start (raw) and write
+#                     "VBK-HVC-OUT from=hvc0 ready" on it, but read nothing
+#                     until the loop is over: what the host types meanwhile
+#                     waits in the tty, the guest's receive buffers and the
+#                     device. Then read N bytes and write one line back
+#                     (default 0: no console). Open, because the driver
+#                     throws input away while nobody has the port open.
 # Record slot of writer w, record k: w*per + k (4 KiB each, from offset 0).
 # Each record is 64 identical 64-byte lines:
 #   "VBK-WREC v1 tag=T w=W k=KKKKKK slot=SSSSSS " padded with '.' to 63, '\n'.
@@ -19,6 +26,7 @@
 #   VBK-WL start tag=T workers=N per=N ctl=B
 #   VBK-WL progress w=W k=K t_cs=N            (every 8 records)
 #   VBK-STALL tag=T w=W k=K at_cs=N gap_ms=N  (a completion gap >= stall)
+#   VBK-HVC-READ bytes=N md5=M                (with vbk.wl.hvc; on hvc0 too, as VBK-HVC-OUT)
 #   VBK-RESULT T records=N errors=N counts=K0,K1 maxgap_ms=N stalls=N stop=marker|deadline|full
 if [ "$1" = worker ]; then
     w=$2 tag=$3 per=$4 ctl=$5 deadline=$6 stall=$7 dev=/dev/vda
@@ -62,7 +70,7 @@ if [ "$1" = worker ]; then
     exit 0
 fi
 
-tag=writelp workers=2 per=4096 ctl=12288 secs=150 stall=50
+tag=writelp workers=2 per=4096 ctl=12288 secs=150 stall=50 hvc=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vbk.wl.tag=*) tag=${arg#*=} ;;
@@ -71,9 +79,18 @@ for arg in $(cat /proc/cmdline); do
         vbk.wl.ctl=*) ctl=${arg#*=} ;;
         vbk.wl.secs=*) secs=${arg#*=} ;;
         vbk.wl.stall=*) stall=${arg#*=} ;;
+        vbk.wl.hvc=*) hvc=${arg#*=} ;;
     esac
 done
 [ -b /dev/vda ] || { echo "VBK-RESULT $tag records=0 errors=1 error=no-vda"; exit 1; }
+hvc_open=0
+if [ "$hvc" -gt 0 ] && [ -c /dev/hvc0 ] && (exec 3<>/dev/hvc0) 2>/dev/null; then
+    # Raw, so the tty passes every byte and echoes none back to the host.
+    exec 3<>/dev/hvc0
+    stty raw -echo <&3 2>/dev/null
+    echo "VBK-HVC-OUT from=hvc0 ready" >&3
+    hvc_open=1
+fi
 read -r up _ </proc/uptime
 deadline=$(((${up%.*} + secs) * 100))
 ncpu=$(nproc)
@@ -93,5 +110,16 @@ for w in $(seq 0 $((workers - 1))); do
     counts="$counts${counts:+,}$k"; stop="$stop${stop:+,}$st"
 done
 sync
+if [ "$hvc" -gt 0 ]; then
+    if [ "$hvc_open" = 1 ]; then
+        timeout 120 head -c "$hvc" <&3 >/tmp/hvc.in
+        got=$(wc -c </tmp/hvc.in); sum=$(md5sum </tmp/hvc.in | cut -d' ' -f1)
+        echo "VBK-HVC-OUT from=hvc0 bytes=$got md5=$sum" >&3
+        exec 3>&-
+        echo "VBK-HVC-READ bytes=$got md5=$sum"
+    else
+        echo "VBK-HVC-READ bytes=0 md5=none error=no-hvc0"
+    fi
+fi
 echo "VBK-RESULT $tag records=$total errors=$errs counts=$counts maxgap_ms=$((maxgap * 10)) stalls=$stalls stop=$stop"
 [ "$errs" = 0 ] && [ "$total" -gt 0 ]
