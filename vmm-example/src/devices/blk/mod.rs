@@ -66,6 +66,7 @@ mod request;
 mod target;
 
 use data_io::*;
+pub use request::ChainScratch;
 use request::*;
 pub use target::{ImageFile, ImageOptions, Target};
 
