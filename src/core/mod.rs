@@ -7,6 +7,11 @@
 //! register writes. A queue runs (is handed to its worker) once guest memory
 //! exists, the queue is configured, it has a kick eventfd and it is enabled.
 
+// The per-request operations a transport's dispatcher drives (`set_kick`,
+// `set_queue_size`, ...) are crate-private: the vhost-user session is their
+// only caller, so without that home some of them are unused.
+#![cfg_attr(not(feature = "vhost-user"), allow(dead_code))]
+
 mod control;
 mod error;
 mod queue;
@@ -15,7 +20,7 @@ mod snapshot;
 use std::sync::Arc;
 
 use log::{debug, warn};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{ConfigNotifier, DeviceBackend};
@@ -104,20 +109,15 @@ impl<B: DeviceBackend> DeviceCore<B> {
 
     /// How long stopping a queue waits for its worker before failing with
     /// [`CoreError::WorkerStuck`] (default [`DEFAULT_STOP_TIMEOUT`]).
-    pub fn set_stop_timeout(&mut self, timeout: std::time::Duration) {
+    pub(crate) fn set_stop_timeout(&mut self, timeout: std::time::Duration) {
         self.stop_timeout = timeout;
     }
 
     /// Track in-flight requests of every queue started from now on in
     /// `area` (recovering what a previous backend left in it), or stop
     /// tracking with `None`.
-    pub fn set_inflight(&mut self, area: Option<Arc<InflightArea>>) {
+    pub(crate) fn set_inflight(&mut self, area: Option<Arc<InflightArea>>) {
         self.inflight = area;
-    }
-
-    /// The in-flight area, if any.
-    pub fn inflight(&self) -> Option<&Arc<InflightArea>> {
-        self.inflight.as_ref()
     }
 
     /// The device.
@@ -142,7 +142,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
     }
 
     /// The dirty log every region of this device writes into.
-    pub fn dirty_log(&self) -> &Arc<DirtyLog> {
+    pub(crate) fn dirty_log(&self) -> &Arc<DirtyLog> {
         &self.log
     }
 
@@ -152,7 +152,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
     }
 
     /// The negotiated virtio features.
-    pub fn acked_features(&self) -> u64 {
+    pub(crate) fn acked_features(&self) -> u64 {
         self.acked_features
     }
 
@@ -180,14 +180,14 @@ impl<B: DeviceBackend> DeviceCore<B> {
     }
 
     /// Replace guest memory with `regions`.
-    pub fn set_memory(&mut self, regions: Vec<Arc<GuestRegionLog>>) -> Result<()> {
+    pub(crate) fn set_memory(&mut self, regions: Vec<Arc<GuestRegionLog>>) -> Result<()> {
         let mem = GuestMemoryLog::from_arc_regions(regions)
             .map_err(|e| CoreError::Memory(e.to_string()))?;
         self.install_memory(mem)
     }
 
     /// Add one region to guest memory.
-    pub fn add_region(&mut self, region: Arc<GuestRegionLog>) -> Result<()> {
+    pub(crate) fn add_region(&mut self, region: Arc<GuestRegionLog>) -> Result<()> {
         let mem = self
             .mem
             .memory()
@@ -197,7 +197,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
     }
 
     /// Remove the region that starts at `gpa` with `size` bytes.
-    pub fn remove_region(&mut self, gpa: u64, size: u64) -> Result<()> {
+    pub(crate) fn remove_region(&mut self, gpa: u64, size: u64) -> Result<()> {
         let (mem, _removed) = self
             .mem
             .memory()
@@ -207,7 +207,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
     }
 
     /// Replace guest memory with `mem` (an in-process VMM's own memory).
-    pub fn set_guest_memory(&mut self, mem: GuestMemoryLog) -> Result<()> {
+    pub(crate) fn set_guest_memory(&mut self, mem: GuestMemoryLog) -> Result<()> {
         self.install_memory(mem)
     }
 
@@ -225,18 +225,8 @@ impl<B: DeviceBackend> DeviceCore<B> {
     }
 
     /// Whether any guest memory is configured.
-    pub fn has_memory(&self) -> bool {
+    pub(crate) fn has_memory(&self) -> bool {
         self.mem.memory().num_regions() > 0
-    }
-
-    /// Translate a guest physical address range check.
-    pub fn gpa_range_valid(&self, gpa: u64, len: u64) -> bool {
-        let mem = self.mem.memory();
-        let found = mem.iter().any(|r| {
-            let start = r.start_addr().0;
-            gpa >= start && gpa.saturating_add(len) <= start.saturating_add(r.len())
-        });
-        found
     }
 
     fn slot(&mut self, index: u32) -> Result<&mut QueueSlot> {
@@ -254,7 +244,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
     }
 
     /// Set the size of queue `index`.
-    pub fn set_queue_size(&mut self, index: u32, size: u32) -> Result<()> {
+    pub(crate) fn set_queue_size(&mut self, index: u32, size: u32) -> Result<()> {
         let max = self.backend.max_queue_size();
         if size == 0 || size > u32::from(max) || !size.is_power_of_two() {
             return Err(CoreError::QueueSize { size, max });
@@ -268,7 +258,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
     }
 
     /// Set the guest physical addresses of queue `index`'s rings.
-    pub fn set_queue_addresses(
+    pub(crate) fn set_queue_addresses(
         &mut self,
         index: u32,
         desc: u64,
@@ -296,7 +286,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
 
     /// Set where queue `index` resumes (`next_avail`; `next_used` follows it
     /// unless given).
-    pub fn set_queue_base(
+    pub(crate) fn set_queue_base(
         &mut self,
         index: u32,
         next_avail: u16,
@@ -313,7 +303,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
 
     /// Attach (or detach with `None`) the kick eventfd of queue `index`.
     /// A queue with a kick fd is "started" and runs once enabled.
-    pub fn set_kick(&mut self, index: u32, kick: Option<EventFd>) -> Result<()> {
+    pub(crate) fn set_kick(&mut self, index: u32, kick: Option<EventFd>) -> Result<()> {
         let q = self.check_index(index)?;
         self.stop_running(q)?;
         self.queues[q as usize].kick = kick;
@@ -322,33 +312,33 @@ impl<B: DeviceBackend> DeviceCore<B> {
 
     /// Attach (or detach) the call eventfd of queue `index`. Takes effect
     /// immediately, even while the queue runs.
-    pub fn set_call(&mut self, index: u32, call: Option<EventFd>) -> Result<()> {
+    pub(crate) fn set_call(&mut self, index: u32, call: Option<EventFd>) -> Result<()> {
         self.set_call_notifier(index, call.map(Notifier::new))
     }
 
     /// Attach (or detach) the call notifier of queue `index` (e.g. an irqfd
     /// with an interrupt status bit).
-    pub fn set_call_notifier(&mut self, index: u32, call: Option<Notifier>) -> Result<()> {
+    pub(crate) fn set_call_notifier(&mut self, index: u32, call: Option<Notifier>) -> Result<()> {
         let slot = self.slot(index)?;
         slot.call.store(call.map(Arc::new));
         Ok(())
     }
 
     /// Attach (or detach) the err eventfd of queue `index`.
-    pub fn set_err(&mut self, index: u32, err: Option<EventFd>) -> Result<()> {
+    pub(crate) fn set_err(&mut self, index: u32, err: Option<EventFd>) -> Result<()> {
         self.set_err_notifier(index, err.map(Notifier::new))
     }
 
     /// Attach (or detach) the err notifier of queue `index` (e.g. one that
     /// sets DEVICE_NEEDS_RESET and raises a config interrupt).
-    pub fn set_err_notifier(&mut self, index: u32, err: Option<Notifier>) -> Result<()> {
+    pub(crate) fn set_err_notifier(&mut self, index: u32, err: Option<Notifier>) -> Result<()> {
         let slot = self.slot(index)?;
         slot.err.store(err.map(Arc::new));
         Ok(())
     }
 
     /// Enable or disable queue `index`.
-    pub fn set_queue_enabled(&mut self, index: u32, enabled: bool) -> Result<()> {
+    pub(crate) fn set_queue_enabled(&mut self, index: u32, enabled: bool) -> Result<()> {
         let q = self.check_index(index)?;
         self.queues[q as usize].state.enabled = enabled;
         if enabled {
@@ -359,7 +349,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
     }
 
     /// Mark queue `index` ready or not (in-process transports).
-    pub fn set_queue_ready(&mut self, index: u32, ready: bool) -> Result<()> {
+    pub(crate) fn set_queue_ready(&mut self, index: u32, ready: bool) -> Result<()> {
         let slot = self.slot(index)?;
         slot.state.ready = ready;
         Ok(())
@@ -367,7 +357,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
 
     /// Stop queue `index`, drop its kick fd and return its state (the
     /// vhost-user `GET_VRING_BASE`).
-    pub fn stop_queue(&mut self, index: u32) -> Result<VringState> {
+    pub(crate) fn stop_queue(&mut self, index: u32) -> Result<VringState> {
         let q = self.check_index(index)?;
         self.stop_running(q)?;
         let slot = &mut self.queues[q as usize];
@@ -376,18 +366,18 @@ impl<B: DeviceBackend> DeviceCore<B> {
     }
 
     /// The last known state of queue `index` (exact when it is not running).
-    pub fn queue_state(&self, index: u32) -> Result<VringState> {
+    pub(crate) fn queue_state(&self, index: u32) -> Result<VringState> {
         let q = self.check_index(index)?;
         Ok(self.queues[q as usize].state)
     }
 
     /// Whether queue `index` is handed to its worker.
-    pub fn is_queue_running(&self, index: u32) -> bool {
+    pub(crate) fn is_queue_running(&self, index: u32) -> bool {
         self.queues.get(index as usize).is_some_and(|s| s.running)
     }
 
     /// Restore a queue from saved state (validated first).
-    pub fn restore_queue(&mut self, index: u32, state: VringState) -> Result<()> {
+    pub(crate) fn restore_queue(&mut self, index: u32, state: VringState) -> Result<()> {
         let q = self.check_index(index)?;
         state
             .validate(self.backend.max_queue_size())
@@ -418,7 +408,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
     }
 
     /// Forget guest memory (e.g. when a frontend disconnects).
-    pub fn clear_memory(&mut self) {
+    pub(crate) fn clear_memory(&mut self) {
         if let Ok(g) = self.mem.lock() {
             g.replace(GuestMemoryLog::default());
         }

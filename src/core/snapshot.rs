@@ -51,7 +51,10 @@ impl<B: DeviceBackend> DeviceCore<B> {
     /// are exact for stopped queues and as of their start for running ones.
     /// Meant for a state file that lets a restarted backend get the
     /// device's own state back without the frontend's help.
-    pub fn checkpoint(&self, acked_protocol_features: Option<u64>) -> Result<DeviceSnapshot> {
+    pub(crate) fn checkpoint(
+        &self,
+        acked_protocol_features: Option<u64>,
+    ) -> Result<DeviceSnapshot> {
         let mut config = vec![0u8; self.backend.config_size()];
         self.read_config(0, &mut config)?;
         let device_state = self.backend.save_state().map_err(CoreError::Device)?;

@@ -393,7 +393,7 @@ impl ValidatedSnapshot {
     }
 
     /// The state of every queue the driver set up, with its index, ready for
-    /// [`DeviceCore::restore_queue`](crate::core::DeviceCore::restore_queue).
+    /// the control core's queue restore.
     /// Queues of size 0 are left out: they stay unconfigured.
     pub fn queue_states(&self) -> impl Iterator<Item = (u16, VringState)> + '_ {
         self.inner

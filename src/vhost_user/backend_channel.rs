@@ -27,11 +27,6 @@ impl BackendChannel {
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// Whether a channel is installed.
-    pub fn is_set(&self) -> bool {
-        self.conn.lock().map(|c| c.is_some()).unwrap_or(false)
-    }
-
     /// Send `CONFIG_CHANGE_MSG`. Failures are logged: the device keeps
     /// running, the frontend just misses the notice.
     pub fn notify_config_change(&self) {

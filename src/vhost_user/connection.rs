@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use vhost::vhost_user::message::{MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
@@ -66,15 +66,6 @@ impl Message {
     pub fn need_reply(&self) -> bool {
         self.flags & FLAG_NEED_REPLY != 0
     }
-
-    /// Take the single attached file, if exactly one was sent.
-    pub fn take_single_file(&mut self) -> Option<File> {
-        if self.files.len() == 1 {
-            self.files.pop()
-        } else {
-            None
-        }
-    }
 }
 
 /// One vhost-user connection.
@@ -87,11 +78,6 @@ impl Connection {
     /// Wrap a connected stream.
     pub fn new(sock: UnixStream) -> Self {
         Connection { sock }
-    }
-
-    /// The raw socket fd (for polling).
-    pub fn as_raw_fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
     }
 
     /// Receive one message.
@@ -196,10 +182,5 @@ impl Connection {
                 .map_err(ConnectionError::Io)?;
         }
         Ok(())
-    }
-
-    /// Receive a reply's payload (used on the backend request channel).
-    pub fn recv_reply(&mut self) -> Result<Message, ConnectionError> {
-        self.recv()
     }
 }

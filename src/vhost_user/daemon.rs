@@ -180,7 +180,7 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
     }
 
     /// How long `CHECK_DEVICE_STATE` waits for a transfer the frontend
-    /// left unfinished (default [`super::session::DEFAULT_CHECK_GRACE`]).
+    /// left unfinished (default [`super::DEFAULT_CHECK_GRACE`]).
     pub fn with_check_grace(mut self, grace: Duration) -> Self {
         self.check_grace = grace;
         self

@@ -66,6 +66,7 @@ pub struct MappedRegion {
     /// The frontend's virtual address of the region.
     pub user_addr: u64,
     /// Offset of the region in its file.
+    #[cfg_attr(not(feature = "postcopy"), allow(dead_code))]
     pub mmap_offset: u64,
     /// The mapped region as vm-memory sees it.
     pub region: Arc<GuestRegionLog>,
@@ -118,6 +119,7 @@ impl MappedRegion {
     }
 
     /// Where this process mapped the region.
+    #[cfg(feature = "postcopy")]
     pub fn host_addr(&self) -> u64 {
         self.region.as_ptr() as u64
     }
@@ -162,11 +164,6 @@ impl MemoryTable {
         self.regions.is_empty()
     }
 
-    /// The vm-memory regions.
-    pub fn vm_regions(&self) -> Vec<Arc<GuestRegionLog>> {
-        self.regions.iter().map(|r| r.region.clone()).collect()
-    }
-
     /// Translate a frontend virtual address to a guest physical address.
     pub fn vva_to_gpa(&self, vva: u64) -> Option<u64> {
         self.regions
@@ -176,15 +173,11 @@ impl MemoryTable {
     }
 
     /// Where this process mapped each region: (address, length).
+    #[cfg(feature = "postcopy")]
     pub fn host_ranges(&self) -> Vec<(u64, u64)> {
         self.regions
             .iter()
             .map(|r| (r.host_addr(), r.size))
             .collect()
-    }
-
-    /// Forget every region.
-    pub fn clear(&mut self) {
-        self.regions.clear();
     }
 }

@@ -131,7 +131,7 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
     }
 
     /// How long `CHECK_DEVICE_STATE` waits for an unfinished transfer
-    /// (default [`DEFAULT_CHECK_GRACE`]).
+    /// (default [`DEFAULT_CHECK_GRACE`](super::DEFAULT_CHECK_GRACE)).
     pub fn with_check_grace(mut self, grace: std::time::Duration) -> Self {
         self.check_grace = grace;
         self
