@@ -2,9 +2,7 @@
 //! Taking chains from the available ring: one at a time (`pop_chain`), or
 //! in bounded batches through the one loop of `source.rs`.
 
-use super::source::{
-    queue_error, take_batch, BatchStop, MappedSource, QueueSource, ResubmitSource,
-};
+use super::source::{queue_error, take_batch, BatchStop, ChainSource, MappedSource, QueueSource};
 use super::*;
 
 impl Vring {
@@ -103,19 +101,12 @@ impl Vring {
             let mem = resubmit.mem.memory();
             let guest = self.mem.memory();
             let table = DescTable::new(&mem, &resubmit.queue);
-            let mut source = ResubmitSource {
-                private: &mut resubmit.queue,
+            let source = QueueSource {
+                private: Some(&mut resubmit.queue),
                 mem: &mem,
                 guest: &guest,
             };
-            let mut each = |chain| f(chain, &table);
-            take_batch(
-                &mut self.queue,
-                &mut self.inflight,
-                &mut source,
-                usize::MAX,
-                &mut each,
-            )
+            self.batch(source, usize::MAX, |chain| f(chain, &table))
         };
         self.end_batch(result)
     }
@@ -128,17 +119,25 @@ impl Vring {
         let result = {
             let guard = self.mem.memory();
             let table = DescTable::new(&guard, &self.queue);
-            let mut source = QueueSource { mem: &guard };
-            let mut each = |chain| f(chain, &table);
-            take_batch(
-                &mut self.queue,
-                &mut self.inflight,
-                &mut source,
-                limit,
-                &mut each,
-            )
+            self.batch(QueueSource::guest(&guard), limit, |chain| f(chain, &table))
         };
         self.end_batch(result)
+    }
+
+    /// [`take_batch`] on this vring's queue and in-flight tracking.
+    fn batch<'m, S: ChainSource<'m>>(
+        &mut self,
+        mut source: S,
+        limit: usize,
+        mut f: impl FnMut(S::Item) -> Completion,
+    ) -> Result<usize, BatchStop> {
+        take_batch(
+            &mut self.queue,
+            &mut self.inflight,
+            &mut source,
+            limit,
+            &mut f,
+        )
     }
 
     /// Up to `limit` new chains through the mapped rings; `None` when the
@@ -153,16 +152,9 @@ impl Vring {
             match MappedSource::new(mem, &self.queue) {
                 Ok(None) => return Ok(None),
                 Err(e) => Err(BatchStop::Queue(e)),
-                Ok(Some(mut source)) => {
+                Ok(Some(source)) => {
                     let table = DescTable::new(mem, &self.queue);
-                    let mut each = |head| f(table.chain(head));
-                    take_batch(
-                        &mut self.queue,
-                        &mut self.inflight,
-                        &mut source,
-                        limit,
-                        &mut each,
-                    )
+                    self.batch(source, limit, |head| f(table.chain(head)))
                 }
             }
         };

@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The one batch loop, and the three places a batch takes its chains from.
 //!
-//! A batch picks its [`ChainSource`] once: the chains a previous backend
-//! left in flight ([`ResubmitSource`]), the rings mapped straight from
-//! guest memory ([`MappedSource`]), or `virtio-queue` reading and writing
-//! them ([`QueueSource`]). [`take_batch`] is the only loop over available
+//! A batch picks its [`ChainSource`] once: `virtio-queue` walking the
+//! chains a previous backend left in flight or the guest's rings
+//! ([`QueueSource`]), or the rings mapped straight from guest memory
+//! ([`MappedSource`]). [`take_batch`] is the only loop over available
 //! chains, and the only place in-flight tracking happens for a batch.
 
 use super::*;
@@ -87,47 +87,37 @@ where
     Ok(done)
 }
 
-/// `virtio-queue` walks the guest's rings.
+/// `virtio-queue` walks the rings: the guest's own, or (resubmitting after
+/// a restart) a private available ring listing the heads a previous backend
+/// left in flight, read in `mem` (guest memory with the private ring's
+/// region added). Completions always go to the guest's used ring, in
+/// `guest`.
 pub(super) struct QueueSource<'m> {
+    pub(super) private: Option<&'m mut Queue>,
     pub(super) mem: &'m GuestMemoryLog,
+    pub(super) guest: &'m GuestMemoryLog,
+}
+
+impl<'m> QueueSource<'m> {
+    /// New chains from the guest's own rings in `guest`.
+    pub(super) fn guest(guest: &'m GuestMemoryLog) -> Self {
+        QueueSource {
+            private: None,
+            mem: guest,
+            guest,
+        }
+    }
 }
 
 impl<'m> ChainSource<'m> for QueueSource<'m> {
     type Item = DescriptorChain<&'m GuestMemoryLog>;
 
     fn next(&mut self, queue: &mut Queue) -> Result<Option<Self::Item>, virtio_queue::Error> {
-        Ok(queue.iter(self.mem)?.next())
-    }
-
-    fn head(item: &Self::Item) -> u16 {
-        item.head_index()
-    }
-
-    fn push_used(
-        &mut self,
-        queue: &mut Queue,
-        head: u16,
-        len: u32,
-    ) -> Result<(), virtio_queue::Error> {
-        queue.add_used(self.mem, head, len)
-    }
-}
-
-/// The chains a previous backend left in flight: `virtio-queue` walks a
-/// private available ring listing their heads (in `mem`, guest memory with
-/// the private ring's region added), completions go to the guest's used
-/// ring (in `guest`).
-pub(super) struct ResubmitSource<'m> {
-    pub(super) private: &'m mut Queue,
-    pub(super) mem: &'m GuestMemoryLog,
-    pub(super) guest: &'m GuestMemoryLog,
-}
-
-impl<'m> ChainSource<'m> for ResubmitSource<'m> {
-    type Item = DescriptorChain<&'m GuestMemoryLog>;
-
-    fn next(&mut self, _queue: &mut Queue) -> Result<Option<Self::Item>, virtio_queue::Error> {
-        Ok(self.private.iter(self.mem)?.next())
+        let walked = match self.private.as_deref_mut() {
+            Some(private) => private,
+            None => queue,
+        };
+        Ok(walked.iter(self.mem)?.next())
     }
 
     fn head(item: &Self::Item) -> u16 {
