@@ -16,7 +16,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_backend_kit::testing::{Conformance, Home, Phase, Rig};
+use virtio_backend_kit::testing::{Conformance, Home, MoveReport, Phase, Rig};
 use vmm_example::devices::{BlkConfig, BlkDevice, ConsoleDevice, Target};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -70,6 +70,14 @@ impl ConsoleGuest {
         got
     }
 
+    /// A line the guest transmits arrives on the host's end.
+    fn output_reaches(&mut self, rig: &mut Rig, host_out: &mut File) {
+        self.transmit(rig, b"guest output\n");
+        let mut echo = [0u8; 13];
+        host_out.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"guest output\n");
+    }
+
     fn transmit(&mut self, rig: &mut Rig, bytes: &[u8]) {
         let tx = &mut rig.queues[1];
         let gpa = tx.data_area();
@@ -78,6 +86,19 @@ impl ConsoleGuest {
         rig.kick(1);
         assert!(rig.wait_used(1, WAIT).is_some(), "transmit never completed");
     }
+}
+
+/// Every pair of homes moved, each carrying the `pending` bytes (plus the
+/// state's format byte) as the console's own state.
+fn check_console_moves(reports: &[MoveReport], pending: usize, label: &str) {
+    for r in reports {
+        assert_eq!(r.device_state_len, 1 + pending, "{r:?}");
+        println!(
+            "VBK-CROSSHOME device=console{label} from={} to={} pending={pending} lost=0",
+            r.from, r.to
+        );
+    }
+    assert_eq!(reports.len(), Home::ALL.len().pow(2));
 }
 
 fn wait_pending(dev: &ConsoleDevice, want: usize) {
@@ -126,20 +147,10 @@ fn console_in_every_home_and_between_them_loses_no_byte() {
                     assert_eq!(delivered, input, "host input lost or reordered");
                 }
             }
-            guest.transmit(rig, b"guest output\n");
-            let mut echo = [0u8; 13];
-            host_out.read_exact(&mut echo).unwrap();
-            assert_eq!(&echo, b"guest output\n");
+            guest.output_reaches(rig, host_out);
         })
         .unwrap();
-    for r in &reports {
-        assert_eq!(r.device_state_len, 1 + pending_at_move, "{r:?}");
-        println!(
-            "VBK-CROSSHOME device=console from={} to={} pending={pending_at_move} lost=0",
-            r.from, r.to
-        );
-    }
-    assert_eq!(reports.len(), Home::ALL.len().pow(2));
+    check_console_moves(&reports, pending_at_move, "");
 }
 
 /// The host input a regular file: epoll cannot watch it (nor `/dev/null`,
@@ -189,22 +200,12 @@ fn console_reading_a_regular_file_moves_between_homes_with_its_bytes() {
                     assert_eq!(delivered, input, "host input lost or reordered");
                 }
             }
-            guest.transmit(rig, b"guest output\n");
-            let mut echo = [0u8; 13];
             let mut outputs = outputs.borrow_mut();
             let host_out = outputs.last_mut().expect("a console was made");
-            host_out.read_exact(&mut echo).unwrap();
-            assert_eq!(&echo, b"guest output\n");
+            guest.output_reaches(rig, host_out);
         })
         .unwrap();
-    for r in &reports {
-        assert_eq!(r.device_state_len, 1 + pending_at_move, "{r:?}");
-        println!(
-            "VBK-CROSSHOME device=console input=file from={} to={} pending={pending_at_move} lost=0",
-            r.from, r.to
-        );
-    }
-    assert_eq!(reports.len(), Home::ALL.len().pow(2));
+    check_console_moves(&reports, pending_at_move, " input=file");
 }
 
 const T_IN: u32 = 0;
