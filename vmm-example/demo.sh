@@ -6,6 +6,13 @@
 # back and verifies data on both disks, reads the rng, prints results and
 # throughput, and powers off, which ends vmm-example.
 #   vmm-example/demo.sh          (on a fresh Debian bookworm with Rust)
+#   vmm-example/demo.sh --bench [BOOTS]
+#                                benchmark mode: BOOTS boots (3), each running
+#                                tests/guest/rootfs/vbk/test-blkbench.sh over
+#                                vda in process, vdb from vhost-user-blk and
+#                                vdc from qemu-storage-daemon (3 rounds a boot,
+#                                disk order rotated); prints the medians over
+#                                all rounds and the ratios to the in-process disk
 # Installs QEMU/busybox/cpio if missing (tests/guest/install-deps.sh; QEMU
 # is needed where /dev/kvm is PVM: the demo then runs nested, see
 # tests/guest/run-vmm.sh), builds, fetches the guest kernel, runs.
@@ -13,9 +20,18 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 tests/guest/install-deps.sh
+mode=demo boots=3
+case "${1:-}" in
+    "") ;;
+    --bench) mode=bench; boots=${2:-3} ;;
+    *) echo "usage: $0 [--bench [BOOTS]]" >&2; exit 2 ;;
+esac
 cargo build --release --workspace
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+if [ "$mode" = bench ]; then
+    exec vmm-example/bench-guest.sh "$boots"
+fi
 VBK_LOG=$log tests/guest/run-vmm.sh disk vhost-user-blk rng >/dev/null 2>&1 || status=$?
 echo "== results (guest-measured; nested runs are for function, not performance) =="
 grep -E 'VBK-(BOOT|RESULT|DONE)|guest stopped' "$log" | sed 's/^L2| /  L2 guest: /'
