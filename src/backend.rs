@@ -65,6 +65,18 @@ impl<V: VringT> QueueSet<V> {
         self.slots.get(usize::from(index)).and_then(Option::as_ref)
     }
 
+    /// The running vring a [`DeviceEvent::Queue`] event is for, with its
+    /// index; `None` for other events and for queues this worker does not
+    /// own. The usual first line of a [`DeviceBackend::handle_event`] that
+    /// only serves queues: `let Some((index, vring)) = queues.for_event(event)
+    /// else { return Ok(()) };`.
+    pub fn for_event(&self, event: DeviceEvent) -> Option<(u16, &V)> {
+        match event {
+            DeviceEvent::Queue(index) => self.get(index).map(|v| (index, v)),
+            DeviceEvent::Fd(_) | DeviceEvent::Wake => None,
+        }
+    }
+
     /// Iterate over the running vrings with their index.
     pub fn iter(&self) -> impl Iterator<Item = (u16, &V)> {
         self.slots

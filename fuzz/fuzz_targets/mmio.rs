@@ -89,10 +89,7 @@ impl DeviceBackend for Device {
         queues: &QueueSet<VringOwned>,
         _worker: usize,
     ) -> Result<(), BackendError> {
-        let DeviceEvent::Queue(i) = event else {
-            return Ok(());
-        };
-        let Some(v) = queues.get(i) else {
+        let Some((_, v)) = queues.for_event(event) else {
             return Ok(());
         };
         let mut v = v.lock();

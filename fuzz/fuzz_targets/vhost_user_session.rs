@@ -75,10 +75,7 @@ impl DeviceBackend for Device {
         queues: &QueueSet<VringOwned>,
         _worker: usize,
     ) -> Result<(), BackendError> {
-        let DeviceEvent::Queue(index) = event else {
-            return Ok(());
-        };
-        let Some(vring) = queues.get(index) else {
+        let Some((_, vring)) = queues.for_event(event) else {
             return Ok(());
         };
         let mut vring = vring.lock();

@@ -76,10 +76,7 @@ impl DeviceBackend for Echo {
         queues: &QueueSet<VringOwned>,
         _worker: usize,
     ) -> Result<(), BackendError> {
-        let DeviceEvent::Queue(i) = event else {
-            return Ok(());
-        };
-        let Some(v) = queues.get(i) else {
+        let Some((_, v)) = queues.for_event(event) else {
             return Ok(());
         };
         let mut v = v.lock();

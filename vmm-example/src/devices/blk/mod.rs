@@ -488,10 +488,7 @@ impl DeviceBackend for BlkDevice {
         queues: &QueueSet<Self::Vring>,
         _worker: usize,
     ) -> Result<(), BackendError> {
-        let DeviceEvent::Queue(index) = event else {
-            return Ok(());
-        };
-        let Some(vring) = queues.get(index) else {
+        let Some((_, vring)) = queues.for_event(event) else {
             return Ok(());
         };
         let mut vr = vring.lock();
