@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use mmio_driver::{guest_memory, Driver};
 use virtio_backend_kit::core::DeviceCore;
+use virtio_backend_kit::frontend::{FrontendOptions, VhostUserFrontendDevice};
 use virtio_backend_kit::mmio::MmioTransport;
-use virtio_backend_kit::vhost_user::{FrontendOptions, VhostUserFrontendDevice};
 use vmm_example::devices::{BlkConfig, BlkDevice, Target};
 
 const REQUESTS: usize = 20_000;

@@ -7,6 +7,8 @@ pub mod core;
 pub mod data_plane;
 pub mod fault_guard;
 pub mod features;
+#[cfg(feature = "frontend-adapter")]
+pub mod frontend;
 #[cfg(feature = "kvm")]
 pub mod kvm;
 pub mod mmio;

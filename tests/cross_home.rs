@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use mmio_driver::{guest_memory, Driver};
 use process::Backend;
 use virtio_backend_kit::core::DeviceCore;
+use virtio_backend_kit::frontend::{FrontendOptions, VhostUserFrontendDevice};
 use virtio_backend_kit::mmio::MmioTransport;
 use virtio_backend_kit::snapshot;
-use virtio_backend_kit::vhost_user::{FrontendOptions, VhostUserFrontendDevice};
 use vmm_example::devices::{BlkConfig, BlkDevice, Target};
 
 const IMAGE_SIZE: u64 = 8 << 20;

@@ -21,12 +21,11 @@ use std::time::{Duration, Instant};
 
 use common::{spawn_daemon, TestDevice, Watchdog, TEST_CONFIG_SIZE, TEST_DEVICE_TYPE};
 use virtio_backend_kit::core::{Activation, ControlError, DeviceControl, QueueActivation};
+use virtio_backend_kit::frontend::{FrontendError, FrontendOptions, VhostUserFrontendDevice};
 use virtio_backend_kit::testing::{self, Interrupt, SplitQueueDriver};
 use virtio_backend_kit::vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_backend_kit::vhost_user::daemon::bind;
-use virtio_backend_kit::vhost_user::{
-    FrontendError, FrontendOptions, ServeMode, VhostUserDaemon, VhostUserFrontendDevice,
-};
+use virtio_backend_kit::vhost_user::{ServeMode, VhostUserDaemon};
 use virtio_backend_kit::vm_memory::GuestAddress;
 use virtio_backend_kit::vmm_sys_util::eventfd::EventFd;
 use virtio_backend_kit::GuestMemoryLog;

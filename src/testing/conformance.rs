@@ -34,11 +34,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{shared_guest_memory, Interrupt, SplitQueueDriver};
 use crate::backend::DeviceBackend;
 use crate::core::{Activation, ControlError, CoreError, DeviceControl};
+use crate::frontend::{FrontendError, FrontendOptions, VhostUserFrontendDevice};
 use crate::memory::GuestMemoryLog;
 use crate::snapshot::{self, SnapshotError};
-use crate::vhost_user::{
-    DaemonError, FrontendError, FrontendOptions, VhostUserDaemon, VhostUserFrontendDevice,
-};
+use crate::vhost_user::{DaemonError, VhostUserDaemon};
 
 /// Guest-physical address of the harness's guest memory.
 const MEMORY_GPA: u64 = 0x10_0000;

@@ -7,7 +7,7 @@
 //!
 //! With these a device can be driven in every home from one test: hand
 //! [`SplitQueueDriver::activation`] to a [`crate::core::DeviceCore`] (in
-//! process) or to a [`crate::vhost_user::VhostUserFrontendDevice`] (a
+//! process) or to a [`crate::frontend::VhostUserFrontendDevice`] (a
 //! vhost-user backend), post chains, kick, and read the used ring.
 //!
 //! These are test harness pieces: they panic on failures of memory they
@@ -27,11 +27,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::memory::{DirtyLogBitmap, GuestMemoryLog, GuestRegionLog};
 use crate::vring::{Notifier, INTERRUPT_USED_BUFFER};
 
-#[cfg(feature = "vhost-user")]
+#[cfg(feature = "frontend-adapter")]
 mod conformance;
 mod queue_driver;
 
-#[cfg(feature = "vhost-user")]
+#[cfg(feature = "frontend-adapter")]
 pub use conformance::{Conformance, ConformanceError, Home, MoveReport, Phase, Rig};
 pub use queue_driver::{RawDescriptor, SplitQueueDriver};
 

@@ -68,6 +68,43 @@ impl Message {
     }
 }
 
+/// A message header as it stands on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Header {
+    /// Raw request code.
+    pub(crate) request: u32,
+    /// Raw header flags.
+    pub(crate) flags: u32,
+    /// Payload size in bytes.
+    pub(crate) size: u32,
+}
+
+impl Header {
+    /// The header at the start of `bytes`, if `bytes` holds one.
+    pub(crate) fn parse(bytes: &[u8]) -> Option<Header> {
+        let word = |i: usize| -> Option<u32> {
+            let w: [u8; 4] = bytes.get(i..i + 4)?.try_into().ok()?;
+            Some(u32::from_le_bytes(w))
+        };
+        Some(Header {
+            request: word(0)?,
+            flags: word(4)?,
+            size: word(8)?,
+        })
+    }
+}
+
+/// One message as bytes: the header (protocol version or'ed into `flags`)
+/// and `payload`.
+pub(crate) fn encode(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER_SIZE + payload.len());
+    buf.extend_from_slice(&request.to_le_bytes());
+    buf.extend_from_slice(&(VERSION | flags).to_le_bytes());
+    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    buf.extend_from_slice(payload);
+    buf
+}
+
 /// One vhost-user connection.
 #[derive(Debug)]
 pub struct Connection {
@@ -111,8 +148,11 @@ impl Connection {
         if got < HEADER_SIZE {
             self.read_exact(&mut hdr[got..])?;
         }
-        let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
-        let (request, flags, size) = (word(0), word(4), word(8));
+        let Header {
+            request,
+            flags,
+            size,
+        } = Header::parse(&hdr).ok_or(ConnectionError::Closed)?;
         if size as usize > MAX_MSG_SIZE {
             return Err(ConnectionError::OversizedPayload(size));
         }
@@ -138,11 +178,7 @@ impl Connection {
 
     /// Send a reply to `request` with `payload`.
     pub fn send_reply(&mut self, request: u32, payload: &[u8]) -> Result<(), ConnectionError> {
-        let mut buf = Vec::with_capacity(HEADER_SIZE + payload.len());
-        buf.extend_from_slice(&request.to_le_bytes());
-        buf.extend_from_slice(&(VERSION | FLAG_REPLY).to_le_bytes());
-        buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        buf.extend_from_slice(payload);
+        let buf = encode(request, FLAG_REPLY, payload);
         self.sock.write_all(&buf).map_err(ConnectionError::Io)
     }
 
@@ -164,11 +200,7 @@ impl Connection {
         payload: &[u8],
         fds: &[RawFd],
     ) -> Result<(), ConnectionError> {
-        let mut buf = Vec::with_capacity(HEADER_SIZE + payload.len());
-        buf.extend_from_slice(&request.to_le_bytes());
-        buf.extend_from_slice(&(VERSION | flags).to_le_bytes());
-        buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        buf.extend_from_slice(payload);
+        let buf = encode(request, flags, payload);
         if fds.is_empty() {
             return self.sock.write_all(&buf).map_err(ConnectionError::Io);
         }

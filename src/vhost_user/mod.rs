@@ -8,13 +8,12 @@
 //! definitions only. The wire layer (`connection`, `session`,
 //! `memory_table`, `backend_channel`, `state_transfer`, `postcopy`,
 //! `userfaultfd`) is private to the crate; what a VMM or a daemon needs is
-//! re-exported here.
+//! re-exported here. The VMM's side of the same protocol, a device whose
+//! backend is another process, is [`crate::frontend`].
 
-pub mod adapter_state;
 pub(crate) mod backend_channel;
 pub(crate) mod connection;
 pub mod daemon;
-pub mod frontend_adapter;
 pub mod listener;
 pub(crate) mod memory_table;
 #[cfg(feature = "postcopy")]
@@ -31,7 +30,6 @@ pub use postcopy::PostcopyError;
 pub use state_transfer::TransferError;
 
 pub use daemon::{DaemonError, DaemonStopper, Endpoint, ServeMode, VhostUserDaemon};
-pub use frontend_adapter::{FrontendError, FrontendOptions, VhostUserFrontendDevice};
 pub use session::{
     kit_protocol_features, RequestError, Session, DEFAULT_CHECK_GRACE, MAX_GUEST_MEMORY,
 };

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::VmFd;
 use virtio_backend_kit::core::{CoreError, DeviceControl, DeviceCore};
+use virtio_backend_kit::frontend::{FrontendError, FrontendOptions, VhostUserFrontendDevice};
 use virtio_backend_kit::kvm::{KvmError, KvmWiring};
 use virtio_backend_kit::mmio::{MmioError, MmioTransport};
-use virtio_backend_kit::vhost_user::{FrontendError, FrontendOptions, VhostUserFrontendDevice};
 use virtio_backend_kit::{DeviceBackend, GuestMemoryLog};
 
 use super::acpi::MmioWindow;

@@ -75,7 +75,7 @@ fn wait(
 
 /// Read `from` to end of file within `limit`.
 pub(crate) fn read_all(mut from: File, limit: Duration) -> Result<Vec<u8>, StateTransferError> {
-    super::state_transfer::set_nonblocking(&from).map_err(StateTransferError::Pipe)?;
+    crate::vhost_user::state_transfer::set_nonblocking(&from).map_err(StateTransferError::Pipe)?;
     let deadline = Instant::now() + limit;
     let mut bytes = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
@@ -103,7 +103,7 @@ pub(crate) fn write_all(
     bytes: &[u8],
     limit: Duration,
 ) -> Result<(), StateTransferError> {
-    super::state_transfer::set_nonblocking(&to).map_err(StateTransferError::Pipe)?;
+    crate::vhost_user::state_transfer::set_nonblocking(&to).map_err(StateTransferError::Pipe)?;
     let deadline = Instant::now() + limit;
     let mut at = 0;
     while at < bytes.len() {

@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The VMM side of vhost-user: a device whose data plane runs in another
-//! process, driven through the same [`DeviceControl`] trait as an
-//! in-process [`DeviceCore`](crate::core::DeviceCore).
+//! The VMM side of vhost-user (cargo feature `frontend-adapter`): a device
+//! whose data plane runs in another process, driven through the same
+//! [`DeviceControl`] trait as an in-process
+//! [`DeviceCore`](crate::core::DeviceCore). It belongs to the in-process
+//! home (a VMM's transport drives it) and shares only the message framing
+//! with the daemon of [`crate::vhost_user`].
 //!
 //! [`VhostUserFrontendDevice`] connects to a vhost-user backend (this kit's
 //! own daemon, QEMU's `vhost-user-blk`, any other) and translates what the
@@ -78,6 +81,7 @@ use crate::vring::Notifier;
 mod activation;
 mod control;
 mod relay;
+pub mod state_fd;
 
 use relay::*;
 
@@ -109,8 +113,6 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
 const MAX_MEM_TABLE_REGIONS: usize = 8;
 /// Largest backend request payload the relay accepts.
 const MAX_BACKEND_REQ_PAYLOAD: usize = 4096;
-/// Size of a vhost-user message header.
-const HEADER_LEN: usize = 12;
 
 /// Errors of the vhost-user frontend adapter. Transport-facing operations
 /// wrap them in [`ControlError::External`].
@@ -159,7 +161,7 @@ pub enum FrontendError {
     Relay(#[source] std::io::Error),
     /// The device's own state could not be moved through DEVICE_STATE.
     #[error("device state transfer failed")]
-    StateTransfer(#[from] super::adapter_state::StateTransferError),
+    StateTransfer(#[from] state_fd::StateTransferError),
     /// The backend's device state is not a snapshot in the kit's format.
     #[error("the backend's device state is not in the kit's snapshot format")]
     StateFormat(#[source] crate::snapshot::SnapshotError),

@@ -175,7 +175,7 @@ impl VhostUserFrontendDevice {
 
     /// The stopped backend's snapshot, through DEVICE_STATE.
     pub(super) fn backend_snapshot(&self) -> Result<DeviceSnapshot, FrontendError> {
-        use crate::vhost_user::adapter_state::{pipe, read_all};
+        use super::state_fd::{pipe, read_all};
         let (ours, theirs) = pipe()?;
         let own = self.request("SET_DEVICE_STATE_FD", |fe| {
             fe.set_device_state_fd(
@@ -193,7 +193,7 @@ impl VhostUserFrontendDevice {
     /// Load `snap`'s device state into the stopped backend (DEVICE_STATE
     /// load), in the kit's snapshot envelope.
     pub(super) fn load_backend_state(&self, snap: &DeviceSnapshot) -> Result<(), FrontendError> {
-        use crate::vhost_user::adapter_state::{pipe, write_all};
+        use super::state_fd::{pipe, write_all};
         let bytes = crate::snapshot::encode(snap).map_err(FrontendError::StateFormat)?;
         let (theirs, ours) = pipe()?;
         let own = self.request("SET_DEVICE_STATE_FD", |fe| {

@@ -4,6 +4,7 @@
 //! reconfiguration), request deadlines and hang-up detection.
 
 use super::*;
+use crate::vhost_user::connection::{encode, Header, FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE};
 
 /// The cached config space.
 #[derive(Debug, Default)]
@@ -198,7 +199,8 @@ impl Relay {
 /// block the relay on a half-sent message, and it accepts a
 /// `CONFIG_CHANGE_MSG` whatever payload the backend attaches (the spec
 /// gives it none; some backends, this kit's daemon included, send an empty
-/// `VhostUserConfig`).
+/// `VhostUserConfig`). The bytes are framed with the daemon's own header
+/// parser and encoder (`vhost_user::connection`), only buffered here.
 pub(super) struct BackendRequests {
     pub(super) sock: UnixStream,
     pub(super) buf: Vec<u8>,
@@ -217,22 +219,17 @@ impl BackendRequests {
                 Err(_) => return Err("read error"),
             }
         }
-        while self.buf.len() >= HEADER_LEN {
-            let word = |i: usize| {
-                let mut w = [0u8; 4];
-                w.copy_from_slice(&self.buf[i..i + 4]);
-                u32::from_le_bytes(w)
-            };
-            let (request, flags, size) = (word(0), word(4), word(8) as usize);
+        while let Some(header) = Header::parse(&self.buf) {
+            let (request, flags, size) = (header.request, header.flags, header.size as usize);
             if size > MAX_BACKEND_REQ_PAYLOAD {
                 return Err("oversized message");
             }
-            if self.buf.len() < HEADER_LEN + size {
+            if self.buf.len() < HEADER_SIZE + size {
                 break;
             }
-            self.buf.drain(..HEADER_LEN + size);
+            self.buf.drain(..HEADER_SIZE + size);
             let ok = self.handle(request, shared);
-            if flags & VhostUserHeaderFlag::NEED_REPLY.bits() != 0 {
+            if flags & FLAG_NEED_REPLY != 0 {
                 self.reply(request, if ok { 0 } else { 1 })?;
             }
         }
@@ -254,12 +251,7 @@ impl BackendRequests {
     }
 
     pub(super) fn reply(&mut self, request: u32, value: u64) -> Result<(), &'static str> {
-        let flags = 0x1 | VhostUserHeaderFlag::REPLY.bits();
-        let mut msg = Vec::with_capacity(HEADER_LEN + 8);
-        msg.extend_from_slice(&request.to_le_bytes());
-        msg.extend_from_slice(&flags.to_le_bytes());
-        msg.extend_from_slice(&8u32.to_le_bytes());
-        msg.extend_from_slice(&value.to_le_bytes());
+        let msg = encode(request, FLAG_REPLY, &value.to_le_bytes());
         // A 20-byte write to a socket nobody else writes to does not block
         // in practice; if it would, the backend is not reading its replies.
         self.sock.write_all(&msg).map_err(|_| "cannot send a reply")
