@@ -23,15 +23,14 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use common::{FuzzDevice, Shape};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use virtio_backend_kit::core::DeviceCore;
 use virtio_backend_kit::mmio::*;
-use virtio_backend_kit::{
-    BackendError, DeviceBackend, DeviceEvent, GuestMemoryLog, QueueSet, VringOwned, VringT,
-};
+use virtio_backend_kit::GuestMemoryLog;
 
 const MEM_SIZE: u64 = 0x1_0000;
 const FEATURES: u64 = VIRTIO_F_VERSION_1 | (1 << 29) | (1 << 5);
@@ -45,61 +44,15 @@ const REGS: [u64; 27] = [
     SHM_LEN_HIGH, CONFIG_GENERATION, CONFIG_OFFSET, CONFIG_OFFSET + 4,
 ];
 
-/// Two queues of up to 16; every chain is returned with length 0; 8 bytes
-/// of writable config.
-#[derive(Default)]
-struct Device {
-    config: Mutex<[u8; 8]>,
-}
-
-impl DeviceBackend for Device {
-    type Vring = VringOwned;
-    fn device_type(&self) -> u32 {
-        42
-    }
-    fn num_queues(&self) -> usize {
-        2
-    }
-    fn max_queue_size(&self) -> u16 {
-        16
-    }
-    fn features(&self) -> u64 {
-        FEATURES
-    }
-    fn config_size(&self) -> usize {
-        8
-    }
-    fn read_config(&self, offset: u32, data: &mut [u8]) {
-        let cfg = self.config.lock().map(|c| *c).unwrap_or_default();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
-        }
-    }
-    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), BackendError> {
-        let mut cfg = self.config.lock().map_err(|_| "poisoned")?;
-        let range = offset as usize..offset as usize + data.len();
-        cfg.get_mut(range)
-            .ok_or("out of range")?
-            .copy_from_slice(data);
-        Ok(())
-    }
-    fn handle_event(
-        &self,
-        event: DeviceEvent,
-        queues: &QueueSet<VringOwned>,
-        _worker: usize,
-    ) -> Result<(), BackendError> {
-        let Some((_, v)) = queues.for_event(event) else {
-            return Ok(());
-        };
-        let mut v = v.lock();
-        while let Some(chain) = v.pop_chain()? {
-            v.add_used(chain.head_index(), 0)?;
-        }
-        v.notify_if_needed()?;
-        Ok(())
-    }
-}
+/// Two queues of up to 16, 8 bytes of writable config.
+const SHAPE: Shape = Shape {
+    device_type: 42,
+    queues: 2,
+    max_queue_size: 16,
+    features: FEATURES,
+    config_size: 8,
+    max_state: 4096,
+};
 
 #[derive(Arbitrary, Debug)]
 enum Offset {
@@ -172,7 +125,7 @@ enum Op {
 }
 
 fn transport(mem: &GuestMemoryLog) -> MmioTransport {
-    let core = DeviceCore::new(Arc::new(Device::default())).expect("a control core");
+    let core = DeviceCore::new(Arc::new(FuzzDevice::new(SHAPE))).expect("a control core");
     MmioTransport::new(Box::new(core), mem.clone()).expect("a transport")
 }
 
@@ -191,7 +144,7 @@ fn wr(t: &mut MmioTransport, off: u64, v: u32) {
 fn migrate(t: &mut MmioTransport, mem: &GuestMemoryLog) -> Option<MmioTransport> {
     // (The snapshot's encoding is the `snapshot` target's business.)
     let snap = t.snapshot().ok()?;
-    let core = DeviceCore::new(Arc::new(Device::default())).expect("a control core");
+    let core = DeviceCore::new(Arc::new(FuzzDevice::new(SHAPE))).expect("a control core");
     match MmioTransport::restore(Box::new(core), mem.clone(), snap) {
         Ok(restored) => Some(restored),
         Err(_) => {

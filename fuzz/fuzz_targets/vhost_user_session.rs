@@ -19,102 +19,29 @@
 //! it never answers with more bytes than a reply can hold per request.
 #![no_main]
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::fs::File;
 use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use common::{FuzzDevice, Shape};
 use libfuzzer_sys::fuzz_target;
 use virtio_backend_kit::vhost_user::VhostUserDaemon;
-use virtio_backend_kit::vm_memory::Bytes;
-use virtio_backend_kit::{BackendError, DeviceBackend, DeviceEvent, QueueSet, VringOwned, VringT};
 
-/// A two-queue device with a config space and state of its own, whose
-/// queues copy what they read into what they write.
-#[derive(Default)]
-struct Device {
-    config: Mutex<[u8; 16]>,
-    state: Mutex<Vec<u8>>,
-}
-
-impl DeviceBackend for Device {
-    type Vring = VringOwned;
-    fn device_type(&self) -> u32 {
-        0x7f
-    }
-    fn num_queues(&self) -> usize {
-        2
-    }
-    fn max_queue_size(&self) -> u16 {
-        256
-    }
-    fn features(&self) -> u64 {
-        // VERSION_1, EVENT_IDX, INDIRECT_DESC.
-        (1 << 32) | (1 << 29) | (1 << 28)
-    }
-    fn config_size(&self) -> usize {
-        16
-    }
-    fn read_config(&self, offset: u32, data: &mut [u8]) {
-        let config = self.config.lock().map(|c| *c).unwrap_or_default();
-        let start = (offset as usize).min(config.len());
-        let n = data.len().min(config.len() - start);
-        data[..n].copy_from_slice(&config[start..start + n]);
-    }
-    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), BackendError> {
-        let mut config = self.config.lock().map_err(|_| "poisoned")?;
-        let start = (offset as usize).min(config.len());
-        let n = data.len().min(config.len() - start);
-        config[start..start + n].copy_from_slice(&data[..n]);
-        Ok(())
-    }
-    fn handle_event(
-        &self,
-        event: DeviceEvent,
-        queues: &QueueSet<VringOwned>,
-        _worker: usize,
-    ) -> Result<(), BackendError> {
-        let Some((_, vring)) = queues.for_event(event) else {
-            return Ok(());
-        };
-        let mut vring = vring.lock();
-        let mem = vring.memory();
-        let mut served = 0;
-        while let Some(chain) = vring.pop_chain()? {
-            let head = chain.head_index();
-            let mut byte = [0u8; 1];
-            let mut written = 0u32;
-            for desc in chain {
-                if desc.is_write_only() {
-                    if mem.write_slice(&byte, desc.addr()).is_ok() {
-                        written += 1;
-                    }
-                } else {
-                    let _ = mem.read_slice(&mut byte, desc.addr());
-                }
-            }
-            vring.add_used(head, written)?;
-            served += 1;
-            if served == 64 {
-                vring.defer();
-                break;
-            }
-        }
-        vring.notify_if_needed()?;
-        Ok(())
-    }
-    fn save_state(&self) -> Result<Vec<u8>, BackendError> {
-        Ok(self.state.lock().map(|s| s.clone()).unwrap_or_default())
-    }
-    fn restore_state(&self, data: &[u8]) -> Result<(), BackendError> {
-        if data.len() > 4096 {
-            return Err("device state too large".into());
-        }
-        *self.state.lock().map_err(|_| "poisoned")? = data.to_vec();
-        Ok(())
-    }
-}
+/// Two queues of up to 256 with VERSION_1, EVENT_IDX and INDIRECT_DESC, 16
+/// bytes of config, state of its own.
+const SHAPE: Shape = Shape {
+    device_type: 0x7f,
+    queues: 2,
+    max_queue_size: 256,
+    features: (1 << 32) | (1 << 29) | (1 << 28),
+    config_size: 16,
+    max_state: 4096,
+};
 
 /// The fds a record can attach, created once and reset for every input
 /// (the daemon receives duplicates, so the originals stay ours).
@@ -153,7 +80,10 @@ fn eventfd() -> File {
 fn pipe() -> (File, File) {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two fds pipe2 writes.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }, 0);
+    assert_eq!(
+        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) },
+        0
+    );
     // SAFETY: both fds are fresh and owned by nobody else.
     unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
 }
@@ -253,7 +183,10 @@ fuzz_target!(|data: &[u8]| {
             let len = usize::from(u16::from_le_bytes([rest[2], rest[3]])).min(rest.len() - 4);
             let bytes = &rest[4..4 + len];
             rest = &rest[4 + len..];
-            let fds: Vec<RawFd> = (0..9).filter(|b| mask & (1 << b) != 0).map(|b| pool.fd(b)).collect();
+            let fds: Vec<RawFd> = (0..9)
+                .filter(|b| mask & (1 << b) != 0)
+                .map(|b| pool.fd(b))
+                .collect();
             if bytes.is_empty() || !send(&frontend, bytes, &fds) {
                 break;
             }
@@ -263,7 +196,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = frontend.shutdown(std::net::Shutdown::Write);
         // A worker blocked for good (a postcopy fault the input never
         // serves) ends the session after this, well inside the 1 s limit.
-        let mut daemon = VhostUserDaemon::new(Arc::new(Device::default()))
+        let mut daemon = VhostUserDaemon::new(Arc::new(FuzzDevice::new(SHAPE)))
             .expect("daemon")
             .with_stop_timeout(std::time::Duration::from_millis(50))
             // A transfer the input never finishes is cancelled at CHECK
@@ -279,6 +212,10 @@ fuzz_target!(|data: &[u8]| {
         let _ = (&frontend).read_to_end(&mut replies);
         // Replies are bounded by what was asked: a header (12 bytes) plus at
         // most 256 bytes of config or a 64-region table per request.
-        assert!(replies.len() <= 12 + data.len() * (12 + 1024), "{} reply bytes", replies.len());
+        assert!(
+            replies.len() <= 12 + data.len() * (12 + 1024),
+            "{} reply bytes",
+            replies.len()
+        );
     });
 });

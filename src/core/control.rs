@@ -141,13 +141,7 @@ impl<B: DeviceBackend> DeviceControl for DeviceCore<B> {
             self.set_queue_addresses(i, q.desc_table, q.avail_ring, q.used_ring)?;
             self.set_queue_base(i, 0, None)?;
             self.set_queue_ready(i, true)?;
-            self.set_call_notifier(i, Some(q.call))?;
-            self.set_err_notifier(i, Some(q.err))?;
-            self.set_queue_enabled(i, true)?;
-            self.set_kick(i, Some(q.kick))?;
-            if !self.is_queue_running(i) {
-                return Err(ControlError::Invalid("queue did not start"));
-            }
+            self.wire_and_start(q)?;
         }
         Ok(())
     }
@@ -181,13 +175,23 @@ impl<B: DeviceBackend> DeviceControl for DeviceCore<B> {
                     "activation does not match the snapshot",
                 ));
             }
-            self.set_call_notifier(i, Some(q.call))?;
-            self.set_err_notifier(i, Some(q.err))?;
-            self.set_queue_enabled(i, true)?;
-            self.set_kick(i, Some(q.kick))?;
-            if !self.is_queue_running(i) {
-                return Err(ControlError::Invalid("queue did not start"));
-            }
+            self.wire_and_start(q)?;
+        }
+        Ok(())
+    }
+}
+
+impl<B: DeviceBackend> DeviceCore<B> {
+    /// The last steps of starting a configured queue from an activation:
+    /// its call and err notifiers, enable, the kick that starts it.
+    fn wire_and_start(&mut self, q: QueueActivation) -> Result<(), ControlError> {
+        let i = u32::from(q.index);
+        self.set_call_notifier(i, Some(q.call))?;
+        self.set_err_notifier(i, Some(q.err))?;
+        self.set_queue_enabled(i, true)?;
+        self.set_kick(i, Some(q.kick))?;
+        if !self.is_queue_running(i) {
+            return Err(ControlError::Invalid("queue did not start"));
         }
         Ok(())
     }

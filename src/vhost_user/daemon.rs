@@ -242,17 +242,31 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
                 Err(e) => return Err(DaemonError::Accept(e)),
             };
             info!("frontend connected");
-            let end = self.serve_stream(stream);
-            if self.stop.is_stopping() {
-                return Ok(());
-            }
-            if mode == ServeMode::Once {
-                return match end {
-                    ConnectionError::Closed => Ok(()),
-                    e => Err(DaemonError::Session(e)),
-                };
+            if let Some(done) = self.serve_one(stream, mode) {
+                return done;
             }
         }
+    }
+
+    /// Serve the frontend on `stream`. `Some(result)` when the daemon is
+    /// done (it is stopping, or it serves only once); `None` to go on with
+    /// the next frontend.
+    fn serve_one(
+        &mut self,
+        stream: UnixStream,
+        mode: ServeMode,
+    ) -> Option<Result<(), DaemonError>> {
+        let end = self.serve_stream(stream);
+        if self.stop.is_stopping() {
+            return Some(Ok(()));
+        }
+        if mode != ServeMode::Once {
+            return None;
+        }
+        Some(match end {
+            ConnectionError::Closed => Ok(()),
+            e => Err(DaemonError::Session(e)),
+        })
     }
 
     /// Run on `endpoint` in `mode`.
@@ -266,15 +280,8 @@ impl<B: DeviceBackend> VhostUserDaemon<B> {
             Endpoint::Connect(path) => loop {
                 let stream = connect_retrying(path, mode)?;
                 info!("connected to {}", path.display());
-                let end = self.serve_stream(stream);
-                if self.stop.is_stopping() {
-                    return Ok(());
-                }
-                if mode == ServeMode::Once {
-                    return match end {
-                        ConnectionError::Closed => Ok(()),
-                        e => Err(DaemonError::Session(e)),
-                    };
+                if let Some(done) = self.serve_one(stream, mode) {
+                    return done;
                 }
             },
         }

@@ -1,11 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Pieces the fuzz targets share: guest memory reused across inputs, split
-//! ring layout helpers and a small vring builder. Included by each target
+//! ring layout helpers, a small vring builder and a device (`device`). Included by each target
 //! with `#[path = "common/mod.rs"] mod common;`, so not every target uses
 //! every item.
 #![allow(dead_code)]
 
 use std::cell::RefCell;
+
+mod device;
+#[allow(unused_imports)] // Not every target runs the device.
+pub use device::{FuzzDevice, Shape};
 
 use virtio_backend_kit::vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 use virtio_backend_kit::vring::NotifierSlot;
