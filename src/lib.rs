@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
+#![warn(missing_debug_implementations)]
 
 pub mod backend;
 pub mod core;
@@ -41,3 +42,11 @@ pub use virtio_queue;
 pub use vm_memory;
 /// The `vmm-sys-util` crate this kit is built on.
 pub use vmm_sys_util;
+
+/// An error and its sources on one line (`outer: inner: innermost`), for
+/// logs: the kit's errors keep their cause as a typed `source`, not in
+/// their own message.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    std::iter::successors(e.source(), |s| s.source())
+        .fold(e.to_string(), |msg, s| format!("{msg}: {s}"))
+}

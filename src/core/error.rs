@@ -35,9 +35,21 @@ pub enum CoreError {
         #[source]
         source: VringError,
     },
-    /// A guest memory region was rejected.
-    #[error("invalid guest memory region: {0}")]
-    Memory(String),
+    /// A guest memory region was rejected (overlapping, unknown, empty).
+    #[error("invalid guest memory region")]
+    Memory(#[source] vm_memory::GuestRegionCollectionError),
+    /// The lock around the guest memory handle was poisoned by a panic.
+    #[error("guest memory lock poisoned")]
+    MemoryPoisoned,
+    /// A queue's kick eventfd could not be duplicated for its worker.
+    #[error("cannot duplicate the kick eventfd of queue {index}")]
+    KickFd {
+        /// Queue index.
+        index: u16,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The config space access is out of range.
     #[error("config access out of range (offset {offset}, len {len})")]
     ConfigRange {
@@ -92,6 +104,8 @@ impl CoreError {
             | CoreError::QueueRunning(_)
             | CoreError::QueueStart { .. }
             | CoreError::Memory(_)
+            | CoreError::MemoryPoisoned
+            | CoreError::KickFd { .. }
             | CoreError::ConfigRange { .. }
             | CoreError::Device(_)
             | CoreError::WorkerGone(_)

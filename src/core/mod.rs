@@ -50,6 +50,22 @@ pub struct DeviceCore<B: DeviceBackend> {
     stop_timeout: std::time::Duration,
 }
 
+impl<B: DeviceBackend> std::fmt::Debug for DeviceCore<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceCore")
+            .field("device_type", &self.backend.device_type())
+            .field(
+                "acked_features",
+                &format_args!("{:#x}", self.acked_features),
+            )
+            .field("queues", &self.queues.len())
+            .field("workers", &self.workers.len())
+            .field("inflight", &self.inflight.is_some())
+            .field("paused", &self.paused)
+            .finish_non_exhaustive()
+    }
+}
+
 /// How long stopping a queue waits for its worker by default: long enough
 /// for a batch of slow I/O to finish, bounded so that a worker blocked for
 /// good (a postcopy fault nobody serves) cannot hang the control thread.
@@ -181,8 +197,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
 
     /// Replace guest memory with `regions`.
     pub(crate) fn set_memory(&mut self, regions: Vec<Arc<GuestRegionLog>>) -> Result<()> {
-        let mem = GuestMemoryLog::from_arc_regions(regions)
-            .map_err(|e| CoreError::Memory(e.to_string()))?;
+        let mem = GuestMemoryLog::from_arc_regions(regions).map_err(CoreError::Memory)?;
         self.install_memory(mem)
     }
 
@@ -192,7 +207,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
             .mem
             .memory()
             .insert_region(region)
-            .map_err(|e| CoreError::Memory(e.to_string()))?;
+            .map_err(CoreError::Memory)?;
         self.install_memory(mem)
     }
 
@@ -202,7 +217,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
             .mem
             .memory()
             .remove_region(GuestAddress(gpa), size)
-            .map_err(|e| CoreError::Memory(e.to_string()))?;
+            .map_err(CoreError::Memory)?;
         self.install_memory(mem)
     }
 
@@ -215,7 +230,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
         // Swapping the memory is seen by running vrings at their next batch.
         self.mem
             .lock()
-            .map_err(|_| CoreError::Memory("memory lock poisoned".into()))?
+            .map_err(|_| CoreError::MemoryPoisoned)?
             .replace(mem);
         self.backend
             .update_memory(&self.mem)
@@ -469,7 +484,7 @@ impl<B: DeviceBackend> DeviceCore<B> {
         };
         let kick = kick
             .try_clone()
-            .map_err(|e| CoreError::Memory(format!("kick fd: {e}")))?;
+            .map_err(|source| CoreError::KickFd { index: q, source })?;
         let mut vring = Vring::new(
             q,
             self.backend.max_queue_size(),

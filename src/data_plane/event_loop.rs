@@ -29,6 +29,15 @@ pub struct DataPlaneSubscriber<B: DeviceBackend> {
     exited: bool,
 }
 
+impl<B: DeviceBackend> std::fmt::Debug for DataPlaneSubscriber<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPlaneSubscriber")
+            .field("device_fds", &self.device_tokens.len())
+            .field("exited", &self.exited)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<B: DeviceBackend> DataPlaneSubscriber<B> {
     pub(crate) fn new(worker: WorkerLoop<B>) -> Self {
         DataPlaneSubscriber {

@@ -16,8 +16,11 @@
 //! DEVICE_NEEDS_RESET with a config interrupt, unknown or unaligned register
 //! accesses are ignored (reads return zeroes). Nothing a guest does panics.
 
+mod activation;
 mod regs;
 mod trace;
+
+use activation::ActivationError;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -26,7 +29,7 @@ use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::ConfigNotifier;
-use crate::core::{Activation, DeviceControl, QueueActivation};
+use crate::core::{Activation, ControlError, DeviceControl, QueueActivation};
 use crate::memory::GuestMemoryLog;
 use crate::vring::{Notifier, VringState, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER};
 pub use regs::*;
@@ -70,6 +73,20 @@ pub struct MmioTransport {
     irq: EventFd,
     /// Per queue, the interrupt counters of the current activation.
     traces: Vec<Option<Arc<InterruptTrace>>>,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("status", &format_args!("{:#x}", self.status))
+            .field(
+                "driver_features",
+                &format_args!("{:#x}", self.driver_features),
+            )
+            .field("activated", &self.activated)
+            .field("queues", &self.queues.len())
+            .finish_non_exhaustive()
+    }
 }
 
 fn set_half(value: &mut u64, high: bool, half: u32) {
@@ -405,15 +422,16 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let result = self
-            .build_activation()
-            .and_then(|activation| self.device.activate(activation).map_err(|e| e.to_string()));
+        let result = self.build_activation().and_then(|activation| {
+            (self.device.activate(activation)).map_err(ActivationError::Device)
+        });
         match result {
             Ok(()) => {
                 self.activated = true;
                 debug!("virtio-mmio: device activated");
             }
             Err(e) => {
+                let e = crate::error_chain(&e);
                 warn!("virtio-mmio: activation failed: {e}; DEVICE_NEEDS_RESET");
                 self.status |= STATUS_DEVICE_NEEDS_RESET;
                 self.interrupt_status
@@ -421,46 +439,6 @@ impl MmioTransport {
                 let _ = self.irq.write(1);
             }
         }
-    }
-
-    fn build_activation(&mut self) -> Result<Activation, String> {
-        let mut queues = Vec::new();
-        self.traces = vec![None; self.queues.len()];
-        let ready: Vec<(usize, QueueRegs)> = (self.queues.iter().copied().enumerate())
-            .filter(|(_, q)| q.ready)
-            .collect();
-        for (i, q) in ready {
-            let dup = |fd: &EventFd| fd.try_clone().map_err(|e| format!("eventfd: {e}"));
-            let trace = Arc::new(InterruptTrace::new(self.memory.clone(), q.used));
-            self.traces[i] = Some(trace.clone());
-            queues.push(QueueActivation {
-                index: i as u16,
-                size: q.size,
-                desc_table: q.desc,
-                avail_ring: q.avail,
-                used_ring: q.used,
-                kick: dup(&self.kicks[i])?,
-                call: Notifier::with_status(
-                    dup(&self.irq)?,
-                    self.interrupt_status.clone(),
-                    INTERRUPT_USED_BUFFER,
-                )
-                .traced(trace),
-                // A queue the device gave up on: DEVICE_NEEDS_RESET and a
-                // config-change interrupt (virtio 1.2, 2.1.2).
-                err: Notifier::with_status(
-                    dup(&self.irq)?,
-                    self.interrupt_status.clone(),
-                    INTERRUPT_CONFIG_CHANGE,
-                )
-                .and_status(self.device_error.clone(), STATUS_DEVICE_NEEDS_RESET),
-            });
-        }
-        Ok(Activation {
-            features: self.driver_features,
-            memory: self.memory.clone(),
-            queues,
-        })
     }
 
     fn reset(&mut self) {

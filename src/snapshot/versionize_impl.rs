@@ -23,7 +23,7 @@ impl Versionize for DeviceSnapshot {
         _version_map: &VersionMap,
         _target_version: u16,
     ) -> VersionizeResult<()> {
-        write_to(self, writer).map_err(|e| VersionizeError::Serialize(error_chain(&e)))
+        write_to(self, writer).map_err(|e| VersionizeError::Serialize(crate::error_chain(&e)))
     }
 
     fn deserialize<R: Read>(
@@ -31,24 +31,12 @@ impl Versionize for DeviceSnapshot {
         _version_map: &VersionMap,
         _source_version: u16,
     ) -> VersionizeResult<Self> {
-        read_from(reader).map_err(|e| VersionizeError::Deserialize(error_chain(&e)))
+        read_from(reader).map_err(|e| VersionizeError::Deserialize(crate::error_chain(&e)))
     }
 
     fn version() -> u16 {
         1
     }
-}
-
-/// The error and its sources on one line (versionize errors are strings).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -102,8 +102,8 @@ pub enum ConformanceError {
     #[error("cannot build the in-process home")]
     Core(#[source] CoreError),
     /// The event-manager loop could not be built.
-    #[error("cannot build the event loop: {0}")]
-    EventLoop(String),
+    #[error("cannot build the event loop")]
+    EventLoop(#[source] event_manager::Error),
     /// The daemon could not be built.
     #[error("cannot build the vhost-user daemon")]
     Daemon(#[source] DaemonError),
@@ -234,7 +234,7 @@ fn spawn_event_loop<B: DeviceBackend + 'static>(
 ) -> Result<(JoinHandle<()>, Arc<AtomicBool>), ConformanceError> {
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
     let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
-        .map_err(|e| ConformanceError::EventLoop(format!("{e:?}")))?;
+        .map_err(ConformanceError::EventLoop)?;
     for s in subscribers {
         em.add_subscriber(Box::new(s));
     }
@@ -256,6 +256,15 @@ pub struct Conformance<B> {
     make: Box<dyn Fn() -> Arc<B>>,
     queue_size: u16,
     features: Option<u64>,
+}
+
+impl<B> std::fmt::Debug for Conformance<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conformance")
+            .field("queue_size", &self.queue_size)
+            .field("features", &self.features)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<B: DeviceBackend + 'static> Conformance<B> {

@@ -96,6 +96,16 @@ pub struct VhostUserDaemon<B: DeviceBackend> {
     stop: DaemonStopper,
 }
 
+impl<B: DeviceBackend> std::fmt::Debug for VhostUserDaemon<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserDaemon")
+            .field("core", &self.core)
+            .field("state_file", &self.state_file)
+            .field("check_grace", &self.check_grace)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Ends a running daemon from another thread (for example on SIGTERM):
 /// the daemon stops accepting, its session ends as if the frontend had
 /// hung up (the rings are stopped, so requests being processed finish),

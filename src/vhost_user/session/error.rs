@@ -2,6 +2,7 @@
 //! Why a frontend request was refused.
 
 use super::*;
+use crate::vhost_user::TransferError;
 
 /// Why a request was refused. Sent back as a NACK and logged.
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +63,12 @@ pub enum RequestError {
     /// The dirty log could not be set up.
     #[error(transparent)]
     Log(#[from] crate::memory::DirtyLogError),
-    /// The device state could not be captured.
-    #[error("device state: {0}")]
-    State(String),
+    /// The device state could not be encoded for the frontend.
+    #[error("cannot encode the device state")]
+    StateEncode(#[source] crate::snapshot::SnapshotError),
+    /// The device state transfer could not be started.
+    #[error("cannot start the device state transfer")]
+    StateTransfer(#[source] TransferError),
     /// The in-flight area could not be set up.
     #[error(transparent)]
     Inflight(#[from] InflightError),
@@ -99,7 +103,8 @@ impl RequestError {
             | RequestError::TooMuchMemory { .. }
             | RequestError::NoSuchRegion(_)
             | RequestError::Log(_)
-            | RequestError::State(_)
+            | RequestError::StateEncode(_)
+            | RequestError::StateTransfer(_)
             | RequestError::Inflight(_)
             | RequestError::Fd(_) => false,
             #[cfg(feature = "postcopy")]

@@ -87,6 +87,17 @@ pub fn kit_protocol_features() -> VhostUserProtocolFeatures {
     fixed
 }
 
+/// Why the state file could not be written (logged; serving goes on).
+#[derive(Debug, thiserror::Error)]
+enum StateFileError {
+    #[error("cannot take the checkpoint")]
+    Snapshot(#[source] CoreError),
+    #[error("cannot encode the checkpoint")]
+    Encode(#[source] crate::snapshot::SnapshotError),
+    #[error("cannot write the file")]
+    Write(#[source] std::io::Error),
+}
+
 /// One frontend connection.
 pub struct Session<'a, B: DeviceBackend> {
     core: &'a mut DeviceCore<B>,
@@ -101,6 +112,20 @@ pub struct Session<'a, B: DeviceBackend> {
     check_grace: std::time::Duration,
     #[cfg(feature = "postcopy")]
     postcopy: Postcopy,
+}
+
+impl<B: DeviceBackend> std::fmt::Debug for Session<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("core", &self.core)
+            .field(
+                "acked_protocol",
+                &format_args!("{:#x}", self.acked_protocol),
+            )
+            .field("status", &self.status)
+            .field("transfer", &self.transfer.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// How long `CHECK_DEVICE_STATE` waits by default for a transfer the
@@ -149,18 +174,17 @@ impl<'a, B: DeviceBackend> Session<'a, B> {
         let Some(path) = &self.state_file else {
             return;
         };
-        let result = self
-            .core
-            .checkpoint(Some(self.acked_protocol))
-            .map_err(|e| e.to_string())
-            .and_then(|snap| crate::snapshot::encode(&snap).map_err(|e| e.to_string()))
+        let result = (self.core.checkpoint(Some(self.acked_protocol)))
+            .map_err(StateFileError::Snapshot)
+            .and_then(|snap| crate::snapshot::encode(&snap).map_err(StateFileError::Encode))
             .and_then(|bytes| {
                 let tmp = path.with_extension("tmp");
                 std::fs::write(&tmp, bytes)
                     .and_then(|()| std::fs::rename(&tmp, path))
-                    .map_err(|e| e.to_string())
+                    .map_err(StateFileError::Write)
             });
         if let Err(e) = result {
+            let e = crate::error_chain(&e);
             warn!("cannot write state file {}: {e}", path.display());
         }
     }
