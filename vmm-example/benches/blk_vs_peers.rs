@@ -53,6 +53,8 @@ enum Kind {
 }
 
 impl Kind {
+    const ALL: [Kind; 3] = [Kind::Ours, Kind::Peer, Kind::Qsd];
+
     fn name(self) -> &'static str {
         match self {
             Kind::Ours => "ours",
@@ -77,6 +79,8 @@ enum Mode {
 }
 
 impl Mode {
+    const ALL: [Mode; 2] = [Mode::Null, Mode::File];
+
     fn name(self) -> &'static str {
         match self {
             Mode::Null => "null",
@@ -106,6 +110,19 @@ const USAGE: &str = "blk_vs_peers [--reps N (5)] [--secs S (2)] [--warmup S (0.2
 
 fn parse_list<T: std::str::FromStr>(v: &str) -> Vec<T> {
     v.split(',').filter_map(|s| s.trim().parse().ok()).collect()
+}
+
+/// A comma-separated list of the values in `all`, each given by its
+/// `name` (panics on an unknown `what`).
+fn parse_names<T: Copy>(v: &str, all: &[T], name: fn(T) -> &'static str, what: &str) -> Vec<T> {
+    v.split(',')
+        .map(|s| {
+            all.iter()
+                .copied()
+                .find(|&t| name(t) == s)
+                .unwrap_or_else(|| panic!("unknown {what} {s}"))
+        })
+        .collect()
 }
 
 fn parse_args() -> Opts {
@@ -139,27 +156,8 @@ fn parse_args() -> Opts {
             "--size-mib" => o.size = val().parse::<u64>().expect("--size-mib") << 20,
             "--no-build" => o.build = false,
             "--out" => o.out = Some(PathBuf::from(val())),
-            "--backends" => {
-                o.kinds = val()
-                    .split(',')
-                    .map(|s| match s {
-                        "ours" => Kind::Ours,
-                        "peer" => Kind::Peer,
-                        "qsd" => Kind::Qsd,
-                        _ => panic!("unknown backend {s}"),
-                    })
-                    .collect()
-            }
-            "--modes" => {
-                o.modes = val()
-                    .split(',')
-                    .map(|s| match s {
-                        "null" => Mode::Null,
-                        "file" => Mode::File,
-                        _ => panic!("unknown mode {s}"),
-                    })
-                    .collect()
-            }
+            "--backends" => o.kinds = parse_names(&val(), &Kind::ALL, Kind::name, "backend"),
+            "--modes" => o.modes = parse_names(&val(), &Mode::ALL, Mode::name, "mode"),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -520,7 +518,6 @@ fn verdict(ok: bool) -> &'static str {
 fn report(opts: &Opts, res: &Results, kinds: &[Kind]) -> String {
     let mut s = String::new();
     let w = &mut s;
-    let has = |k: Kind| kinds.contains(&k);
     let pin = match opts.cpu {
         Some(c) => format!("client and backend pinned to CPU {c}"),
         None => "unpinned".into(),
@@ -545,66 +542,7 @@ fn report(opts: &Opts, res: &Results, kinds: &[Kind]) -> String {
         "Command: `cargo bench -p vmm-example --bench blk_vs_peers`\n"
     );
     for &mode in &opts.modes {
-        let _ = writeln!(w, "#### {} target\n", mode.name());
-        let mut hdr = String::from("| queues | depth |");
-        let mut sep = String::from("|---|---|");
-        for &k in kinds {
-            let _ = write!(hdr, " {} IOPS |", k.name());
-            sep.push_str("---:|");
-        }
-        if has(Kind::Peer) {
-            hdr.push_str(" ours/peer |");
-            sep.push_str("---:|");
-        }
-        if has(Kind::Qsd) {
-            hdr.push_str(" ours/qsd |");
-            sep.push_str("---:|");
-        }
-        for &k in kinds {
-            let _ = write!(hdr, " {} p50/p99 µs |", k.name());
-            sep.push_str("---:|");
-        }
-        for &k in kinds {
-            let _ = write!(hdr, " {} CPU ns/req |", k.name());
-            sep.push_str("---:|");
-        }
-        let _ = writeln!(w, "{hdr}\n{sep}");
-        for &nq in &opts.queues {
-            for &d in &opts.depths {
-                let mut row = format!("| {nq} | {d} |");
-                for &k in kinds {
-                    let _ = write!(
-                        row,
-                        " {} |",
-                        fmt_iops(res.med((mode, nq, d, k), |x| x.iops))
-                    );
-                }
-                let ours = res.med((mode, nq, d, Kind::Ours), |x| x.iops);
-                for other in [Kind::Peer, Kind::Qsd] {
-                    if has(other) {
-                        let r = ours / res.med((mode, nq, d, other), |x| x.iops);
-                        let _ = write!(row, " {}× |", fmt_f(r, 2));
-                    }
-                }
-                for &k in kinds {
-                    let _ = write!(
-                        row,
-                        " {} / {} |",
-                        fmt_f(res.med((mode, nq, d, k), |x| x.p50_us), 1),
-                        fmt_f(res.med((mode, nq, d, k), |x| x.p99_us), 1)
-                    );
-                }
-                for &k in kinds {
-                    let _ = write!(
-                        row,
-                        " {} |",
-                        fmt_f(res.med((mode, nq, d, k), |x| x.cpu_ns_per_req), 0)
-                    );
-                }
-                let _ = writeln!(w, "{row}");
-            }
-        }
-        let _ = writeln!(w);
+        mode_table(w, opts, res, kinds, mode);
     }
 
     // Idle footprint: after the handshake, before any I/O.
@@ -639,62 +577,123 @@ fn report(opts: &Opts, res: &Results, kinds: &[Kind]) -> String {
     }
     let _ = writeln!(w);
 
-    // Targets from the issue, never asserted.
+    targets(w, opts, res, kinds);
+    s
+}
+
+/// The results table of one target `mode`: IOPS, ratios, latencies and
+/// CPU per request of every backend, by queues and depth.
+fn mode_table(w: &mut String, opts: &Opts, res: &Results, kinds: &[Kind], mode: Mode) {
+    let has = |k: Kind| kinds.contains(&k);
+    let _ = writeln!(w, "#### {} target\n", mode.name());
+    let mut hdr = String::from("| queues | depth |");
+    let mut sep = String::from("|---|---|");
+    for &k in kinds {
+        let _ = write!(hdr, " {} IOPS |", k.name());
+        sep.push_str("---:|");
+    }
+    if has(Kind::Peer) {
+        hdr.push_str(" ours/peer |");
+        sep.push_str("---:|");
+    }
+    if has(Kind::Qsd) {
+        hdr.push_str(" ours/qsd |");
+        sep.push_str("---:|");
+    }
+    for &k in kinds {
+        let _ = write!(hdr, " {} p50/p99 µs |", k.name());
+        sep.push_str("---:|");
+    }
+    for &k in kinds {
+        let _ = write!(hdr, " {} CPU ns/req |", k.name());
+        sep.push_str("---:|");
+    }
+    let _ = writeln!(w, "{hdr}\n{sep}");
+    for &nq in &opts.queues {
+        for &d in &opts.depths {
+            let mut row = format!("| {nq} | {d} |");
+            for &k in kinds {
+                let _ = write!(
+                    row,
+                    " {} |",
+                    fmt_iops(res.med((mode, nq, d, k), |x| x.iops))
+                );
+            }
+            let ours = res.med((mode, nq, d, Kind::Ours), |x| x.iops);
+            for other in [Kind::Peer, Kind::Qsd] {
+                if has(other) {
+                    let r = ours / res.med((mode, nq, d, other), |x| x.iops);
+                    let _ = write!(row, " {}× |", fmt_f(r, 2));
+                }
+            }
+            for &k in kinds {
+                let _ = write!(
+                    row,
+                    " {} / {} |",
+                    fmt_f(res.med((mode, nq, d, k), |x| x.p50_us), 1),
+                    fmt_f(res.med((mode, nq, d, k), |x| x.p99_us), 1)
+                );
+            }
+            for &k in kinds {
+                let _ = write!(
+                    row,
+                    " {} |",
+                    fmt_f(res.med((mode, nq, d, k), |x| x.cpu_ns_per_req), 0)
+                );
+            }
+            let _ = writeln!(w, "{row}");
+        }
+    }
+    let _ = writeln!(w);
+}
+
+/// The bound a target ratio should keep.
+#[derive(Clone, Copy)]
+enum Bound {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+/// One target: the 1-queue ratio ours/other of a metric at a queue depth,
+/// its name, and its bound.
+type Target = (Kind, usize, &'static str, fn(&Sample) -> f64, Bound);
+
+/// The targets from the issue, in report order.
+#[rustfmt::skip]
+const TARGETS: [Target; 7] = [
+    (Kind::Peer, 32, "IOPS ours/peer ≥ 1.3", |x| x.iops, Bound::AtLeast(1.3)),
+    (Kind::Peer, 32, "CPU/request ours/peer ≤ 0.7", |x| x.cpu_ns_per_req, Bound::AtMost(0.7)),
+    (Kind::Peer, 128, "IOPS ours/peer ≥ 1.3", |x| x.iops, Bound::AtLeast(1.3)),
+    (Kind::Peer, 128, "CPU/request ours/peer ≤ 0.7", |x| x.cpu_ns_per_req, Bound::AtMost(0.7)),
+    (Kind::Peer, 1, "p50 latency ours/peer ≤ 1.0", |x| x.p50_us, Bound::AtMost(1.0)),
+    (Kind::Qsd, 32, "IOPS ours/qsd ≥ 5", |x| x.iops, Bound::AtLeast(5.0)),
+    (Kind::Qsd, 128, "IOPS ours/qsd ≥ 5", |x| x.iops, Bound::AtLeast(5.0)),
+];
+
+/// The targets from the issue, reported, never asserted.
+fn targets(w: &mut String, opts: &Opts, res: &Results, kinds: &[Kind]) {
     let _ = writeln!(w, "Targets (1 queue):\n");
     let _ = writeln!(w, "| target | value | status |\n|---|---:|---|");
     for &mode in &opts.modes {
         let m = mode.name();
-        if has(Kind::Peer) {
-            for d in [32usize, 128] {
-                let key = |k| (mode, 1, d, k);
-                if !res.samples.contains_key(&key(Kind::Ours)) {
-                    continue;
-                }
-                let r = res.med(key(Kind::Ours), |x| x.iops) / res.med(key(Kind::Peer), |x| x.iops);
-                let _ = writeln!(
-                    w,
-                    "| {m}, qd {d}: IOPS ours/peer ≥ 1.3 | {}× | {} |",
-                    fmt_f(r, 2),
-                    verdict(r >= 1.3)
-                );
-                let c = res.med(key(Kind::Ours), |x| x.cpu_ns_per_req)
-                    / res.med(key(Kind::Peer), |x| x.cpu_ns_per_req);
-                let _ = writeln!(
-                    w,
-                    "| {m}, qd {d}: CPU/request ours/peer ≤ 0.7 | {}× | {} |",
-                    fmt_f(c, 2),
-                    verdict(c <= 0.7)
-                );
+        for &(other, d, what, metric, bound) in &TARGETS {
+            let key = |k| (mode, 1, d, k);
+            if !kinds.contains(&other) || !res.samples.contains_key(&key(Kind::Ours)) {
+                continue;
             }
-            let key = |k| (mode, 1, 1, k);
-            if res.samples.contains_key(&key(Kind::Ours)) {
-                let r =
-                    res.med(key(Kind::Ours), |x| x.p50_us) / res.med(key(Kind::Peer), |x| x.p50_us);
-                let _ = writeln!(
-                    w,
-                    "| {m}, qd 1: p50 latency ours/peer ≤ 1.0 | {}× | {} |",
-                    fmt_f(r, 2),
-                    verdict(r <= 1.0)
-                );
-            }
-        }
-        if has(Kind::Qsd) {
-            for d in [32usize, 128] {
-                let key = |k| (mode, 1, d, k);
-                if !res.samples.contains_key(&key(Kind::Ours)) {
-                    continue;
-                }
-                let r = res.med(key(Kind::Ours), |x| x.iops) / res.med(key(Kind::Qsd), |x| x.iops);
-                let _ = writeln!(
-                    w,
-                    "| {m}, qd {d}: IOPS ours/qsd ≥ 5 | {}× | {} |",
-                    fmt_f(r, 2),
-                    verdict(r >= 5.0)
-                );
-            }
+            let r = res.med(key(Kind::Ours), metric) / res.med(key(other), metric);
+            let met = match bound {
+                Bound::AtLeast(b) => r >= b,
+                Bound::AtMost(b) => r <= b,
+            };
+            let _ = writeln!(
+                w,
+                "| {m}, qd {d}: {what} | {}× | {} |",
+                fmt_f(r, 2),
+                verdict(met)
+            );
         }
     }
-    s
 }
 
 fn main() {

@@ -56,6 +56,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vmm_example::daemon_cli::print_exit_code;
 
 const SECTOR: u64 = 512;
 const SEG_MAX: u32 = 128;
@@ -272,30 +273,17 @@ impl PeerBlk {
             let slice = mem.get_slice(d.addr(), n).map_err(other)?;
             let mut done = 0usize;
             while done < n {
+                let (fd, left, at) = (file.as_raw_fd(), n - done, offset as libc::off_t);
                 let r = if to_guest {
                     let guard = slice.ptr_guard_mut();
                     // SAFETY: `slice` covers `n` bytes of mapped guest memory
                     // that stay mapped while the memory guard the caller holds
                     // lives; the kernel writes at most `n - done` bytes there.
-                    unsafe {
-                        libc::pread(
-                            file.as_raw_fd(),
-                            guard.as_ptr().add(done).cast(),
-                            n - done,
-                            offset as libc::off_t,
-                        )
-                    }
+                    unsafe { libc::pread(fd, guard.as_ptr().add(done).cast(), left, at) }
                 } else {
                     let guard = slice.ptr_guard();
                     // SAFETY: as above; the kernel only reads `n - done` bytes.
-                    unsafe {
-                        libc::pwrite(
-                            file.as_raw_fd(),
-                            guard.as_ptr().add(done).cast(),
-                            n - done,
-                            offset as libc::off_t,
-                        )
-                    }
+                    unsafe { libc::pwrite(fd, guard.as_ptr().add(done).cast(), left, at) }
                 };
                 if r < 0 {
                     let e = io::Error::last_os_error();
@@ -446,11 +434,5 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("peer_vub_blk: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    print_exit_code("peer_vub_blk", run(Args::parse()))
 }

@@ -158,12 +158,26 @@ impl BlkioClient {
                 "do_io",
                 self.queues[q].do_io(&mut slots[..want - done.len()], 1, None, None),
             )?;
-            for s in &slots[..n] {
-                // SAFETY: do_io initialised the first `n` entries.
-                done.push(unsafe { s.assume_init_read() });
-            }
+            // SAFETY: do_io initialised the first `n` entries.
+            done.extend(unsafe { reaped(&slots, n) });
         }
         Ok(done)
+    }
+
+    /// The buffer start, for a request of `len` bytes (`too_large` when
+    /// they do not fit the buffer).
+    fn buffer_for(&self, len: usize, too_large: &'static str) -> Result<*mut u8, ClientError> {
+        if len > self.region.len {
+            return Err(ClientError::Invalid(too_large));
+        }
+        Ok(self.region.addr as *mut u8)
+    }
+
+    /// Wait for the one request in flight on queue `q` (an `op` at
+    /// `offset`) and check how it ended.
+    fn complete_one(&mut self, q: usize, op: &'static str, offset: u64) -> Result<(), ClientError> {
+        let c = self.wait(q, 1)?;
+        Self::check(op, offset, &c[0])
     }
 
     fn check(op: &'static str, offset: u64, c: &Completion) -> Result<(), ClientError> {
@@ -179,45 +193,34 @@ impl BlkioClient {
 
     /// Write `len` bytes from the buffer start to `offset` on queue `q`.
     pub fn write(&mut self, q: usize, offset: u64, len: usize) -> Result<(), ClientError> {
-        if len > self.region.len {
-            return Err(ClientError::Invalid("write larger than the buffer"));
-        }
-        let buf = self.region.addr as *const u8;
+        let buf = self.buffer_for(len, "write larger than the buffer")?;
         self.queues[q].write(offset, buf, len, 0, ReqFlags::empty());
-        let c = self.wait(q, 1)?;
-        Self::check("write", offset, &c[0])
+        self.complete_one(q, "write", offset)
     }
 
     /// Read `len` bytes at `offset` into the buffer start on queue `q`.
     pub fn read(&mut self, q: usize, offset: u64, len: usize) -> Result<(), ClientError> {
-        if len > self.region.len {
-            return Err(ClientError::Invalid("read larger than the buffer"));
-        }
-        let buf = self.region.addr as *mut u8;
+        let buf = self.buffer_for(len, "read larger than the buffer")?;
         self.queues[q].read(offset, buf, len, 0, ReqFlags::empty());
-        let c = self.wait(q, 1)?;
-        Self::check("read", offset, &c[0])
+        self.complete_one(q, "read", offset)
     }
 
     /// Flush on queue `q`.
     pub fn flush(&mut self, q: usize) -> Result<(), ClientError> {
         self.queues[q].flush(0, ReqFlags::empty());
-        let c = self.wait(q, 1)?;
-        Self::check("flush", 0, &c[0])
+        self.complete_one(q, "flush", 0)
     }
 
     /// Write-zeroes `len` bytes at `offset` on queue `q`.
     pub fn write_zeroes(&mut self, q: usize, offset: u64, len: u64) -> Result<(), ClientError> {
         self.queues[q].write_zeroes(offset, len, 0, ReqFlags::empty());
-        let c = self.wait(q, 1)?;
-        Self::check("write_zeroes", offset, &c[0])
+        self.complete_one(q, "write_zeroes", offset)
     }
 
     /// Discard `len` bytes at `offset` on queue `q`.
     pub fn discard(&mut self, q: usize, offset: u64, len: u64) -> Result<(), ClientError> {
         self.queues[q].discard(offset, len, 0, ReqFlags::empty());
-        let c = self.wait(q, 1)?;
-        Self::check("discard", offset, &c[0])
+        self.complete_one(q, "discard", offset)
     }
 
     /// Write a pattern over `total` bytes in `chunk`-byte requests, read it
@@ -289,53 +292,51 @@ impl BlkioClient {
         block: usize,
         duration: Duration,
     ) -> Result<RunStats, ClientError> {
-        if depth == 0 || depth * block > self.region.len || self.capacity < block as u64 {
-            return Err(ClientError::Invalid("depth * block exceeds the buffer"));
-        }
-        let mut next_offset = random_offsets(self.capacity, block);
-        let base = self.region.addr as *mut u8;
-        let mut issued_at = vec![Instant::now(); depth];
-        let mut stats = RunStats::default();
-        for (slot, at) in issued_at.iter_mut().enumerate() {
-            // SAFETY: slot * block + block <= region.len, checked above.
-            let buf = unsafe { base.add(slot * block) };
-            *at = Instant::now();
-            self.queues[q].read(next_offset(), buf, block, slot, ReqFlags::empty());
-        }
+        let mut run = self.random_run(
+            depth,
+            depth,
+            block,
+            duration,
+            "depth * block exceeds the buffer",
+        )?;
+        run.issue_all(std::slice::from_mut(&mut self.queues[q]));
         let mut slots: Vec<MaybeUninit<Completion>> =
             (0..depth).map(|_| MaybeUninit::uninit()).collect();
-        let start = Instant::now();
         let mut in_flight = depth;
-        let mut draining = false;
         while in_flight > 0 {
             let n = wrap("do_io", self.queues[q].do_io(&mut slots, 1, None, None))?;
-            let now = Instant::now();
-            if !draining && now.duration_since(start) >= duration {
-                draining = true;
-            }
-            for s in &slots[..n] {
-                // SAFETY: do_io initialised the first `n` entries.
-                let c = unsafe { s.assume_init_read() };
-                Self::check("read", 0, &c)?;
-                let slot = c.user_data;
-                stats.requests += 1;
-                if stats.requests % 16 == 0 || stats.latencies_ns.len() < 4096 {
-                    stats
-                        .latencies_ns
-                        .push(now.duration_since(issued_at[slot]).as_nanos() as u64);
-                }
-                if draining {
-                    in_flight -= 1;
-                } else {
-                    // SAFETY: `slot < depth`, see above.
-                    let buf = unsafe { base.add(slot * block) };
-                    issued_at[slot] = Instant::now();
-                    self.queues[q].read(next_offset(), buf, block, slot, ReqFlags::empty());
-                }
-            }
+            // SAFETY: do_io initialised the first `n` entries.
+            let reaped = unsafe { reaped(&slots, n) };
+            in_flight -= run.completed(&mut self.queues[q], reaped)?;
         }
-        stats.elapsed = start.elapsed();
-        Ok(stats)
+        Ok(run.finish())
+    }
+
+    /// Check that `slots` buffer slots of `block` bytes fit the buffer
+    /// region and the disk (`invalid` says why not), and set up a random
+    /// read run over them, `depth` slots a queue, for `duration`.
+    fn random_run(
+        &self,
+        slots: usize,
+        depth: usize,
+        block: usize,
+        duration: Duration,
+        invalid: &'static str,
+    ) -> Result<RandomReadRun<impl FnMut() -> u64>, ClientError> {
+        if depth == 0 || slots * block > self.region.len || self.capacity < block as u64 {
+            return Err(ClientError::Invalid(invalid));
+        }
+        Ok(RandomReadRun {
+            base: self.region.addr as *mut u8,
+            block,
+            depth,
+            issued_at: vec![Instant::now(); slots],
+            stats: RunStats::default(),
+            next_offset: random_offsets(self.capacity, block),
+            start: Instant::now(),
+            duration,
+            draining: false,
+        })
     }
 }
 
@@ -362,28 +363,19 @@ impl BlkioClient {
             return Err(ClientError::Invalid("num_queues"));
         }
         let slots_total = num_queues * depth;
-        if depth == 0 || slots_total * block > self.region.len || self.capacity < block as u64 {
-            return Err(ClientError::Invalid(
-                "num_queues * depth * block exceeds the buffer",
-            ));
-        }
+        let mut run = self.random_run(
+            slots_total,
+            depth,
+            block,
+            duration,
+            "num_queues * depth * block exceeds the buffer",
+        )?;
         let mut fds = self.completion_pollfds(num_queues)?;
-        let mut next_offset = random_offsets(self.capacity, block);
-        let base = self.region.addr as *mut u8;
-        let mut issued_at = vec![Instant::now(); slots_total];
-        let mut stats = RunStats::default();
-        for (slot, at) in issued_at.iter_mut().enumerate() {
-            // SAFETY: slot * block + block <= region.len, checked above.
-            let buf = unsafe { base.add(slot * block) };
-            *at = Instant::now();
-            self.queues[slot / depth].read(next_offset(), buf, block, slot, ReqFlags::empty());
-        }
+        run.issue_all(&mut self.queues[..num_queues]);
         let mut completions: Vec<MaybeUninit<Completion>> =
             (0..depth).map(|_| MaybeUninit::uninit()).collect();
         let mut in_flight = vec![depth; num_queues];
         let mut total_in_flight = slots_total;
-        let start = Instant::now();
-        let mut draining = false;
         let mut armed = false;
         while total_in_flight > 0 {
             let mut got = 0usize;
@@ -396,31 +388,11 @@ impl BlkioClient {
                     self.queues[q].do_io(&mut completions, 0, None, None),
                 )?;
                 got += n;
-                let now = Instant::now();
-                if !draining && now.duration_since(start) >= duration {
-                    draining = true;
-                }
-                for c in &completions[..n] {
-                    // SAFETY: do_io initialised the first `n` entries.
-                    let c = unsafe { c.assume_init_read() };
-                    Self::check("read", 0, &c)?;
-                    let slot = c.user_data;
-                    stats.requests += 1;
-                    if stats.requests % 16 == 0 || stats.latencies_ns.len() < 4096 {
-                        stats
-                            .latencies_ns
-                            .push(now.duration_since(issued_at[slot]).as_nanos() as u64);
-                    }
-                    if draining {
-                        *queue_in_flight -= 1;
-                        total_in_flight -= 1;
-                    } else {
-                        // SAFETY: `slot < slots_total`, see above.
-                        let buf = unsafe { base.add(slot * block) };
-                        issued_at[slot] = Instant::now();
-                        self.queues[q].read(next_offset(), buf, block, slot, ReqFlags::empty());
-                    }
-                }
+                // SAFETY: do_io initialised the first `n` entries.
+                let reaped = unsafe { reaped(&completions, n) };
+                let retired = run.completed(&mut self.queues[q], reaped)?;
+                *queue_in_flight -= retired;
+                total_in_flight -= retired;
             }
             if got > 0 {
                 if armed {
@@ -444,8 +416,7 @@ impl BlkioClient {
         if armed {
             self.set_completion_fds(num_queues, false);
         }
-        stats.elapsed = start.elapsed();
-        Ok(stats)
+        Ok(run.finish())
     }
 
     /// Arm (`on`) or disarm the completion eventfds of the first
@@ -473,6 +444,106 @@ impl BlkioClient {
             })
             .collect()
     }
+}
+
+/// One random-read run: `issued_at.len()` buffer slots of `block` bytes
+/// in the buffer region at `base`, `depth` of them a queue (slot `s` is
+/// queue `s / depth`'s), each re-issued as it completes until `duration`
+/// has passed, then drained.
+struct RandomReadRun<F> {
+    /// The buffer region; [`BlkioClient::random_run`] checked that every
+    /// slot fits it.
+    base: *mut u8,
+    block: usize,
+    depth: usize,
+    /// When each slot's request was issued.
+    issued_at: Vec<Instant>,
+    stats: RunStats,
+    next_offset: F,
+    /// When the first requests were all issued.
+    start: Instant,
+    duration: Duration,
+    /// Whether the run is over and completions are no longer re-issued.
+    draining: bool,
+}
+
+impl<F: FnMut() -> u64> RandomReadRun<F> {
+    /// Issue slot `slot`'s next read on `queue`.
+    fn issue(&mut self, queue: &mut Blkioq, slot: usize) {
+        self.issued_at[slot] = Instant::now();
+        // SAFETY: `slot < issued_at.len()` (the index above checked it), and
+        // every one of those slots fits the region (`random_run` checked
+        // `slots * block <= region.len`).
+        let buf = unsafe { self.base.add(slot * self.block) };
+        queue.read(
+            (self.next_offset)(),
+            buf,
+            self.block,
+            slot,
+            ReqFlags::empty(),
+        );
+    }
+
+    /// Issue every slot on its queue (`queues[slot / depth]`), and start
+    /// the clock.
+    fn issue_all(&mut self, queues: &mut [Blkioq]) {
+        for slot in 0..self.issued_at.len() {
+            self.issue(&mut queues[slot / self.depth], slot);
+        }
+        self.start = Instant::now();
+    }
+
+    /// Account for `completions`, just reaped from `queue`: re-issue each
+    /// slot, or once `duration` has passed retire it. Returns how many
+    /// slots were retired.
+    fn completed(
+        &mut self,
+        queue: &mut Blkioq,
+        completions: impl Iterator<Item = Completion>,
+    ) -> Result<usize, ClientError> {
+        let now = Instant::now();
+        if !self.draining && now.duration_since(self.start) >= self.duration {
+            self.draining = true;
+        }
+        let mut retired = 0;
+        for c in completions {
+            BlkioClient::check("read", 0, &c)?;
+            let slot = c.user_data;
+            self.stats.requests += 1;
+            if self.stats.requests.is_multiple_of(16) || self.stats.latencies_ns.len() < 4096 {
+                self.stats
+                    .latencies_ns
+                    .push(now.duration_since(self.issued_at[slot]).as_nanos() as u64);
+            }
+            if self.draining {
+                retired += 1;
+            } else {
+                self.issue(queue, slot);
+            }
+        }
+        Ok(retired)
+    }
+
+    /// The run's figures.
+    fn finish(mut self) -> RunStats {
+        self.stats.elapsed = self.start.elapsed();
+        self.stats
+    }
+}
+
+/// The completions in the first `n` entries of `slots`.
+///
+/// # Safety
+///
+/// Those entries must be initialised (`do_io` just filled them).
+unsafe fn reaped(
+    slots: &[MaybeUninit<Completion>],
+    n: usize,
+) -> impl Iterator<Item = Completion> + '_ {
+    slots[..n].iter().map(|s| {
+        // SAFETY: the caller promises the first `n` entries are initialised.
+        unsafe { s.assume_init_read() }
+    })
 }
 
 /// Block-aligned offsets spread over `capacity` bytes (xorshift64, the

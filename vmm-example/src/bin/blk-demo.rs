@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use vmm_example::blkio_client::{pattern_byte, BlkioClient};
+use vmm_example::daemon_cli::print_exit_code;
 
 /// Run the vhost-user-blk demo.
 #[derive(Debug, Parser)]
@@ -176,11 +177,5 @@ fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("blk-demo: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    print_exit_code("blk-demo: error", run(Args::parse()))
 }

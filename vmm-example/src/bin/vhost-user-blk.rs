@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Parser};
 use log::info;
-use vmm_example::daemon_cli::{exit_code, init_logging, serve, DaemonArgs, DaemonKind};
+use vmm_example::daemon_cli::{run_daemon, DaemonArgs, DaemonKind};
 use vmm_example::devices::{BlkConfig, BlkDevice, ImageOptions, Target};
 
 const KIND: DaemonKind = DaemonKind {
@@ -100,7 +100,7 @@ struct Args {
     latency_us: u32,
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+fn device(args: &Args) -> Result<BlkDevice, Box<dyn std::error::Error>> {
     let target = match (&args.image, args.null, args.size) {
         (Some(path), _, _) => Target::open_image_with(
             path,
@@ -140,14 +140,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(d) = device.config().injected_latency {
         info!("virtio-blk: test knob on: every request is held {d:?} (--latency-us)");
     }
-    serve(device, &args.daemon)
+    Ok(device)
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    if let Some(code) = args.daemon.early_exit(&KIND) {
-        return code;
-    }
-    init_logging();
-    exit_code(run(args))
+    run_daemon(&KIND, |args: &Args| &args.daemon, device)
 }

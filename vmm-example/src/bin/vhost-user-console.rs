@@ -11,7 +11,7 @@ use std::os::fd::AsFd;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm_example::daemon_cli::{exit_code, init_logging, serve, DaemonArgs, DaemonKind};
+use vmm_example::daemon_cli::{run_daemon, DaemonArgs, DaemonKind};
 use vmm_example::devices::ConsoleDevice;
 
 const KIND: DaemonKind = DaemonKind {
@@ -32,18 +32,12 @@ struct Args {
     queue_size: u16,
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+fn device(args: &Args) -> Result<ConsoleDevice, Box<dyn std::error::Error>> {
     let input = File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
     let output = File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
-    let device = ConsoleDevice::new(input, output, args.queue_size)?;
-    serve(device, &args.daemon)
+    Ok(ConsoleDevice::new(input, output, args.queue_size)?)
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    if let Some(code) = args.daemon.early_exit(&KIND) {
-        return code;
-    }
-    init_logging();
-    exit_code(run(args))
+    run_daemon(&KIND, |args: &Args| &args.daemon, device)
 }

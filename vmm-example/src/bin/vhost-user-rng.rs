@@ -9,7 +9,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm_example::daemon_cli::{exit_code, init_logging, serve, DaemonArgs, DaemonKind};
+use vmm_example::daemon_cli::{run_daemon, DaemonArgs, DaemonKind};
 use vmm_example::devices::RngDevice;
 
 const KIND: DaemonKind = DaemonKind {
@@ -31,16 +31,10 @@ struct Args {
     queue_size: u16,
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let device = RngDevice::new(args.queue_size)?;
-    serve(device, &args.daemon)
+fn device(args: &Args) -> Result<RngDevice, Box<dyn std::error::Error>> {
+    Ok(RngDevice::new(args.queue_size)?)
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    if let Some(code) = args.daemon.early_exit(&KIND) {
-        return code;
-    }
-    init_logging();
-    exit_code(run(args))
+    run_daemon(&KIND, |args: &Args| &args.daemon, device)
 }

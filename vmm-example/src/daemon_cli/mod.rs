@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The command line every daemon of the kit shares, so that a device
-//! author's daemon gets it by flattening one struct into its arguments:
+//! author's daemon gets it by flattening one struct into its arguments
+//! (and its whole `main` is one call to [`run_daemon`]):
 //!
 //! - where to serve: `--socket-path PATH` (alias `--socket`), `--fd FDNUM`
 //!   (an inherited listening socket), systemd socket activation
@@ -194,13 +195,19 @@ pub fn exit_code(result: Result<(), Box<dyn std::error::Error>>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = e.source();
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            log::error!("{msg}");
+            log::error!("{}", crate::vmm::error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Print `result`'s error on stderr as `PREFIX: ERROR` and turn it into an
+/// exit code: for the programs that report without a logger.
+pub fn print_exit_code(prefix: &str, result: Result<(), impl std::fmt::Display>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{prefix}: {e}");
             ExitCode::FAILURE
         }
     }
@@ -209,4 +216,27 @@ pub fn exit_code(result: Result<(), Box<dyn std::error::Error>>) -> ExitCode {
 /// The logger every daemon uses: `RUST_LOG`, `info` by default.
 pub fn init_logging() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+}
+
+/// A daemon binary's whole `main`: parse its arguments `A`, handle the
+/// options that exit early ([`DaemonArgs::early_exit`]), set up logging,
+/// build the device with `device` and [`serve`] it, and turn the outcome
+/// into the exit status. `daemon_args` picks the flattened [`DaemonArgs`]
+/// out of `A`.
+pub fn run_daemon<A, B>(
+    kind: &DaemonKind,
+    daemon_args: fn(&A) -> &DaemonArgs,
+    device: impl FnOnce(&A) -> Result<B, Box<dyn std::error::Error>>,
+) -> ExitCode
+where
+    A: clap::Parser,
+    B: DeviceBackend,
+{
+    let args = A::parse();
+    let daemon = daemon_args(&args);
+    if let Some(code) = daemon.early_exit(kind) {
+        return code;
+    }
+    init_logging();
+    exit_code(device(&args).and_then(|device| serve(device, daemon)))
 }

@@ -109,7 +109,7 @@ impl ConsoleDevice {
     /// to `output` (blocking writes: a host that stops reading stalls the
     /// transmit queue, as a terminal does), queues of up to `queue_size`.
     pub fn new(input: File, output: File, queue_size: u16) -> Result<Self, ConsoleError> {
-        if !queue_size.is_power_of_two() || queue_size > 32768 {
+        if !super::valid_queue_size(queue_size) {
             return Err(ConsoleError::QueueSize(queue_size));
         }
         set_nonblocking(&input).map_err(ConsoleError::HostFd)?;

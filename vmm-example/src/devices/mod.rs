@@ -14,3 +14,12 @@ pub mod rng;
 pub use blk::{BlkConfig, BlkDevice, BlkError, ImageOptions, Target};
 pub use console::{ConsoleDevice, ConsoleError, VIRTIO_ID_CONSOLE};
 pub use rng::{RngDevice, RngError};
+
+/// Largest virtqueue size the split-ring layout allows.
+const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Whether `size` is a queue size a device may offer: a power of two up to
+/// [`MAX_QUEUE_SIZE`].
+fn valid_queue_size(size: u16) -> bool {
+    size.is_power_of_two() && size <= MAX_QUEUE_SIZE
+}

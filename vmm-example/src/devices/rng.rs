@@ -38,7 +38,7 @@ pub struct RngDevice {
 impl RngDevice {
     /// A device offering queues of up to `queue_size` entries.
     pub fn new(queue_size: u16) -> Result<Self, RngError> {
-        if !queue_size.is_power_of_two() || queue_size > 32768 {
+        if !super::valid_queue_size(queue_size) {
             return Err(RngError::QueueSize(queue_size));
         }
         Ok(RngDevice { queue_size })

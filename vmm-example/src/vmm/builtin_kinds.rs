@@ -9,7 +9,7 @@ use virtio_backend_kit::core::DeviceControl;
 
 use super::device_spec::DeviceOptions;
 use super::devices::{in_process, DeviceError, Subscribers};
-use super::registry::DeviceKind;
+use super::registry::{DeviceKind, KindInfo};
 use crate::devices::blk::VIRTIO_ID_BLOCK;
 use crate::devices::rng::VIRTIO_ID_RNG;
 use crate::devices::{BlkConfig, BlkDevice, ConsoleDevice, RngDevice, Target, VIRTIO_ID_CONSOLE};
@@ -37,27 +37,16 @@ fn required(
 pub struct DiskKind;
 
 impl DeviceKind for DiskKind {
-    fn name(&self) -> &'static str {
-        "disk"
-    }
-    fn display_name(&self) -> &'static str {
-        "virtio-blk"
-    }
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
-    fn queues(&self) -> usize {
-        DISK_QUEUES.into()
-    }
-    fn option_keys(&self) -> &'static [&'static str] {
-        &["path", "read-only"]
+    fn info(&self) -> KindInfo {
+        KindInfo::new("disk", "virtio-blk", VIRTIO_ID_BLOCK, DISK_QUEUES.into())
+            .with_options(&["path", "read-only"])
     }
     fn build(
         &self,
         options: &DeviceOptions,
         subscribers: &mut Subscribers,
     ) -> Result<(Box<dyn DeviceControl>, String), DeviceError> {
-        let path = required(self.name(), options, "path")?;
+        let path = required(self.info().name, options, "path")?;
         let read_only = options.flag("read-only");
         let disk_err = |e| DeviceError::Disk(path.clone(), e);
         let target = Target::open_image(&path, read_only).map_err(disk_err)?;
@@ -76,17 +65,8 @@ impl DeviceKind for DiskKind {
 pub struct RngKind;
 
 impl DeviceKind for RngKind {
-    fn name(&self) -> &'static str {
-        "rng"
-    }
-    fn display_name(&self) -> &'static str {
-        "virtio-rng"
-    }
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_RNG
-    }
-    fn queues(&self) -> usize {
-        1
+    fn info(&self) -> KindInfo {
+        KindInfo::new("rng", "virtio-rng", VIRTIO_ID_RNG, 1)
     }
     fn build(
         &self,
@@ -104,30 +84,17 @@ impl DeviceKind for RngKind {
 pub struct ConsoleKind;
 
 impl DeviceKind for ConsoleKind {
-    fn name(&self) -> &'static str {
-        "console"
-    }
-    fn display_name(&self) -> &'static str {
-        "virtio-console"
-    }
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_CONSOLE
-    }
-    fn queues(&self) -> usize {
-        2
-    }
-    fn stateful(&self) -> bool {
-        true
-    }
-    fn option_keys(&self) -> &'static [&'static str] {
-        &["output", "input"]
+    fn info(&self) -> KindInfo {
+        KindInfo::new("console", "virtio-console", VIRTIO_ID_CONSOLE, 2)
+            .stateful()
+            .with_options(&["output", "input"])
     }
     fn build(
         &self,
         options: &DeviceOptions,
         subscribers: &mut Subscribers,
     ) -> Result<(Box<dyn DeviceControl>, String), DeviceError> {
-        let output = required(self.name(), options, "output")?;
+        let output = required(self.info().name, options, "output")?;
         let input_path: PathBuf = options.get("input").unwrap_or("/dev/null").into();
         let input = File::open(&input_path).map_err(|e| DeviceError::ConsoleFile(input_path, e))?;
         let out = OpenOptions::new()

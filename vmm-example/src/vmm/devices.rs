@@ -102,10 +102,11 @@ pub fn in_process<B: DeviceBackend>(
 }
 
 fn vhost_user(socket: &Path, kind: &dyn DeviceKind) -> Result<Box<dyn DeviceControl>, DeviceError> {
+    let info = kind.info();
     let options = FrontendOptions {
         // A device with state of its own must not lose it in a snapshot.
-        stateful: kind.stateful(),
-        ..FrontendOptions::new(kind.device_type(), kind.queues(), QUEUE_SIZE)
+        stateful: info.stateful,
+        ..FrontendOptions::new(info.device_type, info.queues, QUEUE_SIZE)
     };
     let device = VhostUserFrontendDevice::connect(socket, options)
         .map_err(|e| DeviceError::VhostUser(socket.to_path_buf(), e))?;
@@ -134,14 +135,14 @@ pub fn attach(
         DeviceHome::InProcess(options) => {
             check_option_keys(kind, options)?;
             let (control, detail) = kind.build(options, subscribers)?;
-            let what = format!("{} {detail} (in-process)", kind.display_name());
+            let what = format!("{} {detail} (in-process)", kind.info().display_name);
             (control, what.replace("  ", " "))
         }
         DeviceHome::VhostUser(socket) => (
             vhost_user(socket, kind)?,
             format!(
                 "{} via vhost-user {}",
-                kind.display_name(),
+                kind.info().display_name,
                 socket.display()
             ),
         ),

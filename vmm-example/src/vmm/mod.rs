@@ -58,7 +58,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use device_spec::{DeviceHome, DeviceOptions, DeviceSpec};
 pub use memory::layout;
-pub use registry::{DeviceKind, DeviceRegistry};
+pub use registry::{DeviceKind, DeviceRegistry, KindInfo};
 
 use devices::AttachedDevice;
 use machine::{check_vcpus, Machine, IRQCHIP_IDS};
@@ -492,8 +492,4 @@ impl Control {
     }
 }
 
-/// An error and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    std::iter::successors(e.source(), |s| s.source())
-        .fold(e.to_string(), |msg, s| format!("{msg}: {s}"))
-}
+pub use virtio_backend_kit::error_chain;

@@ -15,25 +15,64 @@ use super::builtin_kinds::{ConsoleKind, DiskKind, RngKind};
 use super::device_spec::DeviceOptions;
 use super::devices::{DeviceError, Subscribers};
 
-/// One kind of device.
-pub trait DeviceKind: Send + Sync {
+/// What a [`DeviceKind`] is, wherever its device runs: the figures a kind
+/// states once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KindInfo {
     /// Its name in specs and on the command line (`disk`).
-    fn name(&self) -> &'static str;
+    pub name: &'static str,
     /// Its name in logs (`virtio-blk`).
-    fn display_name(&self) -> &'static str;
+    pub display_name: &'static str,
     /// The virtio device ID the guest sees, in every home.
-    fn device_type(&self) -> u32;
+    pub device_type: u32,
     /// Queues the VMM asks a vhost-user backend for.
-    fn queues(&self) -> usize;
+    pub queues: usize,
     /// Whether the device keeps state of its own, which a snapshot must
     /// then carry (a vhost-user backend without DEVICE_STATE is refused).
-    fn stateful(&self) -> bool {
-        false
-    }
+    pub stateful: bool,
     /// The option keys [`DeviceKind::build`] understands.
-    fn option_keys(&self) -> &'static [&'static str] {
-        &[]
+    pub option_keys: &'static [&'static str],
+}
+
+impl KindInfo {
+    /// A kind without state of its own and without options.
+    pub const fn new(
+        name: &'static str,
+        display_name: &'static str,
+        device_type: u32,
+        queues: usize,
+    ) -> Self {
+        KindInfo {
+            name,
+            display_name,
+            device_type,
+            queues,
+            stateful: false,
+            option_keys: &[],
+        }
     }
+
+    /// The same kind, keeping state of its own.
+    pub const fn stateful(self) -> Self {
+        KindInfo {
+            stateful: true,
+            ..self
+        }
+    }
+
+    /// The same kind, understanding the option keys `keys`.
+    pub const fn with_options(self, keys: &'static [&'static str]) -> Self {
+        KindInfo {
+            option_keys: keys,
+            ..self
+        }
+    }
+}
+
+/// One kind of device.
+pub trait DeviceKind: Send + Sync {
+    /// Its names, virtio identity, queues, state and option keys.
+    fn info(&self) -> KindInfo;
     /// Build the device in process. Its data plane subscribers, if it
     /// runs on the VMM's event loop, go to `subscribers` (see
     /// [`super::devices::in_process`]). Returns the device and a short
@@ -74,7 +113,7 @@ impl DeviceRegistry {
 
     /// Add `kind` (replacing a kind of the same name).
     pub fn register(&mut self, kind: Arc<dyn DeviceKind>) {
-        self.kinds.insert(kind.name(), kind);
+        self.kinds.insert(kind.info().name, kind);
     }
 
     /// The kind called `name`.
@@ -99,12 +138,13 @@ pub fn check_option_keys(
     kind: &dyn DeviceKind,
     options: &DeviceOptions,
 ) -> Result<(), DeviceError> {
-    match options.keys().find(|k| !kind.option_keys().contains(k)) {
+    let info = kind.info();
+    match options.keys().find(|k| !info.option_keys.contains(k)) {
         Some(key) => Err(DeviceError::Option {
-            kind: kind.name(),
+            kind: info.name,
             reason: format!(
                 "unknown option '{key}' (known: {})",
-                kind.option_keys().join(", ")
+                info.option_keys.join(", ")
             ),
         }),
         None => Ok(()),
@@ -149,20 +189,8 @@ mod tests {
     }
 
     impl DeviceKind for Thermometer {
-        fn name(&self) -> &'static str {
-            "thermometer"
-        }
-        fn display_name(&self) -> &'static str {
-            "virtio-thermometer"
-        }
-        fn device_type(&self) -> u32 {
-            0x7d
-        }
-        fn queues(&self) -> usize {
-            1
-        }
-        fn option_keys(&self) -> &'static [&'static str] {
-            &["unit"]
+        fn info(&self) -> KindInfo {
+            KindInfo::new("thermometer", "virtio-thermometer", 0x7d, 1).with_options(&["unit"])
         }
         fn build(
             &self,

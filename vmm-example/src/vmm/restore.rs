@@ -86,11 +86,11 @@ fn device_snapshots(
         let kind = registry
             .get(&spec.kind)
             .map_err(|e| VmmError::Device(index, e))?;
-        if snap.device_type != kind.device_type() {
+        let device_type = kind.info().device_type;
+        if snap.device_type != device_type {
             return Err(VmmError::Config(format!(
                 "device {index}: the snapshot holds virtio device type {}, {spec:?} is type {}",
-                snap.device_type,
-                kind.device_type()
+                snap.device_type, device_type
             )));
         }
         pending.push(Some(snap));

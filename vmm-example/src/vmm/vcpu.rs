@@ -409,47 +409,53 @@ fn msr_list(cpu: u8, entries: &[kvm_msr_entry]) -> Result<Msrs, VcpuError> {
 /// the first MSR it refuses; that one is skipped and the rest retried.
 fn read_msrs(fd: &VcpuFd, cpu: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuError> {
     let mut out = Vec::with_capacity(indices.len());
-    let mut rest = indices;
-    while !rest.is_empty() {
-        let batch: Vec<_> = rest
-            .iter()
-            .take(KVM_MAX_MSR_ENTRIES)
-            .map(|&i| msr(i, 0))
-            .collect();
-        let mut msrs = msr_list(cpu, &batch)?;
-        let read = fd
-            .get_msrs(&mut msrs)
-            .map_err(kvm_error(cpu, "KVM_GET_MSRS"))?;
-        out.extend_from_slice(&msrs.as_slice()[..read]);
-        if read < batch.len() {
-            debug!(
-                "vCPU {cpu}: MSR {:#x} is not readable; not saved",
-                batch[read].index
-            );
-            rest = &rest[read + 1..];
-        } else {
-            rest = &rest[read..];
-        }
-    }
+    in_msr_batches(
+        indices,
+        |batch| {
+            let entries: Vec<_> = batch.iter().map(|&i| msr(i, 0)).collect();
+            let mut msrs = msr_list(cpu, &entries)?;
+            let read = fd
+                .get_msrs(&mut msrs)
+                .map_err(kvm_error(cpu, "KVM_GET_MSRS"))?;
+            out.extend_from_slice(&msrs.as_slice()[..read]);
+            Ok(read)
+        },
+        |index| debug!("vCPU {cpu}: MSR {index:#x} is not readable; not saved"),
+    )?;
     Ok(out)
 }
 
 /// Write `entries`, skipping (and reporting) any this host's KVM refuses.
 fn write_msrs(fd: &VcpuFd, cpu: u8, entries: &[kvm_msr_entry]) -> Result<(), VcpuError> {
-    let mut rest = entries;
+    in_msr_batches(
+        entries,
+        |batch| {
+            fd.set_msrs(&msr_list(cpu, batch)?)
+                .map_err(kvm_error(cpu, "KVM_SET_MSRS"))
+        },
+        |entry| warn!("vCPU {cpu}: MSR {:#x} was refused on restore", entry.index),
+    )
+}
+
+/// Hand `items` to `op` in batches of at most [`KVM_MAX_MSR_ENTRIES`].
+/// `op` says how many of its batch KVM took; KVM stops at the first MSR
+/// it refuses, which goes to `refused` and is skipped before the rest is
+/// retried.
+fn in_msr_batches<T>(
+    items: &[T],
+    mut op: impl FnMut(&[T]) -> Result<usize, VcpuError>,
+    mut refused: impl FnMut(&T),
+) -> Result<(), VcpuError> {
+    let mut rest = items;
     while !rest.is_empty() {
         let batch = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
-        let written = fd
-            .set_msrs(&msr_list(cpu, batch)?)
-            .map_err(kvm_error(cpu, "KVM_SET_MSRS"))?;
-        if written < batch.len() {
-            warn!(
-                "vCPU {cpu}: MSR {:#x} was refused on restore",
-                batch[written].index
-            );
-            rest = &rest[written + 1..];
-        } else {
-            rest = &rest[written..];
+        let done = op(batch)?;
+        match batch.get(done) {
+            Some(item) => {
+                refused(item);
+                rest = &rest[done + 1..];
+            }
+            None => rest = &rest[done..],
         }
     }
     Ok(())

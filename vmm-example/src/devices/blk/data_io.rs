@@ -139,23 +139,44 @@ impl FileAt<'_> {
     }
 }
 
-impl ReadVolatile for FileAt<'_> {
-    fn read_volatile<B: BitmapSlice>(
+/// Why [`FileAt::transfer`] stopped before moving every byte.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum TransferError {
+    /// The file offset does not fit an `off_t`: nothing more was tried.
+    #[error(transparent)]
+    Offset(VolatileMemoryError),
+    /// `pread`/`pwrite` failed: the kernel may have moved part of the range.
+    #[error(transparent)]
+    Io(io::Error),
+}
+
+impl From<TransferError> for VolatileMemoryError {
+    fn from(e: TransferError) -> Self {
+        match e {
+            TransferError::Offset(e) => e,
+            TransferError::Io(e) => VolatileMemoryError::IOError(e),
+        }
+    }
+}
+
+impl FileAt<'_> {
+    /// Move `len` bytes at `base` with `op`, at the moving file offset:
+    /// `op(fd, done, off)` transfers bytes `done..len` at file offset `off`
+    /// on `fd` (`pread` or `pwrite`) and returns what the call returned.
+    /// Interrupted calls are retried, and so is a direct transfer the file
+    /// system refuses for its alignment, through the page cache. Stops at
+    /// end of file; returns the bytes moved.
+    fn transfer(
         &mut self,
-        buf: &mut VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let guard = buf.ptr_guard_mut();
-        let base = guard.as_ptr();
-        let len = buf.len();
+        base: *const u8,
+        len: usize,
+        mut op: impl FnMut(libc::c_int, usize, libc::off_t) -> isize,
+    ) -> Result<usize, TransferError> {
         let mut done = 0usize;
         while done < len {
-            let off = self.off()?;
-            let (fd, direct) = self.fd_for(base.wrapping_add(done).cast_const(), len - done);
-            // SAFETY: `base` points to `len` bytes of guest memory that stay
-            // mapped while `guard` lives (VolatileSlice invariant), so the
-            // kernel may write `len - done` bytes at `base + done`; the fd is
-            // open for as long as `self.file` (and `self.direct`) is borrowed.
-            let n = unsafe { libc::pread(fd, base.add(done).cast(), len - done, off) };
+            let off = self.off().map_err(TransferError::Offset)?;
+            let (fd, direct) = self.fd_for(base.wrapping_add(done), len - done);
+            let n = op(fd, done, off);
             if n < 0 {
                 let err = io::Error::last_os_error();
                 if err.kind() == io::ErrorKind::Interrupted {
@@ -166,9 +187,7 @@ impl ReadVolatile for FileAt<'_> {
                     self.direct = None;
                     continue;
                 }
-                // The kernel may have written part of the range.
-                buf.bitmap().mark_dirty(0, len);
-                return Err(VolatileMemoryError::IOError(err));
+                return Err(TransferError::Io(err));
             }
             if n == 0 {
                 break;
@@ -176,8 +195,38 @@ impl ReadVolatile for FileAt<'_> {
             done += n as usize;
             self.offset += n as u64;
         }
-        buf.bitmap().mark_dirty(0, done);
         Ok(done)
+    }
+}
+
+impl ReadVolatile for FileAt<'_> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let guard = buf.ptr_guard_mut();
+        let base = guard.as_ptr();
+        let len = buf.len();
+        let moved = self.transfer(base.cast_const(), len, |fd, done, off| {
+            // SAFETY: `base` points to `len` bytes of guest memory that stay
+            // mapped while `guard` lives (VolatileSlice invariant), so the
+            // kernel may write `len - done` bytes at `base + done`; the fd is
+            // open for as long as `self.file` (and `self.direct`) is borrowed.
+            unsafe { libc::pread(fd, base.add(done).cast(), len - done, off) }
+        });
+        match moved {
+            Ok(done) => {
+                buf.bitmap().mark_dirty(0, done);
+                Ok(done)
+            }
+            Err(e) => {
+                if let TransferError::Io(_) = e {
+                    // The kernel may have written part of the range.
+                    buf.bitmap().mark_dirty(0, len);
+                }
+                Err(e.into())
+            }
+        }
     }
 }
 
@@ -189,33 +238,13 @@ impl WriteVolatile for FileAt<'_> {
         let guard = buf.ptr_guard();
         let base = guard.as_ptr();
         let len = buf.len();
-        let mut done = 0usize;
-        while done < len {
-            let off = self.off()?;
-            let (fd, direct) = self.fd_for(base.wrapping_add(done), len - done);
+        let moved = self.transfer(base, len, |fd, done, off| {
             // SAFETY: `base` points to `len` readable bytes of guest memory
             // that stay mapped while `guard` lives (VolatileSlice invariant);
             // the fd is open for as long as `self.file` is borrowed.
-            let n = unsafe { libc::pwrite(fd, base.add(done).cast(), len - done, off) };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                if direct && err.raw_os_error() == Some(libc::EINVAL) {
-                    // The file system wants a larger alignment.
-                    self.direct = None;
-                    continue;
-                }
-                return Err(VolatileMemoryError::IOError(err));
-            }
-            if n == 0 {
-                break;
-            }
-            done += n as usize;
-            self.offset += n as u64;
-        }
-        Ok(done)
+            unsafe { libc::pwrite(fd, base.add(done).cast(), len - done, off) }
+        });
+        Ok(moved?)
     }
 }
 
@@ -257,6 +286,22 @@ pub(super) fn write_zeroes_slow(file: &File, mut offset: u64, len: u64) -> io::R
     Ok(())
 }
 
+/// The little-endian `u32` at `bytes[at..at + 4]` (a fixed field of a
+/// fixed-size structure).
+fn le_u32(bytes: &[u8], at: usize) -> u32 {
+    let mut word = [0u8; 4];
+    word.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(word)
+}
+
+/// The little-endian `u64` at `bytes[at..at + 8]` (a fixed field of a
+/// fixed-size structure).
+fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    let mut quad = [0u8; 8];
+    quad.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(quad)
+}
+
 impl BlkDevice {
     pub(super) fn execute<M: GuestMemory + ?Sized>(
         &self,
@@ -264,12 +309,8 @@ impl BlkDevice {
         header: &[u8; HEADER_LEN],
         span: DataSpan<'_>,
     ) -> (Status, u32) {
-        let mut word = [0u8; 4];
-        word.copy_from_slice(&header[0..4]);
-        let req_type = u32::from_le_bytes(word);
-        let mut quad = [0u8; 8];
-        quad.copy_from_slice(&header[8..16]);
-        let sector = u64::from_le_bytes(quad);
+        let req_type = le_u32(header, 0);
+        let sector = le_u64(header, 8);
 
         let Some(info) = span.info() else {
             return (Status::IoErr, 0);
@@ -452,14 +493,9 @@ impl BlkDevice {
             if !span.read_at(mem, i * DWZ_SEGMENT_LEN, &mut raw) {
                 return Status::IoErr;
             }
-            let mut quad = [0u8; 8];
-            quad.copy_from_slice(&raw[0..8]);
-            let sector = u64::from_le_bytes(quad);
-            let mut word = [0u8; 4];
-            word.copy_from_slice(&raw[8..12]);
-            let num_sectors = u32::from_le_bytes(word);
-            word.copy_from_slice(&raw[12..16]);
-            let flags = u32::from_le_bytes(word);
+            let sector = le_u64(&raw, 0);
+            let num_sectors = le_u32(&raw, 8);
+            let flags = le_u32(&raw, 12);
 
             let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
             if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 || (unmap && !zero) {

@@ -254,7 +254,7 @@ impl BlkConfig {
         if self.queues == 0 || self.queues > 64 {
             return Err(BlkError::InvalidConfig("queues must be 1..=64"));
         }
-        if self.queue_size == 0 || !self.queue_size.is_power_of_two() || self.queue_size > 32768 {
+        if !super::valid_queue_size(self.queue_size) {
             return Err(BlkError::InvalidConfig(
                 "queue_size must be a power of two up to 32768",
             ));

@@ -192,26 +192,47 @@ impl Harness {
         self.driver.used_entry(i)
     }
 
+    /// The status byte at `addr`.
+    fn status(&self, addr: u64) -> u8 {
+        self.read(addr, 1)[0]
+    }
+
     /// Submit one chain, run the device, return (used length, status byte
     /// at `status_addr`).
     fn submit(&mut self, dev: &BlkDevice, descs: &[D], status_addr: u64) -> (u32, u8) {
-        let before = self.used_idx();
         let head = self.push(descs);
+        self.complete(dev, head, status_addr)
+    }
+
+    /// Run the device on the chain `head` just made available, which must
+    /// be its only work; return (used length, status byte at
+    /// `status_addr`).
+    fn complete(&mut self, dev: &BlkDevice, head: u16, status_addr: u64) -> (u32, u8) {
+        let before = self.used_idx();
         self.run(dev);
         assert_eq!(self.used_idx(), before.wrapping_add(1), "one used entry");
         let (id, len) = self.used(before);
         assert_eq!(id, u32::from(head));
-        (len, self.read(status_addr, 1)[0])
+        (len, self.status(status_addr))
     }
 
-    /// Header + data descriptors + a separate 1-byte status descriptor.
-    fn request(&mut self, dev: &BlkDevice, req_type: u32, sector: u64, data: &[D]) -> (u32, u8) {
+    /// Make a request available without running the device: header, data
+    /// descriptors, a separate 1-byte status descriptor. Returns (head,
+    /// status address).
+    fn queue_request(&mut self, req_type: u32, sector: u64, data: &[D]) -> (u16, u64) {
         let hdr = self.header(req_type, sector);
         let status = self.alloc(1, 0xff);
         let mut descs = vec![(hdr, HEADER_LEN as u32, false)];
         descs.extend_from_slice(data);
         descs.push((status, 1, true));
-        self.submit(dev, &descs, status)
+        (self.push(&descs), status)
+    }
+
+    /// Header + data descriptors + a separate 1-byte status descriptor,
+    /// served on its own.
+    fn request(&mut self, dev: &BlkDevice, req_type: u32, sector: u64, data: &[D]) -> (u32, u8) {
+        let (head, status) = self.queue_request(req_type, sector, data);
+        self.complete(dev, head, status)
     }
 
     fn dwz_segments(&mut self, segs: &[(u64, u32, u32)]) -> D {
@@ -242,6 +263,23 @@ fn image_device(img: &NamedTempFile, cfg: BlkConfig) -> BlkDevice {
     BlkDevice::new(Target::open_image(img.path(), ro).unwrap(), cfg).unwrap()
 }
 
+/// A fresh image, a device on it configured by `cfg`, and a harness.
+fn on_image(cfg: BlkConfig) -> (NamedTempFile, BlkDevice, Harness) {
+    let img = image();
+    let dev = image_device(&img, cfg);
+    (img, dev, Harness::new())
+}
+
+/// A null disk of `size` bytes configured by `cfg`.
+fn null_disk(size: u64, cfg: BlkConfig) -> BlkDevice {
+    BlkDevice::new(Target::null(size), cfg).unwrap()
+}
+
+/// A default 1 MiB null disk and a harness.
+fn on_null() -> (BlkDevice, Harness) {
+    (BlkDevice::null(1 << 20).unwrap(), Harness::new())
+}
+
 fn file_bytes(img: &NamedTempFile, offset: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     img.as_file().read_exact_at(&mut v, offset).unwrap();
@@ -257,52 +295,42 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 #[test]
 fn config_space_layout_matches_the_spec() {
     use std::mem::offset_of;
-    assert_eq!(offset_of!(virtio_blk_config, capacity), CFG_CAPACITY);
-    assert_eq!(offset_of!(virtio_blk_config, size_max), CFG_SIZE_MAX);
-    assert_eq!(offset_of!(virtio_blk_config, seg_max), CFG_SEG_MAX);
-    assert_eq!(offset_of!(virtio_blk_config, blk_size), CFG_BLK_SIZE);
-    assert_eq!(offset_of!(virtio_blk_config, num_queues), CFG_NUM_QUEUES);
-    assert_eq!(
-        offset_of!(virtio_blk_config, max_discard_sectors),
-        CFG_MAX_DISCARD_SECTORS
+    /// Each field's offset in the spec's layout, and the constant for it.
+    macro_rules! offsets {
+        ($($field:ident => $ours:expr),* $(,)?) => {
+            [$((stringify!($field), offset_of!(virtio_blk_config, $field), $ours)),*]
+        };
+    }
+    let fields = offsets!(
+        capacity => CFG_CAPACITY,
+        size_max => CFG_SIZE_MAX,
+        seg_max => CFG_SEG_MAX,
+        blk_size => CFG_BLK_SIZE,
+        num_queues => CFG_NUM_QUEUES,
+        max_discard_sectors => CFG_MAX_DISCARD_SECTORS,
+        max_discard_seg => CFG_MAX_DISCARD_SEG,
+        discard_sector_alignment => CFG_DISCARD_SECTOR_ALIGNMENT,
+        max_write_zeroes_sectors => CFG_MAX_WRITE_ZEROES_SECTORS,
+        max_write_zeroes_seg => CFG_MAX_WRITE_ZEROES_SEG,
+        write_zeroes_may_unmap => CFG_WRITE_ZEROES_MAY_UNMAP,
+        // The first field this device does not offer ends its space.
+        max_secure_erase_sectors => CONFIG_SIZE,
     );
-    assert_eq!(
-        offset_of!(virtio_blk_config, max_discard_seg),
-        CFG_MAX_DISCARD_SEG
-    );
-    assert_eq!(
-        offset_of!(virtio_blk_config, discard_sector_alignment),
-        CFG_DISCARD_SECTOR_ALIGNMENT
-    );
-    assert_eq!(
-        offset_of!(virtio_blk_config, max_write_zeroes_sectors),
-        CFG_MAX_WRITE_ZEROES_SECTORS
-    );
-    assert_eq!(
-        offset_of!(virtio_blk_config, max_write_zeroes_seg),
-        CFG_MAX_WRITE_ZEROES_SEG
-    );
-    assert_eq!(
-        offset_of!(virtio_blk_config, write_zeroes_may_unmap),
-        CFG_WRITE_ZEROES_MAY_UNMAP
-    );
-    assert_eq!(
-        offset_of!(virtio_blk_config, max_secure_erase_sectors),
-        CONFIG_SIZE
-    );
+    for (field, spec, ours) in fields {
+        assert_eq!(spec, ours, "{field}");
+    }
 }
 
 #[test]
 fn config_space_values() {
-    let dev = BlkDevice::new(
-        Target::null(8 << 20),
+    let dev = null_disk(
+        8 << 20,
         BlkConfig {
             queues: 4,
             blk_size: 4096,
             ..BlkConfig::default()
         },
-    )
-    .unwrap();
+    );
     assert_eq!(dev.device_type(), 2);
     assert_eq!(dev.config_size(), CONFIG_SIZE);
     let mut cfg = [0xffu8; 64];
@@ -352,16 +380,15 @@ fn features_and_queue_groups() {
     assert_eq!(one.num_queues(), 1);
     assert_eq!(one.max_queue_size(), 256);
 
-    let many = BlkDevice::new(
-        Target::null(1 << 20),
+    let many = null_disk(
+        1 << 20,
         BlkConfig {
             queues: 3,
             read_only: true,
             discard: false,
             ..BlkConfig::default()
         },
-    )
-    .unwrap();
+    );
     let f = many.features();
     assert_ne!(f & bit(VIRTIO_BLK_F_MQ), 0);
     assert_ne!(f & bit(VIRTIO_BLK_F_RO), 0);
@@ -412,10 +439,8 @@ fn invalid_configurations_are_refused() {
 
 #[test]
 fn write_then_read_round_trip_on_an_image() {
-    let img = image();
-    let dev = image_device(&img, BlkConfig::default());
+    let (img, dev, mut h) = on_image(BlkConfig::default());
     assert_eq!(dev.capacity_sectors(), IMAGE_SIZE / 512);
-    let mut h = Harness::new();
 
     // Write 3 sectors at sector 7, split over two descriptors.
     let data = pattern(1536, 3);
@@ -461,9 +486,7 @@ fn write_then_read_round_trip_on_an_image() {
 
 #[test]
 fn any_layout_header_split_and_status_sharing_a_data_descriptor() {
-    let img = image();
-    let dev = image_device(&img, BlkConfig::default());
-    let mut h = Harness::new();
+    let (img, dev, mut h) = on_image(BlkConfig::default());
     let data = pattern(512, 9);
     img.as_file().write_all_at(&data, 4 * 512).unwrap();
 
@@ -493,9 +516,7 @@ fn any_layout_header_split_and_status_sharing_a_data_descriptor() {
 
 #[test]
 fn indirect_chains_work() {
-    let img = image();
-    let dev = image_device(&img, BlkConfig::default());
-    let mut h = Harness::new();
+    let (img, dev, mut h) = on_image(BlkConfig::default());
     let data = pattern(1024, 5);
     img.as_file().write_all_at(&data, 0).unwrap();
     let hdr = h.header(VIRTIO_BLK_T_IN, 0);
@@ -506,15 +527,13 @@ fn indirect_chains_work() {
     h.run(&dev);
     assert_eq!(h.used_idx(), before + 1);
     assert_eq!(h.used(before).1, 1025);
-    assert_eq!(h.read(st, 1)[0], OK);
+    assert_eq!(h.status(st), OK);
     assert_eq!(h.read(buf, 1024), data);
 }
 
 #[test]
 fn flush_succeeds() {
-    let img = image();
-    let dev = image_device(&img, BlkConfig::default());
-    let mut h = Harness::new();
+    let (_img, dev, mut h) = on_image(BlkConfig::default());
     assert_eq!(h.request(&dev, VIRTIO_BLK_T_FLUSH, 0, &[]), (1, OK));
 
     let null = BlkDevice::null(1 << 20).unwrap();
@@ -523,9 +542,7 @@ fn flush_succeeds() {
 
 #[test]
 fn get_id_returns_the_serial() {
-    let img = image();
-    let dev = image_device(&img, BlkConfig::default());
-    let mut h = Harness::new();
+    let (img, dev, mut h) = on_image(BlkConfig::default());
     let buf = h.alloc(ID_LEN, 0xee);
     let (len, status) = h.request(&dev, VIRTIO_BLK_T_GET_ID, 0, &[(buf, 20, true)]);
     assert_eq!((len, status), (21, OK));
@@ -570,9 +587,7 @@ fn get_id_returns_the_serial() {
 
 #[test]
 fn discard_validates_and_succeeds() {
-    let img = image();
-    let dev = image_device(&img, BlkConfig::default());
-    let mut h = Harness::new();
+    let (img, dev, mut h) = on_image(BlkConfig::default());
     img.as_file().write_all_at(&pattern(8192, 1), 0).unwrap();
 
     let seg = h.dwz_segments(&[(0, 8, 0), (8, 8, 0)]);
@@ -620,9 +635,7 @@ fn discard_validates_and_succeeds() {
 
 #[test]
 fn write_zeroes_zeroes_with_and_without_unmap() {
-    let img = image();
-    let dev = image_device(&img, BlkConfig::default());
-    let mut h = Harness::new();
+    let (img, dev, mut h) = on_image(BlkConfig::default());
     let before = pattern(16 * 512, 200);
     img.as_file().write_all_at(&before, 0).unwrap();
 
@@ -703,8 +716,7 @@ fn read_only_refuses_writes() {
 
 #[test]
 fn unknown_type_is_unsupported() {
-    let dev = BlkDevice::null(1 << 20).unwrap();
-    let mut h = Harness::new();
+    let (dev, mut h) = on_null();
     assert_eq!(h.request(&dev, 0x1234, 0, &[]), (1, UNSUPP));
     // SCSI commands are not supported either.
     let buf = h.alloc(512, 0);
@@ -713,9 +725,7 @@ fn unknown_type_is_unsupported() {
 
 #[test]
 fn bad_ranges_and_lengths_are_io_errors() {
-    let img = image();
-    let dev = image_device(&img, BlkConfig::default());
-    let mut h = Harness::new();
+    let (_img, dev, mut h) = on_image(BlkConfig::default());
     let cap = IMAGE_SIZE / 512;
     let buf = h.alloc(1024, 0);
 
@@ -733,58 +743,46 @@ fn bad_ranges_and_lengths_are_io_errors() {
     }
     // Wrong direction: reading into a read-only buffer, writing from a
     // write-only one, or mixing.
-    assert_eq!(
-        h.request(&dev, VIRTIO_BLK_T_IN, 0, &[(buf, 512, false)]),
-        (1, IOERR)
-    );
-    assert_eq!(
-        h.request(&dev, VIRTIO_BLK_T_OUT, 0, &[(buf, 512, true)]),
-        (1, IOERR)
-    );
-    assert_eq!(
-        h.request(
-            &dev,
+    let wrong: [(u32, &[D]); 3] = [
+        (VIRTIO_BLK_T_IN, &[(buf, 512, false)]),
+        (VIRTIO_BLK_T_OUT, &[(buf, 512, true)]),
+        (
             VIRTIO_BLK_T_IN,
-            0,
-            &[(buf, 512, true), (buf + 512, 512, false)]
+            &[(buf, 512, true), (buf + 512, 512, false)],
         ),
-        (1, IOERR)
-    );
+    ];
+    for (ty, data) in wrong {
+        assert_eq!(h.request(&dev, ty, 0, data), (1, IOERR), "{data:?}");
+    }
 }
 
 #[test]
 fn guest_addresses_outside_memory_are_io_errors() {
-    let img = image();
-    let dev = image_device(&img, BlkConfig::default());
-    let mut h = Harness::new();
+    let (_img, dev, mut h) = on_image(BlkConfig::default());
     let outside = MEM_SIZE as u64 + 0x1000;
-    assert_eq!(
-        h.request(&dev, VIRTIO_BLK_T_IN, 0, &[(outside, 512, true)]),
-        (1, IOERR)
-    );
-    assert_eq!(
-        h.request(&dev, VIRTIO_BLK_T_OUT, 0, &[(outside, 512, false)]),
-        (1, IOERR)
-    );
-    // Straddling the end of memory.
     let edge = MEM_SIZE as u64 - 256;
-    assert_eq!(
-        h.request(&dev, VIRTIO_BLK_T_IN, 0, &[(edge, 512, true)]).1,
-        IOERR
-    );
-    // Wrapping the address space.
-    assert_eq!(
-        h.request(&dev, VIRTIO_BLK_T_IN, 0, &[(u64::MAX - 100, 512, true)]),
-        (1, IOERR)
-    );
-    let seg = (outside, 16, false);
-    assert_eq!(h.request(&dev, VIRTIO_BLK_T_DISCARD, 0, &[seg]).1, IOERR);
+    // The request, and the used length it must get where that is known.
+    let cases = [
+        (VIRTIO_BLK_T_IN, (outside, 512, true), Some(1)),
+        (VIRTIO_BLK_T_OUT, (outside, 512, false), Some(1)),
+        // Straddling the end of memory.
+        (VIRTIO_BLK_T_IN, (edge, 512, true), None),
+        // Wrapping the address space.
+        (VIRTIO_BLK_T_IN, (u64::MAX - 100, 512, true), Some(1)),
+        (VIRTIO_BLK_T_DISCARD, (outside, 16, false), None),
+    ];
+    for (ty, desc, want_len) in cases {
+        let (len, status) = h.request(&dev, ty, 0, &[desc]);
+        assert_eq!(status, IOERR, "type {ty} {desc:?}");
+        if let Some(want) = want_len {
+            assert_eq!(len, want, "type {ty} {desc:?}");
+        }
+    }
 }
 
 #[test]
 fn null_target_checks_buffer_addresses_too() {
-    let dev = BlkDevice::null(1 << 20).unwrap();
-    let mut h = Harness::new();
+    let (dev, mut h) = on_null();
     let outside = MEM_SIZE as u64 + 0x1000;
     for t in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
         let writable = t == VIRTIO_BLK_T_IN;
@@ -806,8 +804,7 @@ fn null_target_checks_buffer_addresses_too() {
 /// answered VIRTIO_BLK_S_IOERR (it used to complete with the status byte
 /// untouched, the guest reading whatever was there).
 fn header_too_short_or_unreadable_gets_ioerr() {
-    let dev = BlkDevice::null(1 << 20).unwrap();
-    let mut h = Harness::new();
+    let (dev, mut h) = on_null();
     let hdr = h.header(VIRTIO_BLK_T_IN, 0);
     let st = h.alloc(1, 0xff);
     assert_eq!(
@@ -857,9 +854,7 @@ fn missing_status_descriptor_stops_the_queue_without_completing() {
         assert_eq!(h.used_idx(), 0, "an unanswerable chain was completed");
         assert_eq!(h.read(buf, 512), vec![0xab; 512], "the buffer was touched");
         // The stopped ring takes nothing more.
-        let st = h.alloc(1, 0xff);
-        let flush = h.header(VIRTIO_BLK_T_FLUSH, 0);
-        h.push(&[(flush, 16, false), (st, 1, true)]);
+        h.queue_request(VIRTIO_BLK_T_FLUSH, 0, &[]);
         h.run(&dev);
         assert_eq!(h.used_idx(), 0);
     }
@@ -867,14 +862,13 @@ fn missing_status_descriptor_stops_the_queue_without_completing() {
 
 #[test]
 fn too_many_segments_is_an_io_error() {
-    let dev = BlkDevice::new(
-        Target::null(1 << 20),
+    let dev = null_disk(
+        1 << 20,
         BlkConfig {
             seg_max: 2,
             ..BlkConfig::default()
         },
-    )
-    .unwrap();
+    );
     let mut h = Harness::new();
     let buf = h.alloc(512 * 3, 0);
     let data = [
@@ -888,15 +882,14 @@ fn too_many_segments_is_an_io_error() {
 
 #[test]
 fn oversized_request_is_an_io_error() {
-    let dev = BlkDevice::new(
-        Target::null(64 << 20),
+    let dev = null_disk(
+        64 << 20,
         BlkConfig {
             seg_max: 1,
             size_max: 4096,
             ..BlkConfig::default()
         },
-    )
-    .unwrap();
+    );
     let mut h = Harness::new();
     let buf = h.alloc(8192, 0);
     assert_eq!(
@@ -911,8 +904,7 @@ fn oversized_request_is_an_io_error() {
 
 #[test]
 fn null_target_does_not_touch_data() {
-    let dev = BlkDevice::null(1 << 20).unwrap();
-    let mut h = Harness::new();
+    let (dev, mut h) = on_null();
     let buf = h.alloc(4096, 0x5a);
     assert_eq!(
         h.request(&dev, VIRTIO_BLK_T_IN, 8, &[(buf, 4096, true)]),
@@ -937,22 +929,17 @@ fn null_target_does_not_touch_data() {
 
 #[test]
 fn a_batch_is_completed_and_notified_once() {
-    let img = image();
-    let dev = image_device(&img, BlkConfig::default());
-    let mut h = Harness::new();
+    let (_img, dev, mut h) = on_image(BlkConfig::default());
     let mut status = Vec::new();
     for i in 0..5u64 {
-        let hdr = h.header(VIRTIO_BLK_T_IN, i);
         let buf = h.alloc(512, 0);
-        let st = h.alloc(1, 0xff);
-        h.push(&[(hdr, 16, false), (buf, 512, true), (st, 1, true)]);
-        status.push(st);
+        status.push(h.queue_request(VIRTIO_BLK_T_IN, i, &[(buf, 512, true)]).1);
     }
     h.run(&dev);
     assert_eq!(h.used_idx(), 5);
     for (i, st) in status.iter().enumerate() {
         assert_eq!(h.used(i as u16).1, 513);
-        assert_eq!(h.read(*st, 1)[0], OK);
+        assert_eq!(h.status(*st), OK);
     }
     assert_eq!(h.call.read().unwrap(), 1, "exactly one notification");
 
@@ -963,27 +950,21 @@ fn a_batch_is_completed_and_notified_once() {
 
 #[test]
 fn completions_before_an_unanswerable_chain_are_notified() {
-    let dev = BlkDevice::null(1 << 20).unwrap();
-    let mut h = Harness::new();
-    let st = h.alloc(1, 0xff);
-    let flush = h.header(VIRTIO_BLK_T_FLUSH, 0);
-    h.push(&[(flush, 16, false), (st, 1, true)]);
+    let (dev, mut h) = on_null();
+    let (_, st) = h.queue_request(VIRTIO_BLK_T_FLUSH, 0, &[]);
     // No status byte: the batch stops here, this chain is not completed.
     let read = h.header(VIRTIO_BLK_T_IN, 0);
     h.push(&[(read, 16, false)]);
     h.run_expecting_reset(&dev);
     assert_eq!(h.used_idx(), 1);
-    assert_eq!(h.read(st, 1)[0], OK);
+    assert_eq!(h.status(st), OK);
     assert_eq!(h.call.read().unwrap(), 1, "the completion was signalled");
 }
 
 #[test]
 fn disabled_vring_is_left_alone() {
-    let dev = BlkDevice::null(1 << 20).unwrap();
-    let mut h = Harness::new();
-    let hdr = h.header(VIRTIO_BLK_T_FLUSH, 0);
-    let st = h.alloc(1, 0xff);
-    h.push(&[(hdr, 16, false), (st, 1, true)]);
+    let (dev, mut h) = on_null();
+    h.queue_request(VIRTIO_BLK_T_FLUSH, 0, &[]);
     h.vring.set_enabled(false);
     h.run(&dev);
     assert_eq!(h.used_idx(), 0);
@@ -994,8 +975,7 @@ fn disabled_vring_is_left_alone() {
 
 #[test]
 fn a_looping_chain_is_bounded() {
-    let dev = BlkDevice::null(1 << 20).unwrap();
-    let mut h = Harness::new();
+    let (dev, mut h) = on_null();
     let hdr = h.header(VIRTIO_BLK_T_IN, 0);
     let buf = h.alloc(512, 0);
     // Descriptor 0 -> 1 -> 0 -> ...: virtio-queue stops after QSIZE
@@ -1054,9 +1034,7 @@ fn injected_latency_holds_each_request_and_is_bounded() {
 
 #[test]
 fn mixed_batch_of_writes_flush_and_reads() {
-    let img = image();
-    let dev = image_device(&img, BlkConfig::default());
-    let mut h = Harness::new();
+    let (img, dev, mut h) = on_image(BlkConfig::default());
     // One batch: two writes (one vectored), a flush, two reads.
     let data = pattern(2048, 5);
     let w1 = h.alloc(1024, 0);
@@ -1065,13 +1043,7 @@ fn mixed_batch_of_writes_flush_and_reads() {
     h.write(w2, &data[1024..]);
     let mut st = Vec::new();
     let mut chain = |h: &mut Harness, t: u32, sector: u64, data: &[D]| {
-        let hdr = h.header(t, sector);
-        let s = h.alloc(1, 0xff);
-        let mut d = vec![(hdr, 16, false)];
-        d.extend_from_slice(data);
-        d.push((s, 1, true));
-        h.push(&d);
-        st.push(s);
+        st.push(h.queue_request(t, sector, data).1);
     };
     chain(
         &mut h,
@@ -1094,7 +1066,7 @@ fn mixed_batch_of_writes_flush_and_reads() {
     assert_eq!(h.used_idx(), 4);
     let lens: Vec<u32> = (0..4).map(|i| h.used(i).1).collect();
     assert_eq!(lens, [1, 1, 2049, 1]);
-    let status: Vec<u8> = st.iter().map(|s| h.read(*s, 1)[0]).collect();
+    let status: Vec<u8> = st.iter().map(|s| h.status(*s)).collect();
     assert_eq!(status, [OK, OK, OK, IOERR]);
     assert_eq!(h.read(r1, 2048), data);
     assert_eq!(file_bytes(&img, 4 * 512, 2048), data);
@@ -1109,15 +1081,15 @@ fn an_image_truncated_underneath_gives_io_errors() {
     let mut h = Harness::new();
     let mut st = Vec::new();
     for sector in [0, IMAGE_SIZE / 512 - 8, IMAGE_SIZE / 512 - 16] {
-        let hdr = h.header(VIRTIO_BLK_T_IN, sector);
         let buf = h.alloc(4096, 0);
-        let s = h.alloc(1, 0xff);
-        h.push(&[(hdr, 16, false), (buf, 4096, true), (s, 1, true)]);
-        st.push(s);
+        st.push(
+            h.queue_request(VIRTIO_BLK_T_IN, sector, &[(buf, 4096, true)])
+                .1,
+        );
     }
     h.run(&dev);
     assert_eq!(h.used_idx(), 3);
-    let status: Vec<u8> = st.iter().map(|s| h.read(*s, 1)[0]).collect();
+    let status: Vec<u8> = st.iter().map(|s| h.status(*s)).collect();
     assert_eq!(status, [OK, IOERR, IOERR]);
 }
 
@@ -1148,25 +1120,20 @@ fn direct_image_serves_aligned_and_unaligned_transfers() {
         .enumerate()
         .for_each(|(i, b)| *b = (i % 251) as u8);
     for (start, len, offset) in [(0usize, 4096usize, 0u64), (3, 1000, 70_001)] {
-        let buf = &mut data[start..start + len];
-        // SAFETY: `buf` is a live, exclusively borrowed byte slice.
-        let slice = unsafe { VolatileSlice::new(buf.as_mut_ptr(), buf.len()) };
-        let mut at = FileAt {
+        let at = || FileAt {
             file: &file.file,
             direct: file.direct.as_ref(),
             offset,
         };
-        assert_eq!(at.write_volatile(&slice).unwrap(), len);
+        let buf = &mut data[start..start + len];
+        // SAFETY: `buf` is a live, exclusively borrowed byte slice.
+        let slice = unsafe { VolatileSlice::new(buf.as_mut_ptr(), buf.len()) };
+        assert_eq!(at().write_volatile(&slice).unwrap(), len);
         assert_eq!(file_bytes(&img, offset, len), buf.to_vec());
         let back = &mut rest[..len];
         // SAFETY: as above.
         let mut slice = unsafe { VolatileSlice::new(back.as_mut_ptr(), back.len()) };
-        let mut at = FileAt {
-            file: &file.file,
-            direct: file.direct.as_ref(),
-            offset,
-        };
-        assert_eq!(at.read_volatile(&mut slice).unwrap(), len);
+        assert_eq!(at().read_volatile(&mut slice).unwrap(), len);
         assert_eq!(back, &data[start..start + len]);
     }
 }
@@ -1179,7 +1146,7 @@ fn chains_longer_than_the_queue_are_not_walked() {
         queue_size: QSIZE,
         ..BlkConfig::default()
     };
-    let dev = BlkDevice::new(Target::null(1 << 20), cfg).unwrap();
+    let dev = null_disk(1 << 20, cfg);
     let mut h = Harness::new();
     let hdr = h.header(VIRTIO_BLK_T_IN, 0);
     let mut descs = vec![(hdr, 16, false)];
@@ -1192,7 +1159,7 @@ fn chains_longer_than_the_queue_are_not_walked() {
     // Where its status byte is cannot be known without the walk.
     h.run_expecting_reset(&dev);
     assert_eq!(h.used_idx(), before);
-    assert_eq!(h.read(st, 1)[0], 0xff, "a status was written");
+    assert_eq!(h.status(st), 0xff, "a status was written");
     // The same request within the queue size is served (after a reset).
     let mut h = Harness::new();
     let hdr = h.header(VIRTIO_BLK_T_IN, 0);
@@ -1201,5 +1168,5 @@ fn chains_longer_than_the_queue_are_not_walked() {
     let short = [(hdr, 16, false), (buf, 512, true), (st, 1, true)];
     h.push_indirect(&short);
     h.run(&dev);
-    assert_eq!(h.read(st, 1)[0], OK);
+    assert_eq!(h.status(st), OK);
 }
