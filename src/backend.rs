@@ -123,6 +123,12 @@ impl std::fmt::Debug for ConfigNotifier {
     }
 }
 
+// `DeviceBackend` and `DeviceBackendMut` are one method list with two
+// receivers (`&self`, `&mut self`); this macro writes both from that one
+// list so they cannot drift apart. Every method's documentation is here and
+// rustdoc shows each trait as a plain trait: read the generated docs
+// (`cargo doc --open`, or docs.rs) rather than following go-to-definition
+// into the macro.
 macro_rules! backend_trait {
     ($(#[$doc:meta])* $name:ident, $($self_:tt)+) => {
         $(#[$doc])*
@@ -252,6 +258,16 @@ backend_trait!(
 backend_trait!(
     /// A virtio device backend with `&mut self` methods; use it through
     /// `Mutex<T>` or `RwLock<T>`, which implement [`DeviceBackend`].
+    ///
+    /// The cost: every call goes through that lock, `handle_event`
+    /// included, so each event takes one write lock (`Mutex::lock` or
+    /// `RwLock::write`; only the read-only identity methods such as
+    /// `features` take a read lock on an `RwLock`). Workers of different
+    /// queue groups then run one at a time, and the control thread waits
+    /// for a batch in progress. Fine for single-queue devices and for
+    /// prototypes; a multi-queue device that wants its queues served in
+    /// parallel implements [`DeviceBackend`] with interior mutability of
+    /// its own (per-queue state, atomics), as the reference blk device does.
     DeviceBackendMut, &mut self
 );
 
