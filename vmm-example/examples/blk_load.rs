@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blk_load`: drive a vhost-user-blk backend with libblkio random reads,
-//! for profiling a backend under load (see `benches/blk_vs_peers.rs` for the
+//! for profiling a backend under load (see `benches/blk_vs_peers/` for the
 //! comparison itself).
 //!
 //! ```text

@@ -2,7 +2,7 @@
 //! `peer_vub_blk`: a virtio-blk vhost-user backend written on rust-vmm's
 //! `vhost-user-backend` crate, as a user of that crate writes one.
 //!
-//! It exists as the comparison point for `benches/blk_vs_peers.rs`: the same
+//! It exists as the comparison point for `benches/blk_vs_peers/`: the same
 //! device (null or raw image, same features and config space) served by the
 //! framework that rust-vmm users run today, so the benchmark measures the
 //! data plane and not a difference in what the device does.

@@ -5,6 +5,8 @@
 //! [`virtio_backend_kit::DeviceBackend`] once and can therefore run either as
 //! a vhost-user daemon or inside a VMM process; [`vmm`] is that VMM.
 
+#![warn(missing_debug_implementations)]
+
 pub mod blkio_client;
 pub mod daemon_cli;
 pub mod devices;

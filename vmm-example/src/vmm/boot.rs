@@ -42,8 +42,11 @@ pub enum BootError {
     #[error("initramfs {} ({} bytes) does not fit in guest memory", .0.display(), .1)]
     InitrdTooBig(PathBuf, u64),
     /// The command line is invalid or too long.
-    #[error("invalid kernel command line: {0}")]
-    Cmdline(String),
+    #[error("invalid kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The command line could not be put in guest memory.
+    #[error("cannot load the kernel command line")]
+    LoadCmdline(#[source] loader::Error),
     /// Writing guest memory failed.
     #[error("cannot write boot data to guest memory")]
     Memory(#[source] GuestMemoryError),
@@ -84,12 +87,10 @@ pub fn load_linux(
     }
 
     let mut params = boot_params::default();
-    let mut line =
-        Cmdline::new(layout::CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
-    line.insert_str(cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut line = Cmdline::new(layout::CMDLINE_MAX).map_err(BootError::Cmdline)?;
+    line.insert_str(cmdline).map_err(BootError::Cmdline)?;
     loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), &line)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+        .map_err(BootError::LoadCmdline)?;
     hdr.cmd_line_ptr = layout::CMDLINE_ADDR as u32;
     hdr.cmdline_size = cmdline.len() as u32 + 1;
     hdr.type_of_loader = LOADER_UNDEFINED;

@@ -55,6 +55,15 @@ pub struct Bus {
     ranges: BTreeMap<u64, (u64, SharedDevice)>,
 }
 
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ranges = self.ranges.iter().map(|(base, (len, _))| (*base, *len));
+        f.debug_struct("Bus")
+            .field("ranges", &ranges.collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Bus {
     /// Put `device` at `[base, base + len)`.
     pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
@@ -106,6 +115,7 @@ fn lock(dev: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static
 
 /// ACPI's sleep control (offset 0) and sleep status (offset 1) registers of
 /// a hardware-reduced platform. Entering S5 ends the VMM.
+#[derive(Debug)]
 pub struct PowerDevice {
     exit: Arc<ExitSignal>,
 }
@@ -142,6 +152,7 @@ impl BusDevice for PowerDevice {
 
 /// A one-byte register that resets the machine when `value` is written:
 /// the FADT reset register and the i8042 command port.
+#[derive(Debug)]
 pub struct ResetDevice {
     value: u8,
     exit: Arc<ExitSignal>,

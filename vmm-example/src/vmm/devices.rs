@@ -76,6 +76,7 @@ pub enum DeviceError {
 pub type Subscribers = Vec<Box<dyn MutEventSubscriber + Send>>;
 
 /// A device on the guest's MMIO bus.
+#[derive(Debug)]
 pub struct AttachedDevice {
     /// Where the guest finds it.
     pub window: MmioWindow,

@@ -19,6 +19,7 @@ use virtio_backend_kit::mmio::MmioTransport;
 const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// A device to report on.
+#[derive(Debug)]
 pub struct Reported {
     /// Its description (kind and home).
     pub description: String,

@@ -40,7 +40,7 @@ pub(super) fn check_vcpus(count: usize) -> Result<u8, VmmError> {
     u8::try_from(count)
         .ok()
         .filter(|n| (1..=32).contains(n))
-        .ok_or_else(|| VmmError::Config(format!("{count} vCPUs (1 to 32 supported)")))
+        .ok_or(VmmError::VcpuCount(count))
 }
 
 /// KVM's in-kernel interrupt controllers: PIC master, PIC slave, I/O APIC.

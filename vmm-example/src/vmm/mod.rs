@@ -26,6 +26,7 @@ pub mod acpi;
 pub mod boot;
 mod builtin_kinds;
 pub mod bus;
+mod control;
 pub mod device_spec;
 pub mod devices;
 pub mod diagnostics;
@@ -39,19 +40,16 @@ pub mod vcpu;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber};
-use kvm_bindings::kvm_irqchip;
 use kvm_ioctls::VmFd;
 use log::{error, info};
 use signal_hook::consts::SIGUSR1;
 use signal_hook::iterator::Signals;
 use virtio_backend_kit::kvm::KvmMemorySlots;
-use virtio_backend_kit::mmio::MmioTransport;
 use virtio_backend_kit::snapshot::{self as device_snapshot, DeviceSnapshot};
-use virtio_backend_kit::vm_memory::{Bytes, GuestAddress};
+use virtio_backend_kit::vm_memory::GuestAddress;
 use virtio_backend_kit::GuestMemoryLog;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -60,6 +58,7 @@ pub use device_spec::{DeviceHome, DeviceOptions, DeviceSpec};
 pub use memory::layout;
 pub use registry::{DeviceKind, DeviceRegistry, KindInfo};
 
+use control::Control;
 use devices::AttachedDevice;
 use machine::{check_vcpus, Machine, IRQCHIP_IDS};
 use serial::SerialConsole;
@@ -98,15 +97,50 @@ pub enum ExitReason {
     Snapshot,
 }
 
-/// How long vCPUs get to stop for a snapshot.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Errors building or running the VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    /// A configuration value is out of range.
-    #[error("invalid configuration: {0}")]
-    Config(String),
+    /// The vCPU count is out of range.
+    #[error("invalid configuration: {0} vCPUs (1 to 32 supported)")]
+    VcpuCount(usize),
+    /// Guest RAM is not backed by a file (a snapshot needs one).
+    #[error("invalid configuration: guest RAM has no backing file")]
+    NoRamFile,
+    /// A restore was given another number of devices than the snapshot
+    /// holds.
+    #[error("invalid configuration: the snapshot has {saved} device(s), {given} given")]
+    DeviceCount {
+        /// Devices in the snapshot.
+        saved: usize,
+        /// Devices given for the restore.
+        given: usize,
+    },
+    /// A restore was given a device of another virtio type than the
+    /// snapshot holds at that place.
+    #[error(
+        "invalid configuration: device {index}: the snapshot holds virtio device type {saved}, \
+         {spec:?} is type {given}"
+    )]
+    DeviceType {
+        /// The device's index (counting from 0).
+        index: usize,
+        /// The virtio device type in the snapshot.
+        saved: u32,
+        /// The device given for the restore.
+        spec: Box<DeviceSpec>,
+        /// Its virtio device type.
+        given: u32,
+    },
+    /// The snapshot does not hold one state per in-kernel interrupt
+    /// controller.
+    #[error(
+        "invalid configuration: {0} interrupt controllers in the snapshot (expected {n})",
+        n = IRQCHIP_IDS.len()
+    )]
+    IrqchipCount(usize),
+    /// The snapshot's interrupt controllers are not in KVM chip ID order.
+    #[error("invalid configuration: irqchip {0} out of order")]
+    IrqchipOrder(u32),
     /// `/dev/kvm` cannot be used.
     #[error("cannot use /dev/kvm")]
     Kvm(#[source] kvm_ioctls::Error),
@@ -152,6 +186,7 @@ pub enum VmmError {
 }
 
 /// How the vCPUs tell the main thread that the guest is done.
+#[derive(Debug)]
 pub struct ExitSignal {
     evt: EventFd,
     reason: Mutex<Option<ExitReason>>,
@@ -195,10 +230,6 @@ impl MutEventSubscriber for ExitSubscriber {
     }
 }
 
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A built VM, ready to run.
 pub struct Vmm {
     vcpus: Vec<Vcpu>,
@@ -218,6 +249,18 @@ pub struct Vmm {
     // Kept alive for the VM's lifetime.
     _serial_irq: EventFd,
     _slots: KvmMemorySlots,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpus)
+            .field("devices", &self.devices)
+            .field("specs", &self.specs)
+            .field("mem_mib", &self.mem_mib)
+            .field("snapshot_to", &self.snapshot_to)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Vmm {
@@ -353,142 +396,6 @@ impl Vmm {
             }
             self.event_loop.run().map_err(VmmError::EventLoop)?;
         }
-    }
-}
-
-/// The VM's control thread: loads restored device state, starts the vCPUs,
-/// and saves the VM when asked. Device control calls go through here, off
-/// the event loop's thread, because in-process data planes take their
-/// queues from that loop.
-struct Control {
-    vcpus: Vec<Vcpu>,
-    gate: Arc<PauseGate>,
-    buses: Arc<Buses>,
-    exit: Arc<ExitSignal>,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
-    specs: Vec<DeviceSpec>,
-    pending: Vec<Option<DeviceSnapshot>>,
-    vm: Arc<VmFd>,
-    memory: GuestMemoryLog,
-    mem_mib: u64,
-    serial: Arc<Mutex<SerialConsole>>,
-    save: Option<(PathBuf, Signals)>,
-}
-
-impl Control {
-    fn run(mut self) {
-        if let Err(e) = self.start() {
-            error!("{}", error_chain(&e));
-            self.exit.signal(ExitReason::Failure);
-        }
-    }
-
-    fn start(&mut self) -> Result<(), VmmError> {
-        let pending = std::mem::take(&mut self.pending);
-        for (index, (transport, snap)) in self.transports.iter().zip(pending).enumerate() {
-            if let Some(snap) = snap {
-                lock(transport)
-                    .load_snapshot(snap)
-                    .map_err(|e| VmmError::DeviceSnapshot(index, Box::new(e)))?;
-            }
-        }
-        let mut threads = Vec::new();
-        for vcpu in std::mem::take(&mut self.vcpus) {
-            threads.push(vcpu.spawn(self.buses.clone(), self.exit.clone(), self.gate.clone())?);
-        }
-        let Some((path, mut signals)) = self.save.take() else {
-            return Ok(());
-        };
-        if signals.forever().next().is_none() {
-            return Ok(());
-        }
-        info!("SIGUSR1: saving the VM to {}", path.display());
-        self.save(&threads, &path)?;
-        self.exit.signal(ExitReason::Snapshot);
-        Ok(())
-    }
-
-    /// Stop the vCPUs, pause the devices and write everything to `path`.
-    fn save(&self, threads: &[JoinHandle<()>], path: &Path) -> Result<(), VmmError> {
-        let started = Instant::now();
-        let vcpus = self.gate.stop_all(threads, PAUSE_TIMEOUT)?;
-        let vcpus_stopped = started.elapsed();
-        let mut devices = Vec::new();
-        let (mut queued, mut in_flight) = (0u64, 0u64);
-        for (index, (spec, transport)) in self.specs.iter().zip(&self.transports).enumerate() {
-            let snap = lock(transport)
-                .snapshot()
-                .map_err(|e| VmmError::DeviceSnapshot(index, Box::new(e)))?;
-            for q in snap.queues.iter().filter(|q| q.is_configured()) {
-                // Requests the driver made available that the device had not
-                // taken yet: they wait in guest RAM for the restored device.
-                let avail_idx: u16 = self
-                    .memory
-                    .read_obj(GuestAddress(q.avail_ring + 2))
-                    .unwrap_or(q.next_avail);
-                queued += u64::from(avail_idx.wrapping_sub(q.next_avail));
-                in_flight += u64::from(q.outstanding());
-            }
-            let home = match &spec.home {
-                DeviceHome::InProcess(_) => "in process",
-                DeviceHome::VhostUser(_) => "vhost-user",
-            };
-            info!(
-                "device {index} ({}, {home}): {} bytes of its own state",
-                spec.kind,
-                snap.device_state.len()
-            );
-            let envelope = device_snapshot::encode(&snap)
-                .map_err(|e| VmmError::DeviceSnapshot(index, Box::new(e)))?;
-            devices.push(DeviceRecord {
-                spec: spec.clone(),
-                envelope,
-            });
-        }
-        let mut irqchips = Vec::new();
-        for id in IRQCHIP_IDS {
-            let mut chip = kvm_irqchip {
-                chip_id: id,
-                ..Default::default()
-            };
-            self.vm
-                .get_irqchip(&mut chip)
-                .map_err(|e| VmmError::VmIoctl("KVM_GET_IRQCHIP", e))?;
-            irqchips.push(chip);
-        }
-        let state = VmState {
-            mem_mib: self.mem_mib,
-            vcpus,
-            irqchips,
-            pit: self
-                .vm
-                .get_pit2()
-                .map_err(|e| VmmError::VmIoctl("KVM_GET_PIT2", e))?,
-            clock: self
-                .vm
-                .get_clock()
-                .map_err(|e| VmmError::VmIoctl("KVM_GET_CLOCK", e))?,
-            serial: lock(&self.serial).snapshot(),
-            devices,
-        };
-        let ram = memory::ram_file(&self.memory)
-            .ok_or(VmmError::Config("guest RAM has no backing file".into()))?;
-        let devices_paused = started.elapsed();
-        let size = snapshot::write(path, &state, ram, self.mem_mib << 20)?;
-        info!(
-            "saved to {}: vCPUs stopped in {:.1} ms, devices paused at {:.1} ms; {} device(s), \
-             {in_flight} request(s) in flight and {queued} queued at the cut; state {} bytes, \
-             RAM {} MiB ({} KiB not zero); {:.1} ms in all",
-            path.display(),
-            vcpus_stopped.as_secs_f64() * 1e3,
-            devices_paused.as_secs_f64() * 1e3,
-            self.specs.len(),
-            size.state,
-            self.mem_mib,
-            size.ram_data >> 10,
-            started.elapsed().as_secs_f64() * 1e3
-        );
-        Ok(())
     }
 }
 

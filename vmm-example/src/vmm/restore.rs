@@ -26,8 +26,7 @@ impl Vmm {
         let vcpu_count = check_vcpus(state.vcpus.len())?;
         let (mut ram_loaded, mut ram_ms) = (0, 0.0);
         let (machine, slots) = Machine::build(state.mem_mib, &specs, registry, |memory| {
-            let ram = memory::ram_file(memory)
-                .ok_or(VmmError::Config("guest RAM has no backing file".into()))?;
+            let ram = memory::ram_file(memory).ok_or(VmmError::NoRamFile)?;
             let t = Instant::now();
             ram_loaded = file.load_ram(ram)?;
             ram_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -73,11 +72,10 @@ fn device_snapshots(
     registry: &DeviceRegistry,
 ) -> Result<Vec<Option<DeviceSnapshot>>, VmmError> {
     if specs.len() != records.len() {
-        return Err(VmmError::Config(format!(
-            "the snapshot has {} device(s), {} given",
-            records.len(),
-            specs.len()
-        )));
+        return Err(VmmError::DeviceCount {
+            saved: records.len(),
+            given: specs.len(),
+        });
     }
     let mut pending = Vec::with_capacity(records.len());
     for (index, (spec, record)) in specs.iter().zip(records).enumerate() {
@@ -88,10 +86,12 @@ fn device_snapshots(
             .map_err(|e| VmmError::Device(index, e))?;
         let device_type = kind.info().device_type;
         if snap.device_type != device_type {
-            return Err(VmmError::Config(format!(
-                "device {index}: the snapshot holds virtio device type {}, {spec:?} is type {}",
-                snap.device_type, device_type
-            )));
+            return Err(VmmError::DeviceType {
+                index,
+                saved: snap.device_type,
+                spec: Box::new(spec.clone()),
+                given: device_type,
+            });
         }
         pending.push(Some(snap));
     }
@@ -112,17 +112,11 @@ fn restore_vm_state(vm: &VmFd, state: &VmState) -> Result<(), VmmError> {
     vm.set_clock(&clock)
         .map_err(|e| VmmError::VmIoctl("KVM_SET_CLOCK", e))?;
     if state.irqchips.len() != IRQCHIP_IDS.len() {
-        return Err(VmmError::Config(format!(
-            "{} interrupt controllers in the snapshot",
-            state.irqchips.len()
-        )));
+        return Err(VmmError::IrqchipCount(state.irqchips.len()));
     }
     for (chip, id) in state.irqchips.iter().zip(IRQCHIP_IDS) {
         if chip.chip_id != id {
-            return Err(VmmError::Config(format!(
-                "irqchip {} out of order",
-                chip.chip_id
-            )));
+            return Err(VmmError::IrqchipOrder(chip.chip_id));
         }
         vm.set_irqchip(chip)
             .map_err(|e| VmmError::VmIoctl("KVM_SET_IRQCHIP", e))?;

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::bus::BusDevice;
 
 /// Raises the UART's interrupt by writing its irqfd.
+#[derive(Debug)]
 pub struct IrqTrigger(pub EventFd);
 
 impl Trigger for IrqTrigger {
@@ -24,6 +25,7 @@ impl Trigger for IrqTrigger {
 
 /// Guest output on stdout, flushed at each line end so the console reads
 /// well when interleaved with our logs.
+#[derive(Debug)]
 pub struct ConsoleOut(Stdout);
 
 impl Write for ConsoleOut {
@@ -41,6 +43,7 @@ impl Write for ConsoleOut {
 }
 
 /// COM1 as a bus device.
+#[derive(Debug)]
 pub struct SerialConsole(Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOut>);
 
 /// The UART's registers and receive buffer, for a VM snapshot.

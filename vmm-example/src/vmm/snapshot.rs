@@ -70,9 +70,33 @@ pub enum VmSnapshotError {
     /// Written by a newer (or unknown) format version.
     #[error("snapshot format version {0} is not supported (this build reads {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})")]
     Version(u16),
-    /// A length or offset in the header is out of range.
-    #[error("corrupt snapshot header: {0}")]
-    Header(String),
+    /// The VM state is too large for the format.
+    #[error("the VM state is {0} bytes, more than a snapshot holds ({MAX_STATE_LEN})")]
+    StateTooLarge(usize),
+    /// The header's reserved field is not zero.
+    #[error("corrupt snapshot header: reserved field {0:#x}")]
+    Reserved(u16),
+    /// The header's state length is out of range.
+    #[error("corrupt snapshot header: state length {0} (at most {MAX_STATE_LEN})")]
+    StateLength(u64),
+    /// The header places guest RAM outside the file or over the state.
+    #[error("corrupt snapshot header: RAM at {offset} of {len} bytes in a file of {file_size}")]
+    RamPlacement {
+        /// Offset of guest RAM in the file.
+        offset: u64,
+        /// Length of guest RAM.
+        len: u64,
+        /// Size of the file.
+        file_size: u64,
+    },
+    /// The RAM section does not match the state's memory size.
+    #[error("corrupt snapshot header: {ram_len} bytes of RAM for a {mem_mib} MiB VM")]
+    RamSize {
+        /// Bytes of RAM in the file.
+        ram_len: u64,
+        /// The state's memory size.
+        mem_mib: u64,
+    },
     /// The state section does not match its checksum.
     #[error("snapshot state checksum mismatch (stored {stored:#018x}, computed {computed:#018x})")]
     Checksum {
@@ -104,7 +128,7 @@ pub struct DeviceRecord {
 }
 
 /// Everything of a VM except its RAM.
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct VmState {
     /// Guest RAM in MiB.
     pub mem_mib: u64,
@@ -231,7 +255,7 @@ pub fn write(
     let state_len = u32::try_from(json.len())
         .ok()
         .filter(|l| *l <= MAX_STATE_LEN)
-        .ok_or_else(|| VmSnapshotError::Header(format!("state of {} bytes", json.len())))?;
+        .ok_or(VmSnapshotError::StateTooLarge(json.len()))?;
     let ram_offset = (HEADER_LEN + json.len() + CRC_LEN) as u64;
     let ram_offset = ram_offset.div_ceil(PAGE) * PAGE;
     let mut head = Vec::with_capacity(HEADER_LEN + json.len() + CRC_LEN);
@@ -269,6 +293,7 @@ pub fn write(
 }
 
 /// An opened snapshot: its state, and where its RAM is.
+#[derive(Debug)]
 pub struct SnapshotFile {
     /// The decoded state.
     pub state: VmState,
@@ -309,17 +334,23 @@ impl SnapshotFile {
         let state_len = field(12..16);
         let ram_offset = field(16..24);
         let ram_len = field(24..32);
-        if field(10..12) != 0 || state_len > u64::from(MAX_STATE_LEN) {
-            return Err(VmSnapshotError::Header(format!("state length {state_len}")));
+        let reserved = field(10..12) as u16;
+        if reserved != 0 {
+            return Err(VmSnapshotError::Reserved(reserved));
+        }
+        if state_len > u64::from(MAX_STATE_LEN) {
+            return Err(VmSnapshotError::StateLength(state_len));
         }
         let state_end = HEADER_LEN as u64 + state_len + CRC_LEN as u64;
         if ram_offset % PAGE != 0
             || ram_offset < state_end
             || ram_offset.checked_add(ram_len).is_none_or(|end| end > size)
         {
-            return Err(VmSnapshotError::Header(format!(
-                "RAM at {ram_offset} of {ram_len} bytes in a file of {size}"
-            )));
+            return Err(VmSnapshotError::RamPlacement {
+                offset: ram_offset,
+                len: ram_len,
+                file_size: size,
+            });
         }
         let mut head = vec![0u8; state_end as usize];
         file.read_exact_at(&mut head, 0)
@@ -335,10 +366,10 @@ impl SnapshotFile {
         let state: VmState =
             serde_json::from_slice(&body[HEADER_LEN..]).map_err(VmSnapshotError::Decode)?;
         if state.mem_mib.checked_shl(20) != Some(ram_len) {
-            return Err(VmSnapshotError::Header(format!(
-                "{ram_len} bytes of RAM for a {} MiB VM",
-                state.mem_mib
-            )));
+            return Err(VmSnapshotError::RamSize {
+                ram_len,
+                mem_mib: state.mem_mib,
+            });
         }
         Ok(SnapshotFile {
             state,

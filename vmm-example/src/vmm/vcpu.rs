@@ -72,6 +72,7 @@ pub enum VcpuError {
 }
 
 /// The buses a vCPU dispatches its exits to.
+#[derive(Debug)]
 pub struct Buses {
     /// Memory-mapped devices.
     pub mmio: Bus,
@@ -88,7 +89,7 @@ const APIC_MODE_NMI: u32 = 0x4;
 
 /// Everything KVM holds for one vCPU that a snapshot must carry, in the
 /// kernel's own layouts (serialized as their bytes by kvm-bindings).
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
     /// The vCPU's index (and APIC ID).
     pub id: u8,
@@ -113,6 +114,7 @@ pub struct VcpuState {
 }
 
 /// Stops running vCPUs at a consistent point and collects their state.
+#[derive(Debug)]
 pub struct PauseGate {
     requested: AtomicBool,
     states: Mutex<Vec<Result<VcpuState, VcpuError>>>,
@@ -187,6 +189,7 @@ impl PauseGate {
 }
 
 /// One configured vCPU, ready to run.
+#[derive(Debug)]
 pub struct Vcpu {
     fd: VcpuFd,
     id: u8,

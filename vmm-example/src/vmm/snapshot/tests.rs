@@ -163,20 +163,27 @@ fn oversized_or_inconsistent_header_is_refused() {
     corrupt(&path, 12, &(MAX_STATE_LEN + 1).to_le_bytes());
     assert!(matches!(
         SnapshotFile::open(&path),
-        Err(VmSnapshotError::Header(_))
+        Err(VmSnapshotError::StateLength(_))
+    ));
+    // Reserved bytes set.
+    let path = written(&dir);
+    corrupt(&path, 10, &[1, 0]);
+    assert!(matches!(
+        SnapshotFile::open(&path),
+        Err(VmSnapshotError::Reserved(1))
     ));
     // RAM claimed past the end of the file.
     let path = written(&dir);
     corrupt(&path, 24, &(64 * MIB).to_le_bytes());
     assert!(matches!(
         SnapshotFile::open(&path),
-        Err(VmSnapshotError::Header(_))
+        Err(VmSnapshotError::RamPlacement { .. })
     ));
     // RAM offset inside the state.
     let path = written(&dir);
     corrupt(&path, 16, &PAGE.to_le_bytes()[..]);
     let e = SnapshotFile::open(&path).err().unwrap();
-    assert!(matches!(e, VmSnapshotError::Header(_)), "{e}");
+    assert!(matches!(e, VmSnapshotError::RamPlacement { .. }), "{e}");
 }
 
 #[test]
@@ -188,7 +195,7 @@ fn truncated_file_is_refused() {
     f.set_len(len - 4096).unwrap();
     assert!(matches!(
         SnapshotFile::open(&path),
-        Err(VmSnapshotError::Header(_))
+        Err(VmSnapshotError::RamPlacement { .. })
     ));
 }
 
@@ -200,6 +207,6 @@ fn ram_size_must_match_the_state() {
     write(&path, &state(4), &ram(), 2 * MIB).unwrap();
     assert!(matches!(
         SnapshotFile::open(&path),
-        Err(VmSnapshotError::Header(_))
+        Err(VmSnapshotError::RamSize { .. })
     ));
 }
