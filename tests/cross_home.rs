@@ -10,7 +10,9 @@ mod mmio_driver;
 mod process;
 
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +22,7 @@ use virtio_backend_kit::core::DeviceCore;
 use virtio_backend_kit::frontend::{FrontendOptions, VhostUserFrontendDevice};
 use virtio_backend_kit::mmio::MmioTransport;
 use virtio_backend_kit::snapshot;
+use virtio_backend_kit::GuestMemoryLog;
 use vmm_example::devices::{BlkConfig, BlkDevice, Target};
 
 const IMAGE_SIZE: u64 = 8 << 20;
@@ -66,17 +69,46 @@ fn cut(d: &mut Driver) -> (snapshot::DeviceSnapshot, usize, Instant) {
     (back, bytes.len(), start)
 }
 
-#[test]
-fn device_moves_in_process_to_vhost_user_and_back() {
+/// A fresh image in a new directory and a started driver of the device
+/// in process on it.
+fn in_process_rig() -> (tempfile::TempDir, PathBuf, GuestMemoryLog, Driver) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.raw");
     File::create(&path).unwrap().set_len(IMAGE_SIZE).unwrap();
     let mem = guest_memory();
-
-    // Home 1: in process.
     let t = MmioTransport::new(in_process(&path), mem.clone()).unwrap();
     let mut d = Driver::new(t, mem.clone());
     d.negotiate_and_start(QUEUES, 64);
+    (dir, path, mem, d)
+}
+
+/// Move `d`'s device to the home `restore` makes of its snapshot, cut
+/// through the envelope; records `records` then go through the new home,
+/// the first of them ending the downtime. Prints the `VBK-MOVE` line of
+/// move `what`; returns the records done.
+fn move_home(
+    d: &mut Driver,
+    what: &str,
+    records: Range<u64>,
+    restore: impl FnOnce(snapshot::DeviceSnapshot) -> MmioTransport,
+) -> u64 {
+    let (snap, size, start) = cut(d);
+    let in_flight: usize = snap.queues.iter().map(|q| q.outstanding() as usize).sum();
+    drop(d.replace_transport(restore(snap)));
+    let mut done = traffic(d, records.start..records.start + 1);
+    let downtime = start.elapsed();
+    done += traffic(d, records.start + 1..records.end);
+    println!(
+        "VBK-MOVE {what} snapshot_bytes={size} in_flight={in_flight} lost=0 downtime_us={}",
+        downtime.as_micros()
+    );
+    done
+}
+
+#[test]
+fn device_moves_in_process_to_vhost_user_and_back() {
+    // Home 1: in process.
+    let (dir, path, mem, mut d) = in_process_rig();
     let mut done = traffic(&mut d, 0..16);
 
     // Move out: vhost-user-blk in its own process.
@@ -87,32 +119,16 @@ fn device_moves_in_process_to_vhost_user_and_back() {
     cmd.args(["--queues", "2", "--queue-size", "64"]);
     let mut daemon = Backend::spawn("vhost-user-blk", cmd, dir.path().join("daemon.log"));
     daemon.wait_for_socket(&sock);
-    let (snap, size, start) = cut(&mut d);
-    let in_flight: usize = snap.queues.iter().map(|q| q.outstanding() as usize).sum();
-    let adapter = VhostUserFrontendDevice::connect(&sock, FrontendOptions::new(2, 2, 64))
-        .unwrap_or_else(|e| panic!("adapter: {e}"));
-    let t = MmioTransport::restore(Box::new(adapter), mem.clone(), snap).expect("restore out");
-    drop(d.replace_transport(t));
-    done += traffic(&mut d, 16..17);
-    let downtime_out = start.elapsed();
-    done += traffic(&mut d, 17..32);
-    println!(
-        "VBK-MOVE in-process->vhost-user snapshot_bytes={size} in_flight={in_flight} lost=0 downtime_us={}",
-        downtime_out.as_micros()
-    );
+    done += move_home(&mut d, "in-process->vhost-user", 16..32, |snap| {
+        let adapter = VhostUserFrontendDevice::connect(&sock, FrontendOptions::new(2, 2, 64))
+            .unwrap_or_else(|e| panic!("adapter: {e}"));
+        MmioTransport::restore(Box::new(adapter), mem.clone(), snap).expect("restore out")
+    });
 
     // Move back in process.
-    let (snap, size, start) = cut(&mut d);
-    let in_flight: usize = snap.queues.iter().map(|q| q.outstanding() as usize).sum();
-    let t = MmioTransport::restore(in_process(&path), mem.clone(), snap).expect("restore in");
-    drop(d.replace_transport(t));
-    done += traffic(&mut d, 32..33);
-    let downtime_back = start.elapsed();
-    done += traffic(&mut d, 33..48);
-    println!(
-        "VBK-MOVE vhost-user->in-process snapshot_bytes={size} in_flight={in_flight} lost=0 downtime_us={}",
-        downtime_back.as_micros()
-    );
+    done += move_home(&mut d, "vhost-user->in-process", 32..48, |snap| {
+        MmioTransport::restore(in_process(&path), mem.clone(), snap).expect("restore in")
+    });
     daemon.stop(Duration::from_secs(5));
 
     // Every record of every home is on disk.
@@ -127,13 +143,7 @@ fn device_moves_in_process_to_vhost_user_and_back() {
 
 #[test]
 fn corrupt_or_foreign_snapshots_are_refused_at_restore() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.raw");
-    File::create(&path).unwrap().set_len(IMAGE_SIZE).unwrap();
-    let mem = guest_memory();
-    let t = MmioTransport::new(in_process(&path), mem.clone()).unwrap();
-    let mut d = Driver::new(t, mem.clone());
-    d.negotiate_and_start(QUEUES, 64);
+    let (_dir, path, mem, mut d) = in_process_rig();
     traffic(&mut d, 0..4);
     let snap = d.t.snapshot().unwrap();
     let mut bytes = snapshot::encode(&snap).unwrap();

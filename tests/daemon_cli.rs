@@ -55,7 +55,9 @@ fn daemon(dir: &Dir, log: &str, args: &[&str]) -> Backend {
     Backend::spawn("vhost-user-blk", cmd, dir.path(log))
 }
 
-fn started(dir: &Dir, sock: &Path, image: &Path, extra: &[&str]) -> Backend {
+/// The daemon on `sock` serving `image`, with `extra` arguments, logging to
+/// `log`; not waited for.
+fn serving(dir: &Dir, log: &str, sock: &Path, image: &Path, extra: &[&str]) -> Backend {
     let mut args = vec![
         "--socket-path",
         sock.to_str().unwrap(),
@@ -63,9 +65,22 @@ fn started(dir: &Dir, sock: &Path, image: &Path, extra: &[&str]) -> Backend {
         image.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let mut d = daemon(dir, "daemon.log", &args);
+    daemon(dir, log, &args)
+}
+
+fn started(dir: &Dir, sock: &Path, image: &Path, extra: &[&str]) -> Backend {
+    let mut d = serving(dir, "daemon.log", sock, image, extra);
     d.wait_for_socket(sock);
     d
+}
+
+/// A daemon started with `extra` on `blk.sock` and a fresh `disk.raw`
+/// in a new directory: (directory, socket, image, daemon).
+fn started_fresh(extra: &[&str]) -> (Dir, PathBuf, PathBuf, Backend) {
+    let dir = Dir::new();
+    let (sock, image) = (dir.path("blk.sock"), dir.image("disk.raw"));
+    let d = started(&dir, &sock, &image, extra);
+    (dir, sock, image, d)
 }
 
 fn wait_exit(d: &mut Backend, limit: Duration) -> ExitStatus {
@@ -101,11 +116,16 @@ fn connect(sock: &Path, queues: usize) -> BlkioClient {
     BlkioClient::connect(sock, queues, 1 << 20).unwrap_or_else(|e| panic!("blkio connect: {e}"))
 }
 
+/// A one-queue session that does verified I/O (1 MiB at offset 0 in
+/// 64 KiB requests, pattern `seed`) and disconnects.
+fn verified_session(sock: &Path, seed: u8) {
+    let mut c = connect(sock, 1);
+    c.verified_io(0, 1 << 20, 64 << 10, seed).unwrap();
+}
+
 #[test]
 fn defaults_offer_eight_queues_and_serve_frontend_after_frontend() {
-    let dir = Dir::new();
-    let (sock, image) = (dir.path("blk.sock"), dir.image("disk.raw"));
-    let mut d = started(&dir, &sock, &image, &[]);
+    let (_dir, sock, _image, mut d) = started_fresh(&[]);
     let idle = threads(&d);
     // A frontend with a single queue: one worker, not one per offered queue.
     let c = connect(&sock, 1);
@@ -146,22 +166,15 @@ fn defaults_offer_eight_queues_and_serve_frontend_after_frontend() {
 
 #[test]
 fn once_exits_zero_when_the_frontend_leaves() {
-    let dir = Dir::new();
-    let (sock, image) = (dir.path("blk.sock"), dir.image("disk.raw"));
-    let mut d = started(&dir, &sock, &image, &["--once"]);
-    {
-        let mut c = connect(&sock, 1);
-        c.verified_io(0, 1 << 20, 64 << 10, 7).unwrap();
-    }
+    let (_dir, sock, _image, mut d) = started_fresh(&["--once"]);
+    verified_session(&sock, 7);
     let st = wait_exit(&mut d, Duration::from_secs(10));
     assert_eq!(st.code(), Some(0), "log:\n{}", d.log_text());
 }
 
 #[test]
 fn once_exits_one_when_the_session_ends_on_an_error() {
-    let dir = Dir::new();
-    let (sock, image) = (dir.path("blk.sock"), dir.image("disk.raw"));
-    let mut d = started(&dir, &sock, &image, &["--once"]);
+    let (_dir, sock, _image, mut d) = started_fresh(&["--once"]);
     {
         use std::io::Write;
         let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
@@ -179,9 +192,7 @@ fn once_exits_one_when_the_session_ends_on_an_error() {
 #[test]
 fn sigterm_under_io_exits_zero_removes_the_socket_and_loses_no_write() {
     for sig in [libc::SIGTERM, libc::SIGINT] {
-        let dir = Dir::new();
-        let (sock, image) = (dir.path("blk.sock"), dir.image("disk.raw"));
-        let mut d = started(&dir, &sock, &image, &[]);
+        let (_dir, sock, image, mut d) = started_fresh(&[]);
         let done: Arc<Mutex<Vec<u64>>> = Arc::default();
         let writer = {
             let (sock, done) = (sock.clone(), done.clone());
@@ -228,20 +239,9 @@ fn sigterm_under_io_exits_zero_removes_the_socket_and_loses_no_write() {
 
 #[test]
 fn a_second_daemon_on_a_live_socket_is_refused() {
-    let dir = Dir::new();
-    let (sock, image) = (dir.path("blk.sock"), dir.image("disk.raw"));
-    let mut first = started(&dir, &sock, &image, &[]);
+    let (dir, sock, _image, mut first) = started_fresh(&[]);
     let other = dir.image("other.raw");
-    let mut second = daemon(
-        &dir,
-        "second.log",
-        &[
-            "--socket-path",
-            sock.to_str().unwrap(),
-            "--blk-file",
-            other.to_str().unwrap(),
-        ],
-    );
+    let mut second = serving(&dir, "second.log", &sock, &other, &[]);
     let st = wait_exit(&mut second, Duration::from_secs(10));
     assert_eq!(st.code(), Some(1));
     let log = second.log_text();
@@ -271,15 +271,7 @@ fn a_second_writer_on_a_locked_image_is_refused() {
     let image = dir.image("disk.raw");
     let mut first = started(&dir, &dir.path("a.sock"), &image, &[]);
     for (extra, what) in [(&[][..], "writer"), (&["--read-only"][..], "reader")] {
-        let sock = dir.path("b.sock");
-        let mut args = vec![
-            "--socket-path",
-            sock.to_str().unwrap(),
-            "--blk-file",
-            image.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let mut second = daemon(&dir, "second.log", &args);
+        let mut second = serving(&dir, "second.log", &dir.path("b.sock"), &image, extra);
         let st = wait_exit(&mut second, Duration::from_secs(10));
         let log = second.log_text();
         assert_eq!(st.code(), Some(1), "second {what}: {log}");
@@ -412,12 +404,8 @@ fn an_inherited_socket_and_socket_activation_are_served() {
 
 #[test]
 fn direct_opens_the_image_with_o_direct() {
-    let dir = Dir::new();
-    let (sock, image) = (dir.path("blk.sock"), dir.image("disk.raw"));
-    let mut d = started(&dir, &sock, &image, &["--direct"]);
-    let mut c = connect(&sock, 1);
-    c.verified_io(0, 1 << 20, 64 << 10, 5).unwrap();
-    drop(c);
+    let (_dir, sock, image, mut d) = started_fresh(&["--direct"]);
+    verified_session(&sock, 5);
     let pid = d.child.id();
     let image = image.canonicalize().unwrap();
     let direct = std::fs::read_dir(format!("/proc/{pid}/fd"))

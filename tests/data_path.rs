@@ -10,12 +10,11 @@
 mod common;
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::blk::{self, S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT};
 use common::*;
-use virtio_backend_kit::vhost::VhostBackend;
 use virtio_backend_kit::vhost_user::ServeMode;
 use vmm_example::devices::{BlkConfig, BlkDevice, Target};
 
@@ -23,16 +22,6 @@ const GUEST_GPA: u64 = 0x10_0000;
 const GUEST_SIZE: u64 = 0x40_0000;
 const QSIZE: u16 = 64;
 const IMAGE_SIZE: u64 = 1 << 20;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
 const STATUS_UNTOUCHED: u8 = 0xee;
 
 struct BlkRig {
@@ -46,15 +35,7 @@ struct BlkRig {
 impl BlkRig {
     fn new(num_queues: u16, features: u64) -> BlkRig {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("disk.raw");
-        let image = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        image.set_len(IMAGE_SIZE).unwrap();
+        let (path, image) = blk::image(dir.path(), IMAGE_SIZE);
         let cfg = BlkConfig {
             queues: num_queues,
             queue_size: QSIZE,
@@ -62,13 +43,8 @@ impl BlkRig {
         };
         let device = BlkDevice::new(Target::open_image(&path, false).unwrap(), cfg).unwrap();
         let daemon = spawn_daemon(Arc::new(device), ServeMode::Once);
-        let mut client = daemon.frontend(u64::from(num_queues));
-        client.negotiate(features, Client::default_protocol());
-        let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
-        client
-            .frontend
-            .set_mem_table(&[guest.region_info()])
-            .unwrap();
+        let (mut client, guest) =
+            daemon.ready_frontend(u64::from(num_queues), features, GUEST_GPA, GUEST_SIZE);
         let queues: Vec<SplitQueue> = (0..num_queues)
             .map(|i| {
                 let q = SplitQueue::new(&guest, i, QSIZE, GUEST_GPA + u64::from(i) * QUEUE_AREA);
@@ -86,13 +62,6 @@ impl BlkRig {
     }
 }
 
-fn header(kind: u32, sector: u64) -> Vec<u8> {
-    let mut h = kind.to_le_bytes().to_vec();
-    h.extend_from_slice(&0u32.to_le_bytes());
-    h.extend_from_slice(&sector.to_le_bytes());
-    h
-}
-
 /// Queue a request: header, optional data buffer, status byte. Returns
 /// (head, data gpa, status gpa).
 fn request(
@@ -101,30 +70,7 @@ fn request(
     sector: u64,
     data: Option<(&[u8], bool)>,
 ) -> (u16, u64, u64) {
-    let hdr = q.alloc(16);
-    q.write(hdr, &header(kind, sector));
-    let mut bufs = vec![Buf {
-        gpa: hdr,
-        len: 16,
-        writable: false,
-    }];
-    let mut data_gpa = 0;
-    if let Some((bytes, writable)) = data {
-        data_gpa = q.alloc(bytes.len() as u64);
-        q.write(data_gpa, bytes);
-        bufs.push(Buf {
-            gpa: data_gpa,
-            len: bytes.len() as u32,
-            writable,
-        });
-    }
-    let status = q.alloc(1);
-    q.write(status, &[STATUS_UNTOUCHED]);
-    bufs.push(Buf {
-        gpa: status,
-        len: 1,
-        writable: true,
-    });
+    let (bufs, data_gpa, status) = blk::request(q, kind, sector, data, STATUS_UNTOUCHED);
     let head = q.add_chain(&bufs);
     (head, data_gpa, status)
 }
@@ -137,6 +83,24 @@ fn complete(q: &mut SplitQueue) -> (u32, u32) {
 
 fn status(q: &SplitQueue, at: u64) -> u8 {
     q.read(at, 1)[0]
+}
+
+/// A one-queue rig (VERSION_1) with the header of a read of sector 0 and
+/// an untouched status byte laid out on its queue: (rig, header gpa,
+/// status gpa).
+fn rig_with_a_read_header() -> (BlkRig, u64, u64) {
+    let mut rig = BlkRig::new(1, VIRTIO_F_VERSION_1);
+    let (hdr, st) = blk::header_and_status(&mut rig.queues[0], T_IN, 0, STATUS_UNTOUCHED);
+    (rig, hdr, st)
+}
+
+/// Reset the status byte at `st`, then queue and complete a request with
+/// the header at `hdr` and the `data` buffers: (status, used length).
+fn read_into(q: &mut SplitQueue, hdr: u64, data: &[Buf], st: u64) -> (u8, u32) {
+    q.write(st, &[STATUS_UNTOUCHED]);
+    q.add_chain(&blk::chain(hdr, data, st));
+    let (_, len) = complete(q);
+    (status(q, st), len)
 }
 
 /// A good write then read, to prove the device still serves.
@@ -165,9 +129,7 @@ fn write_read_flush_get_id_round_trip_reaches_the_image() {
     assert_eq!(status(q, st), S_OK);
     assert_eq!(len, 21);
     assert!(q.read(id, 20).starts_with(b"vbk-"));
-    let mut on_disk = vec![0u8; 4096];
-    rig.image.read_exact_at(&mut on_disk, 8 * 512).unwrap();
-    assert_eq!(on_disk, pattern(3, 4096));
+    assert_eq!(blk::read_image(&rig.image, 8 * 512, 4096), pattern(3, 4096));
 }
 
 #[test]
@@ -195,67 +157,21 @@ fn out_of_range_sector_and_unknown_type_get_virtio_status() {
 
 #[test]
 fn out_of_range_guest_addresses_are_refused() {
-    let mut rig = BlkRig::new(1, VIRTIO_F_VERSION_1);
+    let (mut rig, hdr, st) = rig_with_a_read_header();
     let q = &mut rig.queues[0];
-    let hdr = q.alloc(16);
-    q.write(hdr, &header(T_IN, 0));
-    let st = q.alloc(1);
-    q.write(st, &[STATUS_UNTOUCHED]);
-    // Data buffer far outside guest memory.
-    q.add_chain(&[
-        Buf {
-            gpa: hdr,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            gpa: 0x7fff_0000_0000,
-            len: 4096,
-            writable: true,
-        },
-        Buf {
-            gpa: st,
-            len: 1,
-            writable: true,
-        },
-    ]);
-    complete(q);
-    assert_eq!(status(q, st), S_IOERR);
-    // Data buffer running past the end of guest memory.
-    q.write(st, &[STATUS_UNTOUCHED]);
-    q.add_chain(&[
-        Buf {
-            gpa: hdr,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            gpa: GUEST_GPA + GUEST_SIZE - 512,
-            len: 4096,
-            writable: true,
-        },
-        Buf {
-            gpa: st,
-            len: 1,
-            writable: true,
-        },
-    ]);
-    complete(q);
-    assert_eq!(status(q, st), S_IOERR);
+    let data_outside = [
+        // Data buffer far outside guest memory.
+        0x7fff_0000_0000,
+        // Data buffer running past the end of guest memory.
+        GUEST_GPA + GUEST_SIZE - 512,
+    ];
+    for gpa in data_outside {
+        let (st_val, _) = read_into(q, hdr, &[Buf::writable(gpa, 4096)], st);
+        assert_eq!(st_val, S_IOERR, "data buffer at {gpa:#x}");
+    }
     // Header outside guest memory, status byte reachable: IOERR.
     q.write(st, &[0xff]);
-    q.add_chain(&[
-        Buf {
-            gpa: 0x7fff_0000_0000,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            gpa: st,
-            len: 1,
-            writable: true,
-        },
-    ]);
+    q.add_chain(&[Buf::readable(0x7fff_0000_0000, 16), Buf::writable(st, 1)]);
     let (_, len) = complete(q);
     assert_eq!(len, 1);
     assert_eq!(status(q, st), S_IOERR);
@@ -264,60 +180,15 @@ fn out_of_range_guest_addresses_are_refused() {
 
 #[test]
 fn zero_length_and_oversized_buffers_are_refused() {
-    let mut rig = BlkRig::new(1, VIRTIO_F_VERSION_1);
+    let (mut rig, hdr, st) = rig_with_a_read_header();
     let q = &mut rig.queues[0];
-    let hdr = q.alloc(16);
-    q.write(hdr, &header(T_IN, 0));
-    let st = q.alloc(1);
     // A 2 GiB data buffer: refused, nothing allocated for it.
-    q.write(st, &[STATUS_UNTOUCHED]);
-    q.add_chain(&[
-        Buf {
-            gpa: hdr,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            gpa: GUEST_GPA,
-            len: 0x8000_0000,
-            writable: true,
-        },
-        Buf {
-            gpa: st,
-            len: 1,
-            writable: true,
-        },
-    ]);
-    complete(q);
-    assert_eq!(status(q, st), S_IOERR);
+    let (st_val, _) = read_into(q, hdr, &[Buf::writable(GUEST_GPA, 0x8000_0000)], st);
+    assert_eq!(st_val, S_IOERR);
     // A zero-length data descriptor in the middle of a read.
-    q.write(st, &[STATUS_UNTOUCHED]);
     let data = q.alloc(512);
-    q.add_chain(&[
-        Buf {
-            gpa: hdr,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            gpa: data,
-            len: 0,
-            writable: true,
-        },
-        Buf {
-            gpa: data,
-            len: 512,
-            writable: true,
-        },
-        Buf {
-            gpa: st,
-            len: 1,
-            writable: true,
-        },
-    ]);
-    let (_, len) = complete(q);
-    assert_eq!(status(q, st), S_OK);
-    assert_eq!(len, 513);
+    let zero_then_512 = [Buf::writable(data, 0), Buf::writable(data, 512)];
+    assert_eq!(read_into(q, hdr, &zero_then_512, st), (S_OK, 513));
     still_serves(&mut rig, 0, 24, 5);
 }
 
@@ -330,48 +201,17 @@ fn chains_without_a_reachable_status_byte_stop_the_queue() {
     type Layout = fn(u64, u64) -> Vec<Buf>;
     let cases: [(&str, Layout); 2] = [
         ("zero-length status descriptor", |hdr, st| {
-            vec![
-                Buf {
-                    gpa: hdr,
-                    len: 16,
-                    writable: false,
-                },
-                Buf {
-                    gpa: st,
-                    len: 0,
-                    writable: true,
-                },
-            ]
+            vec![Buf::readable(hdr, 16), Buf::writable(st, 0)]
         }),
         // Lengths adding up past 2^32 bytes: illegal, the walk stops
         // before the status descriptor.
         ("chain over 4 GiB", |hdr, st| {
-            vec![
-                Buf {
-                    gpa: hdr,
-                    len: 16,
-                    writable: false,
-                },
-                Buf {
-                    gpa: GUEST_GPA,
-                    len: u32::MAX,
-                    writable: true,
-                },
-                Buf {
-                    gpa: st,
-                    len: 1,
-                    writable: true,
-                },
-            ]
+            blk::chain(hdr, &[Buf::writable(GUEST_GPA, u32::MAX)], st)
         }),
     ];
     for (what, chain) in cases {
-        let mut rig = BlkRig::new(1, VIRTIO_F_VERSION_1);
+        let (mut rig, hdr, st) = rig_with_a_read_header();
         let q = &mut rig.queues[0];
-        let hdr = q.alloc(16);
-        q.write(hdr, &header(T_IN, 0));
-        let st = q.alloc(1);
-        q.write(st, &[STATUS_UNTOUCHED]);
         q.add_chain(&chain(hdr, st));
         q.kick();
         assert!(q.wait_err(Duration::from_secs(5)), "{what}: no err signal");
@@ -385,7 +225,7 @@ fn descriptor_loop_and_too_many_segments_do_not_hang() {
     let mut rig = BlkRig::new(1, VIRTIO_F_VERSION_1);
     let q = &mut rig.queues[0];
     let hdr = q.alloc(16);
-    q.write(hdr, &header(T_IN, 0));
+    q.write(hdr, &blk::header(T_IN, 0));
     let data = q.alloc(512);
     // d0 -> d1 -> d0 -> ...: a loop.
     let first = q.alloc_descs(2);
@@ -417,24 +257,8 @@ fn descriptor_loop_and_too_many_segments_do_not_hang() {
     // More segments than seg_max: each 512 bytes, 60 of them fill the queue.
     let st = q.alloc(1);
     q.write(st, &[STATUS_UNTOUCHED]);
-    let mut bufs = vec![Buf {
-        gpa: hdr,
-        len: 16,
-        writable: false,
-    }];
-    for _ in 0..(QSIZE - 4) {
-        bufs.push(Buf {
-            gpa: data,
-            len: 512,
-            writable: true,
-        });
-    }
-    bufs.push(Buf {
-        gpa: st,
-        len: 1,
-        writable: true,
-    });
-    q.add_chain(&bufs);
+    let segments = vec![Buf::writable(data, 512); usize::from(QSIZE - 4)];
+    q.add_chain(&blk::chain(hdr, &segments, st));
     complete(q);
     let st_val = status(q, st);
     assert!(st_val == S_OK || st_val == S_IOERR, "status {st_val}");
@@ -448,9 +272,8 @@ fn two_queues_carry_independent_traffic() {
         still_serves(&mut rig, 0, u64::from(round) * 8, round);
         still_serves(&mut rig, 1, 512 + u64::from(round) * 8, round + 100);
     }
-    let mut on_disk = vec![0u8; 4096];
-    rig.image
-        .read_exact_at(&mut on_disk, 512 * 512 + 7 * 8 * 512)
-        .unwrap();
-    assert_eq!(on_disk, pattern(107, 4096));
+    assert_eq!(
+        blk::read_image(&rig.image, 512 * 512 + 7 * 8 * 512, 4096),
+        pattern(107, 4096)
+    );
 }

@@ -10,12 +10,14 @@
 //! for ever. It pauses the fd on the first call; the test counts the calls
 //! over a second, then resumes the fd and sees it served again.
 
+mod event_loop;
+
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_loop::EventLoop;
 use virtio_backend_kit::core::{
     Activation, DeviceControl, DeviceCore, QueueActivation, WorkerWaker,
 };
@@ -229,19 +231,8 @@ fn device_events_on_an_event_manager_loop() {
     let dev = Holder::new();
     let mem = memory();
     let (mut core, subscribers) = DeviceCore::with_event_loop(dev.clone()).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_loop = stop.clone();
-    let event_loop = std::thread::spawn(move || {
-        let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new().unwrap();
-        for s in subscribers {
-            em.add_subscriber(Box::new(s));
-        }
-        while !stop_loop.load(Ordering::SeqCst) {
-            em.run_with_timeout(50).unwrap();
-        }
-    });
+    let event_loop = EventLoop::spawn(subscribers);
     DeviceControl::activate(&mut core, activation(&mem)).unwrap();
     scenario("event-manager", &dev);
-    stop.store(true, Ordering::SeqCst);
-    event_loop.join().unwrap();
+    event_loop.stop();
 }

@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +66,27 @@ fn protocol() -> VhostUserProtocolFeatures {
     Client::default_protocol() | VhostUserProtocolFeatures::DEVICE_STATE
 }
 
+/// SET_DEVICE_STATE_FD: a transfer in `direction` at the STOPPED phase
+/// over `fd`; the backend must use it, not return an fd of its own.
+fn set_state_fd(c: &Client, direction: VhostTransferStateDirection, fd: File) {
+    let own = c
+        .frontend
+        .set_device_state_fd(
+            direction,
+            VhostTransferStatePhase::STOPPED,
+            OwnedFd::from(fd),
+        )
+        .unwrap();
+    assert!(own.is_none(), "backend returned its own fd");
+}
+
+/// A LOAD transfer of `bytes`: sent through a pipe, which is then closed.
+fn load(c: &Client, bytes: &[u8]) {
+    let (rd, mut wr) = pipe();
+    set_state_fd(c, VhostTransferStateDirection::LOAD, rd);
+    wr.write_all(bytes).unwrap();
+}
+
 #[test]
 fn device_state_travels_from_source_to_destination() {
     let source_dev = Arc::new(Counter::default());
@@ -73,15 +95,7 @@ fn device_state_travels_from_source_to_destination() {
     let mut src = source.frontend(1);
     src.negotiate(1 << 32, protocol());
     let (mut rd, wr) = pipe();
-    let own = src
-        .frontend
-        .set_device_state_fd(
-            VhostTransferStateDirection::SAVE,
-            VhostTransferStatePhase::STOPPED,
-            OwnedFd::from(wr),
-        )
-        .unwrap();
-    assert!(own.is_none(), "backend returned its own fd");
+    set_state_fd(&src, VhostTransferStateDirection::SAVE, wr);
     let mut bytes = Vec::new();
     rd.read_to_end(&mut bytes).unwrap();
     src.frontend.check_device_state().unwrap();
@@ -95,16 +109,7 @@ fn device_state_travels_from_source_to_destination() {
     let dest = spawn_daemon(dest_dev.clone(), ServeMode::Once);
     let mut dst = dest.frontend(1);
     dst.negotiate(1 << 32, protocol());
-    let (rd, mut wr) = pipe();
-    dst.frontend
-        .set_device_state_fd(
-            VhostTransferStateDirection::LOAD,
-            VhostTransferStatePhase::STOPPED,
-            OwnedFd::from(rd),
-        )
-        .unwrap();
-    wr.write_all(&bytes).unwrap();
-    drop(wr);
+    load(&dst, &bytes);
     dst.frontend.check_device_state().unwrap();
     assert_eq!(dest_dev.value.load(Ordering::SeqCst), 0xdead_beef);
 
@@ -112,16 +117,7 @@ fn device_state_travels_from_source_to_destination() {
     let mut bad = bytes.clone();
     let at = bad.len() / 2;
     bad[at] ^= 1;
-    let (rd, mut wr) = pipe();
-    dst.frontend
-        .set_device_state_fd(
-            VhostTransferStateDirection::LOAD,
-            VhostTransferStatePhase::STOPPED,
-            OwnedFd::from(rd),
-        )
-        .unwrap();
-    wr.write_all(&bad).unwrap();
-    drop(wr);
+    load(&dst, &bad);
     assert!(dst.frontend.check_device_state().is_err());
     assert_eq!(dest_dev.value.load(Ordering::SeqCst), 0xdead_beef);
     assert!(
@@ -170,8 +166,7 @@ fn state_file_brings_device_state_back_after_a_restart() {
     let err = VhostUserDaemon::new(Arc::new(Counter::default()))
         .unwrap()
         .with_state_file(state)
-        .err()
-        .expect("corrupt state file accepted");
+        .expect_err("corrupt state file accepted");
     assert!(err.to_string().contains("state file"), "{err}");
 }
 
@@ -206,13 +201,7 @@ fn unread_state_pipes_leave_no_thread_behind_and_check_still_answers() {
     for _ in 0..50 {
         let (rd, wr) = pipe();
         fill(&wr);
-        c.frontend
-            .set_device_state_fd(
-                VhostTransferStateDirection::SAVE,
-                VhostTransferStatePhase::STOPPED,
-                OwnedFd::from(wr),
-            )
-            .unwrap();
+        set_state_fd(&c, VhostTransferStateDirection::SAVE, wr);
         readers.push(rd); // kept open, never read
     }
     let left = threads_named("vbk-device-state");
@@ -225,13 +214,7 @@ fn unread_state_pipes_leave_no_thread_behind_and_check_still_answers() {
 
     // Load from a pipe the frontend never closes: CHECK answers too.
     let (rd, wr) = pipe();
-    c.frontend
-        .set_device_state_fd(
-            VhostTransferStateDirection::LOAD,
-            VhostTransferStatePhase::STOPPED,
-            OwnedFd::from(rd),
-        )
-        .unwrap();
+    set_state_fd(&c, VhostTransferStateDirection::LOAD, rd);
     let fe = c.frontend.clone();
     let checked = common::within_timeout("CHECK_DEVICE_STATE", move || fe.check_device_state());
     assert!(checked.is_err(), "a load that never ended reported success");

@@ -32,7 +32,6 @@ const GUEST_GPA: u64 = 0x10_0000;
 const GUEST_SIZE: u64 = 0x10_0000;
 const QSIZE: u16 = 64;
 const IMAGE_SIZE: u64 = 16 << 20;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Growth allowed between the warm sample and the last one.
 const FD_SLACK: i64 = 4;
 const THREAD_SLACK: i64 = 2;
@@ -70,32 +69,9 @@ impl Rng {
 /// A blk request on `q`: header (type, sector), 4 KiB of data (written
 /// by the device when `read`), status byte. Returns (data gpa, status gpa).
 fn blk_request(q: &mut SplitQueue, read: bool, sector: u64, fill: u8) -> (u64, u64) {
-    let hdr = q.alloc(16);
-    let mut h = (if read { 0u32 } else { 1u32 }).to_le_bytes().to_vec();
-    h.extend_from_slice(&[0; 4]);
-    h.extend_from_slice(&sector.to_le_bytes());
-    q.write(hdr, &h);
-    let data = q.alloc(4096);
-    q.write(data, &[fill; 4096]);
-    let status = q.alloc(1);
-    q.write(status, &[0xff]);
-    q.add_chain(&[
-        Buf {
-            gpa: hdr,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            gpa: data,
-            len: 4096,
-            writable: read,
-        },
-        Buf {
-            gpa: status,
-            len: 1,
-            writable: true,
-        },
-    ]);
+    let kind = if read { blk::T_IN } else { blk::T_OUT };
+    let (bufs, data, status) = blk::request(q, kind, sector, Some((&[fill; 4096], read)), 0xff);
+    q.add_chain(&bufs);
     (data, status)
 }
 

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{spawn_daemon, TestDevice, Watchdog, TEST_CONFIG_SIZE, TEST_DEVICE_TYPE};
+use common::{blk, spawn_daemon, TestDevice, Watchdog, TEST_CONFIG_SIZE, TEST_DEVICE_TYPE};
 use virtio_backend_kit::core::{Activation, ControlError, DeviceControl, QueueActivation};
 use virtio_backend_kit::frontend::{FrontendError, FrontendOptions, VhostUserFrontendDevice};
 use virtio_backend_kit::testing::{self, Interrupt, SplitQueueDriver};
@@ -35,9 +35,6 @@ use vmm_example::devices::{BlkConfig, BlkDevice, Target};
 const VIRTIO_ID_BLOCK: u32 = 2;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
-const VIRTIO_BLK_T_IN: u32 = 0;
-const VIRTIO_BLK_T_OUT: u32 = 1;
-const VIRTIO_BLK_S_OK: u8 = 0;
 
 /// Guest memory: one region at a non-zero gpa, so a gpa used where a host
 /// address belongs (or the other way round) cannot go unnoticed.
@@ -72,15 +69,12 @@ fn blk_request(ring: &mut Ring, kind: u32, sector: u64, data: &[u8]) -> BlkReque
     let hdr = ring.data_area();
     let buf = hdr + 0x1000;
     let status = buf + data.len() as u64;
-    let mut header = [0u8; 16];
-    header[..4].copy_from_slice(&kind.to_le_bytes());
-    header[8..].copy_from_slice(&sector.to_le_bytes());
-    ring.write(hdr, &header);
+    ring.write(hdr, &blk::header(kind, sector));
     ring.write(buf, data);
     ring.write(status, &[0xff]);
     let head = ring.add_chain(&[
         (hdr, 16, false),
-        (buf, data.len() as u32, kind == VIRTIO_BLK_T_IN),
+        (buf, data.len() as u32, kind == blk::T_IN),
         (status, 1, true),
     ]);
     BlkRequest {
@@ -89,6 +83,26 @@ fn blk_request(ring: &mut Ring, kind: u32, sector: u64, data: &[u8]) -> BlkReque
         len: data.len(),
         status,
     }
+}
+
+/// Activate `dev` with the one queue (index, size) = `queue` and
+/// `features`; returns the queue's ring and kick.
+fn activate_one(
+    dev: &mut VhostUserFrontendDevice,
+    mem: &GuestMemoryLog,
+    irq: &Interrupt,
+    (index, size): (u16, u16),
+    features: u64,
+) -> (Ring, EventFd) {
+    let ring = queue_at(mem, index, size);
+    let (q, kick) = ring.activation(irq);
+    dev.activate(Activation {
+        features,
+        memory: mem.clone(),
+        queues: vec![q],
+    })
+    .unwrap();
+    (ring, kick)
 }
 
 struct BlkRequest {
@@ -122,6 +136,17 @@ fn blk_image(dir: &Path) -> PathBuf {
     let f = File::create(&path).unwrap();
     f.set_len(IMAGE_SIZE).unwrap();
     path
+}
+
+/// What a test of a blk backend on a socket starts with (logging on): a
+/// watchdog, a new directory, a fresh image and a socket path in it.
+fn blk_setup() -> (Watchdog, tempfile::TempDir, PathBuf, PathBuf) {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let watchdog = Watchdog::new(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let image = blk_image(dir.path());
+    let sock = dir.path().join("blk.sock");
+    (watchdog, dir, image, sock)
 }
 
 fn blk_daemon(image: &Path, queues: u16) -> VhostUserDaemon<BlkDevice> {
@@ -158,11 +183,7 @@ fn is_external(r: Result<(), ControlError>) -> bool {
 
 #[test]
 fn blk_round_trip_reset_and_reactivate() {
-    let _ = env_logger::builder().is_test(true).try_init();
-    let _watchdog = Watchdog::new(Duration::from_secs(60));
-    let dir = tempfile::tempdir().unwrap();
-    let image = blk_image(dir.path());
-    let sock = dir.path().join("blk.sock");
+    let (_watchdog, _dir, image, sock) = blk_setup();
 
     // The backend binds its socket only after a while: connect must wait.
     let mut daemon = blk_daemon(&image, 2);
@@ -230,11 +251,8 @@ fn blk_round_trip_reset_and_reactivate() {
 
     // Write on queue 0, read back on queue 1.
     let data = pattern(4096, 0x5a);
-    let req = blk_request(&mut rings[0], VIRTIO_BLK_T_OUT, 8, &data);
-    assert_eq!(
-        complete(&mut rings[0], &kick0, &irqs[0], &req),
-        VIRTIO_BLK_S_OK
-    );
+    let req = blk_request(&mut rings[0], blk::T_OUT, 8, &data);
+    assert_eq!(complete(&mut rings[0], &kick0, &irqs[0], &req), blk::S_OK);
     let mut on_disk = vec![0u8; data.len()];
     File::open(&image)
         .unwrap()
@@ -242,11 +260,8 @@ fn blk_round_trip_reset_and_reactivate() {
         .unwrap();
     assert_eq!(on_disk, data, "the image holds what the guest wrote");
 
-    let req = blk_request(&mut rings[1], VIRTIO_BLK_T_IN, 8, &vec![0u8; 4096]);
-    assert_eq!(
-        complete(&mut rings[1], &kick1, &irqs[1], &req),
-        VIRTIO_BLK_S_OK
-    );
+    let req = blk_request(&mut rings[1], blk::T_IN, 8, &vec![0u8; 4096]);
+    assert_eq!(complete(&mut rings[1], &kick1, &irqs[1], &req), blk::S_OK);
     assert_eq!(rings[1].read(req.buf, req.len), data);
 
     // Reset, then the driver sets the device up again from scratch.
@@ -257,32 +272,24 @@ fn blk_round_trip_reset_and_reactivate() {
     assert_eq!(irqs[0].status(), 0, "a reset device must not interrupt");
 
     let irq = Interrupt::new();
-    let mut ring = queue_at(&mem, 0, 128);
-    let (q0, kick0) = ring.activation(&irq);
-    dev.activate(Activation {
-        features: VIRTIO_F_VERSION_1,
-        memory: mem.clone(),
-        queues: vec![q0],
-    })
-    .unwrap();
+    let (mut ring, kick0) = activate_one(&mut dev, &mem, &irq, (0, 128), VIRTIO_F_VERSION_1);
     let second = pattern(1024, 0xc3);
-    let req = blk_request(&mut ring, VIRTIO_BLK_T_OUT, 100, &second);
-    assert_eq!(complete(&mut ring, &kick0, &irq, &req), VIRTIO_BLK_S_OK);
-    let req = blk_request(&mut ring, VIRTIO_BLK_T_IN, 8, &vec![0u8; 4096]);
-    assert_eq!(complete(&mut ring, &kick0, &irq, &req), VIRTIO_BLK_S_OK);
+    let req = blk_request(&mut ring, blk::T_OUT, 100, &second);
+    assert_eq!(complete(&mut ring, &kick0, &irq, &req), blk::S_OK);
+    let req = blk_request(&mut ring, blk::T_IN, 8, &vec![0u8; 4096]);
+    assert_eq!(complete(&mut ring, &kick0, &irq, &req), blk::S_OK);
     assert_eq!(ring.read(req.buf, req.len), data, "data survives a reset");
 
     // Activating an active device resets it first.
-    let mut ring = queue_at(&mem, 1, 32);
-    let (q1, kick1) = ring.activation(&irq);
-    dev.activate(Activation {
-        features: VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_MQ,
-        memory: mem.clone(),
-        queues: vec![q1],
-    })
-    .unwrap();
-    let req = blk_request(&mut ring, VIRTIO_BLK_T_IN, 100, &vec![0u8; 1024]);
-    assert_eq!(complete(&mut ring, &kick1, &irq, &req), VIRTIO_BLK_S_OK);
+    let (mut ring, kick1) = activate_one(
+        &mut dev,
+        &mem,
+        &irq,
+        (1, 32),
+        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_MQ,
+    );
+    let req = blk_request(&mut ring, blk::T_IN, 100, &vec![0u8; 1024]);
+    assert_eq!(complete(&mut ring, &kick1, &irq, &req), blk::S_OK);
     assert_eq!(ring.read(req.buf, req.len), second);
 
     dev.reset().unwrap();
@@ -295,10 +302,7 @@ type Tweak = Box<dyn Fn(&mut QueueActivation)>;
 
 #[test]
 fn bad_activations_are_refused() {
-    let _watchdog = Watchdog::new(Duration::from_secs(60));
-    let dir = tempfile::tempdir().unwrap();
-    let image = blk_image(dir.path());
-    let sock = dir.path().join("blk.sock");
+    let (_watchdog, _dir, image, sock) = blk_setup();
     let listener = bind(&sock).unwrap();
     let mut daemon = blk_daemon(&image, 1);
     let daemon_thread =
@@ -343,16 +347,9 @@ fn bad_activations_are_refused() {
     }
 
     // The device still works after the refusals.
-    let mut ring = queue_at(&mem, 0, 64);
-    let (q, kick) = ring.activation(&irq);
-    dev.activate(Activation {
-        features: VIRTIO_F_VERSION_1,
-        memory: mem.clone(),
-        queues: vec![q],
-    })
-    .unwrap();
-    let req = blk_request(&mut ring, VIRTIO_BLK_T_IN, 0, &vec![0u8; 512]);
-    assert_eq!(complete(&mut ring, &kick, &irq, &req), VIRTIO_BLK_S_OK);
+    let (mut ring, kick) = activate_one(&mut dev, &mem, &irq, (0, 64), VIRTIO_F_VERSION_1);
+    let req = blk_request(&mut ring, blk::T_IN, 0, &vec![0u8; 512]);
+    assert_eq!(complete(&mut ring, &kick, &irq, &req), blk::S_OK);
     drop(dev);
     daemon_thread.join().unwrap().unwrap();
 }
@@ -425,27 +422,16 @@ fn killable_backend<B: DeviceBackend>(
 
 #[test]
 fn backend_death_is_an_error_not_a_panic() {
-    let _ = env_logger::builder().is_test(true).try_init();
-    let _watchdog = Watchdog::new(Duration::from_secs(60));
-    let dir = tempfile::tempdir().unwrap();
-    let image = blk_image(dir.path());
-    let sock = dir.path().join("blk.sock");
+    let (_watchdog, _dir, image, sock) = blk_setup();
     let (backend_end, daemon_thread) = killable_backend(&sock, blk_daemon(&image, 1));
     let mut dev = VhostUserFrontendDevice::connect(&sock, blk_options(1)).unwrap();
     let backend_end = backend_end.recv().unwrap();
 
     let mem = shared_guest_memory();
     let irq = Interrupt::new();
-    let mut ring = queue_at(&mem, 0, 64);
-    let (q, kick) = ring.activation(&irq);
-    dev.activate(Activation {
-        features: VIRTIO_F_VERSION_1,
-        memory: mem.clone(),
-        queues: vec![q],
-    })
-    .unwrap();
-    let req = blk_request(&mut ring, VIRTIO_BLK_T_IN, 0, &vec![0u8; 512]);
-    assert_eq!(complete(&mut ring, &kick, &irq, &req), VIRTIO_BLK_S_OK);
+    let (mut ring, kick) = activate_one(&mut dev, &mem, &irq, (0, 64), VIRTIO_F_VERSION_1);
+    let req = blk_request(&mut ring, blk::T_IN, 0, &vec![0u8; 512]);
+    assert_eq!(complete(&mut ring, &kick, &irq, &req), blk::S_OK);
 
     // The backend goes away mid-session (as its socket does when the
     // process dies).
@@ -471,16 +457,26 @@ fn backend_death_is_an_error_not_a_panic() {
     assert_eq!(u64::from_le_bytes(cap), IMAGE_SIZE / 512, "the cached copy");
 }
 
-#[test]
-fn backend_dying_during_the_handshake_is_an_error() {
-    let _watchdog = Watchdog::new(Duration::from_secs(60));
+/// A socket `name` in a new directory; a thread accepts one connection on
+/// it and hands it to `serve`. Returns (directory, socket, thread).
+fn accept_once(
+    name: &str,
+    serve: impl FnOnce(UnixStream) + Send + 'static,
+) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<()>) {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("gone.sock");
+    let sock = dir.path().join(name);
     let listener = bind(&sock).unwrap();
     let t = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        drop(stream);
+        serve(stream);
     });
+    (dir, sock, t)
+}
+
+#[test]
+fn backend_dying_during_the_handshake_is_an_error() {
+    let _watchdog = Watchdog::new(Duration::from_secs(60));
+    let (_dir, sock, t) = accept_once("gone.sock", drop);
     let r = VhostUserFrontendDevice::connect(&sock, blk_options(1));
     // Depending on who sees the hang-up first: the request or the relay.
     assert!(
@@ -496,13 +492,9 @@ fn backend_dying_during_the_handshake_is_an_error() {
 #[test]
 fn silent_backend_times_out() {
     let _watchdog = Watchdog::new(Duration::from_secs(60));
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("silent.sock");
-    let listener = bind(&sock).unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let t = std::thread::spawn(move || {
-        // Accept and never answer.
-        let (_stream, _) = listener.accept().unwrap();
+    // Accept and never answer.
+    let (_dir, sock, t) = accept_once("silent.sock", move |_stream| {
         let _ = rx.recv_timeout(WAIT);
     });
     let options = FrontendOptions {

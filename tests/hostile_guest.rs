@@ -20,59 +20,49 @@ use vmm_example::devices::{BlkConfig, BlkDevice, Target};
 const GUEST_GPA: u64 = 0x10_0000;
 const GUEST_SIZE: u64 = 0x10_0000;
 const QSIZE: u16 = 64;
-const VIRTIO_BLK_T_IN: u32 = 0;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// A read of sector 0 into 512 bytes: header, data, status.
 fn read_request(q: &mut SplitQueue) -> Vec<Buf> {
-    let hdr = q.alloc(16);
-    let mut h = VIRTIO_BLK_T_IN.to_le_bytes().to_vec();
-    h.extend_from_slice(&[0u8; 12]);
-    q.write(hdr, &h);
-    let data = q.alloc(512);
-    let status = q.alloc(1);
-    q.write(status, &[0xff]);
-    vec![
-        Buf {
-            gpa: hdr,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            gpa: data,
-            len: 512,
-            writable: true,
-        },
-        Buf {
-            gpa: status,
-            len: 1,
-            writable: true,
-        },
-    ]
+    blk::request(q, blk::T_IN, 0, Some((&[0u8; 512], true)), 0xff).0
 }
 
 /// The blk device (null target) configured by `cfg`, served by the kit's
-/// daemon, with a ready frontend.
-fn blk_rig(cfg: BlkConfig) -> (Daemon<BlkDevice>, Client, GuestMem) {
-    let queues = u64::from(cfg.queues);
+/// daemon, with a ready frontend: `queues` queues of [`QSIZE`], each
+/// request taking `latency` more.
+fn blk_rig(queues: u16, latency: Option<Duration>) -> (Daemon<BlkDevice>, Client, GuestMem) {
+    let cfg = BlkConfig {
+        queues,
+        queue_size: QSIZE,
+        injected_latency: latency,
+        ..BlkConfig::default()
+    };
+    let queues = u64::from(queues);
     let device = BlkDevice::new(Target::null(1 << 20), cfg).unwrap();
     let daemon = spawn_daemon(Arc::new(device), ServeMode::KeepServing);
     let (client, guest) = daemon.ready_frontend(queues, VIRTIO_F_VERSION_1, GUEST_GPA, GUEST_SIZE);
     (daemon, client, guest)
 }
 
+/// Start queue 1 and complete one read on it within the timeout (`what`
+/// names the step); returns the request's status byte.
+fn queue_1_read(guest: &GuestMem, client: &mut Client, what: &str) -> u8 {
+    let mut q1 = SplitQueue::new(guest, 1, QSIZE, GUEST_GPA + QUEUE_AREA);
+    let bufs = read_request(&mut q1);
+    client.start_queue(&q1, 0);
+    within_timeout(what, move || {
+        let head = q1.add_chain(&bufs);
+        q1.kick();
+        assert_eq!(q1.wait_used(1), vec![(u32::from(head), 513)]);
+        q1.read(bufs[2].gpa, 1)[0]
+    })
+}
+
 #[test]
 fn an_endless_batch_does_not_hold_the_worker() {
-    let cfg = BlkConfig {
-        queues: 2,
-        queue_size: QSIZE,
-        // Each request takes 1 ms, so the driver thread republishes far
-        // faster than the device completes: the device would catch up only
-        // if the driver thread were off the CPU for a whole ring (64 ms).
-        injected_latency: Some(Duration::from_millis(1)),
-        ..BlkConfig::default()
-    };
-    let (daemon, mut client, guest) = blk_rig(cfg);
+    // Each request takes 1 ms, so the driver thread republishes far
+    // faster than the device completes: the device would catch up only
+    // if the driver thread were off the CPU for a whole ring (64 ms).
+    let (daemon, mut client, guest) = blk_rig(2, Some(Duration::from_millis(1)));
 
     let mut q0 = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
     let bufs = read_request(&mut q0);
@@ -114,15 +104,8 @@ fn an_endless_batch_does_not_hold_the_worker() {
     );
 
     // The daemon goes on serving: the other queue completes a request.
-    let mut q1 = SplitQueue::new(&guest, 1, QSIZE, GUEST_GPA + QUEUE_AREA);
-    let bufs = read_request(&mut q1);
-    client.start_queue(&q1, 0);
-    within_timeout("queue 1", move || {
-        let head = q1.add_chain(&bufs);
-        q1.kick();
-        assert_eq!(q1.wait_used(1), vec![(u32::from(head), 513)]);
-        assert_eq!(q1.read(bufs[2].gpa, 1), vec![0], "VIRTIO_BLK_S_OK");
-    });
+    let status = queue_1_read(&guest, &mut client, "queue 1");
+    assert_eq!(status, blk::S_OK, "VIRTIO_BLK_S_OK");
     drop(daemon);
 }
 
@@ -131,14 +114,8 @@ fn an_endless_batch_does_not_hold_the_worker() {
 /// the completions it already put in the used ring.
 #[test]
 fn completions_before_an_error_mid_batch_are_signalled() {
-    let cfg = BlkConfig {
-        queues: 1,
-        queue_size: QSIZE,
-        // Slow enough that the bad index lands while the batch runs.
-        injected_latency: Some(Duration::from_millis(20)),
-        ..BlkConfig::default()
-    };
-    let (daemon, mut client, guest) = blk_rig(cfg);
+    // Slow enough that the bad index lands while the batch runs.
+    let (daemon, mut client, guest) = blk_rig(1, Some(Duration::from_millis(20)));
     let mut q = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
     client.start_queue(&q, 0);
     let mut status = Vec::new();
@@ -174,12 +151,7 @@ fn completions_before_an_error_mid_batch_are_signalled() {
 /// queue goes on serving.
 #[test]
 fn a_request_whose_status_byte_is_unreachable_is_not_completed() {
-    let cfg = BlkConfig {
-        queues: 2,
-        queue_size: QSIZE,
-        ..BlkConfig::default()
-    };
-    let (daemon, mut client, guest) = blk_rig(cfg);
+    let (daemon, mut client, guest) = blk_rig(2, None);
     let mut q = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
     client.start_queue(&q, 0);
     let good = read_request(&mut q);
@@ -215,13 +187,6 @@ fn a_request_whose_status_byte_is_unreachable_is_not_completed() {
         "status written on a stopped queue"
     );
 
-    let mut q1 = SplitQueue::new(&guest, 1, QSIZE, GUEST_GPA + QUEUE_AREA);
-    let bufs = read_request(&mut q1);
-    client.start_queue(&q1, 0);
-    within_timeout("queue 1 after queue 0 stopped", move || {
-        let head = q1.add_chain(&bufs);
-        q1.kick();
-        assert_eq!(q1.wait_used(1), vec![(u32::from(head), 513)]);
-    });
+    queue_1_read(&guest, &mut client, "queue 1 after queue 0 stopped");
     drop(daemon);
 }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use kvm_support::*;
 use virtio_backend_kit::core::{Activation, DeviceControl, DeviceCore, QueueActivation};
-use virtio_backend_kit::kvm::{pic_irr, KvmWiring};
+use virtio_backend_kit::kvm::{pic_irr, KvmError, KvmWiring};
 use virtio_backend_kit::mmio::{self, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use virtio_backend_kit::vmm_sys_util::eventfd::EventFd;
 use virtio_backend_kit::vring::{Notifier, INTERRUPT_USED_BUFFER};
@@ -115,6 +115,59 @@ fn would_block(fd: &EventFd) -> bool {
     matches!(fd.read(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
+/// `t`'s queue laid out, and a [`PatternDevice`] behind an MMIO transport
+/// at [`MMIO_BASE`] whose queue kicks and interrupt are wired into `t`'s VM
+/// (ioeventfd, irqfd on [`GSI`]).
+fn wired_pattern_device(t: &TestVm) -> (Arc<PatternDevice>, MmioTransport, KvmWiring) {
+    t.setup_queue();
+    let device = Arc::new(PatternDevice::default());
+    let core = DeviceCore::new(device.clone()).unwrap();
+    let transport = MmioTransport::new(Box::new(core), t.memory.clone()).unwrap();
+    let wiring = wire(t, &transport).unwrap();
+    (device, transport, wiring)
+}
+
+/// Wire `transport`'s queue kicks and interrupt into `t`'s VM.
+fn wire(t: &TestVm, transport: &MmioTransport) -> Result<KvmWiring, KvmError> {
+    KvmWiring::register(
+        t.vm.clone(),
+        MMIO_BASE,
+        transport.queue_kicks(),
+        transport.irq_eventfd(),
+        GSI,
+    )
+}
+
+/// Run `t`'s vCPU to the end of phase `phase`, `transport` serving the
+/// MMIO exits, of which `notify_exits` must be QueueNotify writes (`what`
+/// says what is wrong if not). Returns the exits.
+fn run_notify_phase(
+    t: &mut TestVm,
+    transport: &mut MmioTransport,
+    phase: u8,
+    notify_exits: usize,
+    what: &str,
+) -> ExitLog {
+    let mut log = ExitLog::default();
+    assert_eq!(
+        run_phase(&mut t.vcpu, &mut log, |a| bus(transport, a)),
+        phase
+    );
+    assert_eq!(log.writes_at(QUEUE_NOTIFY_OFFSET), notify_exits, "{what}");
+    log
+}
+
+/// Run `t`'s vCPU to the end of its next phase with no transport behind
+/// the MMIO window: the writes that exit are collected in `writes` as
+/// (offset, bytes). Returns the phase number.
+fn run_unserved(t: &mut TestVm, log: &mut ExitLog, writes: &mut Vec<(u64, Vec<u8>)>) -> u8 {
+    run_phase(&mut t.vcpu, log, |a| {
+        if let Access::Write(off, d) = a {
+            writes.push((off, d.to_vec()))
+        }
+    })
+}
+
 #[test]
 fn guest_drives_device_through_ioeventfd_and_irqfd() {
     let mut t = vm_or_skip!();
@@ -122,18 +175,7 @@ fn guest_drives_device_through_ioeventfd_and_irqfd() {
         "guest_drives_device_through_ioeventfd_and_irqfd",
         Duration::from_secs(60),
     );
-    t.setup_queue();
-    let device = Arc::new(PatternDevice::default());
-    let core = DeviceCore::new(device.clone()).unwrap();
-    let mut transport = MmioTransport::new(Box::new(core), t.memory.clone()).unwrap();
-    let mut wiring = KvmWiring::register(
-        t.vm.clone(),
-        MMIO_BASE,
-        transport.queue_kicks(),
-        transport.irq_eventfd(),
-        GSI,
-    )
-    .unwrap();
+    let (device, mut transport, mut wiring) = wired_pattern_device(&t);
     assert_eq!(wiring.wired_queues(), vec![0]);
     assert_eq!(wiring.gsi(), Some(GSI));
     assert_eq!(wiring.notify_address(), MMIO_BASE + 0x50);
@@ -172,15 +214,12 @@ fn guest_drives_device_through_ioeventfd_and_irqfd() {
     assert!(!pic_pending(&t), "no interrupt before any request");
 
     // Phase 2: one request, notified through the ioeventfd.
-    let mut notify = ExitLog::default();
-    assert_eq!(
-        run_phase(&mut t.vcpu, &mut notify, |a| bus(&mut transport, a)),
-        2
-    );
-    assert_eq!(
-        notify.writes_at(QUEUE_NOTIFY_OFFSET),
+    let notify = run_notify_phase(
+        &mut t,
+        &mut transport,
+        2,
         0,
-        "QueueNotify exited to user space"
+        "QueueNotify exited to user space",
     );
     assert_eq!(notify.exits, 1, "only the end-of-phase exit: {notify:?}");
     wait_until("request 1 completed", || t.used_idx() == 1);
@@ -210,16 +249,7 @@ fn guest_drives_device_through_ioeventfd_and_irqfd() {
     // still served; the interrupt eventfd is no longer KVM's.
     wiring.unregister().unwrap();
     assert!(!wiring.is_registered());
-    let mut unwired = ExitLog::default();
-    assert_eq!(
-        run_phase(&mut t.vcpu, &mut unwired, |a| bus(&mut transport, a)),
-        3
-    );
-    assert_eq!(
-        unwired.writes_at(QUEUE_NOTIFY_OFFSET),
-        1,
-        "QueueNotify must exit now"
-    );
+    run_notify_phase(&mut t, &mut transport, 3, 1, "QueueNotify must exit now");
     wait_until("request 2 completed", || t.used_idx() == 2);
     assert_eq!(device.chains.load(Ordering::SeqCst), 2);
     expect_buffer(&t, 2);
@@ -227,23 +257,9 @@ fn guest_drives_device_through_ioeventfd_and_irqfd() {
         transport.irq_eventfd().read().is_ok()
     });
     // Registering again works: nothing stale was left behind in KVM.
-    let again = KvmWiring::register(
-        t.vm.clone(),
-        MMIO_BASE,
-        transport.queue_kicks(),
-        transport.irq_eventfd(),
-        GSI,
-    )
-    .expect("re-register after unregister");
+    let again = wire(&t, &transport).expect("re-register after unregister");
     drop(again); // unregisters on drop
-    let _ = KvmWiring::register(
-        t.vm.clone(),
-        MMIO_BASE,
-        transport.queue_kicks(),
-        transport.irq_eventfd(),
-        GSI,
-    )
-    .expect("re-register after drop");
+    let _ = wire(&t, &transport).expect("re-register after drop");
 }
 
 /// The wiring alone, before any transport: the test activates the device by
@@ -298,16 +314,7 @@ fn wiring_with_hand_built_activation() {
 
     let mut log = ExitLog::default();
     let mut unexpected = Vec::new();
-    assert_eq!(
-        run_phase(
-            &mut t.vcpu,
-            &mut log,
-            |a| if let Access::Write(off, d) = a {
-                unexpected.push((off, d.to_vec()))
-            }
-        ),
-        1
-    );
+    assert_eq!(run_unserved(&mut t, &mut log, &mut unexpected), 1);
     assert!(
         unexpected.is_empty() && log.exits == 1,
         "{log:?} {unexpected:?}"
@@ -318,16 +325,7 @@ fn wiring_with_hand_built_activation() {
     wait_until("IRR bit of the device's GSI", || pic_pending(&t));
     assert_eq!(status.load(Ordering::SeqCst), INTERRUPT_USED_BUFFER);
 
-    assert_eq!(
-        run_phase(
-            &mut t.vcpu,
-            &mut log,
-            |a| if let Access::Write(off, d) = a {
-                unexpected.push((off, d.to_vec()))
-            }
-        ),
-        2
-    );
+    assert_eq!(run_unserved(&mut t, &mut log, &mut unexpected), 2);
     assert_eq!(
         unexpected,
         vec![(QUEUE_NOTIFY_OFFSET, 1u32.to_le_bytes().to_vec())]
@@ -351,18 +349,7 @@ fn roundtrip_through_ioeventfd_and_irqfd() {
         "roundtrip_through_ioeventfd_and_irqfd",
         Duration::from_secs(120),
     );
-    t.setup_queue();
-    let device = Arc::new(PatternDevice::default());
-    let core = DeviceCore::new(device.clone()).unwrap();
-    let mut transport = MmioTransport::new(Box::new(core), t.memory.clone()).unwrap();
-    let mut wiring = KvmWiring::register(
-        t.vm.clone(),
-        MMIO_BASE,
-        transport.queue_kicks(),
-        transport.irq_eventfd(),
-        GSI,
-    )
-    .unwrap();
+    let (device, mut transport, mut wiring) = wired_pattern_device(&t);
 
     let avail_idx = AVAIL_ADDR + 2;
     let used_idx = USED_ADDR + 2;

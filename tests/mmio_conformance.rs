@@ -13,14 +13,14 @@
 //! KVM irqfd) and checks InterruptStatus. Each set-up produces a transcript of
 //! results; all transcripts must be identical.
 
+mod event_loop;
 mod mmio_driver;
 mod process;
 
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_loop::EventLoop;
 use mmio_driver::{guest_memory, Driver};
 use process::Backend;
 use virtio_backend_kit::core::DeviceCore;
@@ -113,21 +113,10 @@ fn in_process_event_manager() -> Vec<String> {
     let path = image(&dir);
     let mem = guest_memory();
     let (core, subscribers) = DeviceCore::with_event_loop(blk(&path)).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_loop = stop.clone();
-    let event_loop = std::thread::spawn(move || {
-        let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new().unwrap();
-        for s in subscribers {
-            em.add_subscriber(Box::new(s));
-        }
-        while !stop_loop.load(Ordering::SeqCst) {
-            em.run_with_timeout(50).unwrap();
-        }
-    });
+    let event_loop = EventLoop::spawn(subscribers);
     let transport = MmioTransport::new(Box::new(core), mem.clone()).unwrap();
     let log = suite(&mut Driver::new(transport, mem));
-    stop.store(true, Ordering::SeqCst);
-    event_loop.join().unwrap();
+    event_loop.stop();
     check_image(&path);
     log
 }

@@ -23,13 +23,13 @@ mod process;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::blk::{self, S_OK, T_OUT};
 use common::*;
 use virtio_backend_kit::vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures};
 use virtio_backend_kit::vhost::VhostBackend;
@@ -46,8 +46,6 @@ const PAGE: u64 = 4096;
 const DATA_GPA: u64 = GUEST_GPA + GUEST_SIZE - 2 * PAGE;
 const SECTOR: u64 = 24;
 
-const T_OUT: u32 = 1;
-const S_OK: u8 = 0;
 const STATUS_UNTOUCHED: u8 = 0xee;
 
 // userfaultfd(2) ABI, as the frontend uses it.
@@ -140,6 +138,25 @@ fn mem_table(guest: &GuestMem) -> Vec<u8> {
     p
 }
 
+/// The reply to a region sent while listening (SET_MEM_TABLE's or
+/// ADD_MEM_REG's; both put the region at byte 8): checks it mirrors the
+/// request `req` for `guest` and returns the backend's address of it.
+fn backend_address(reply: &Reply, req: &[u8], guest: &GuestMem) -> u64 {
+    assert_eq!(
+        reply.payload.len(),
+        req.len(),
+        "reply size differs: {reply:?}"
+    );
+    let word = |i: usize| u64::from_le_bytes(reply.payload[i..i + 8].try_into().unwrap());
+    assert_eq!(word(8), guest.gpa, "guest address");
+    assert_eq!(word(16), guest.size, "size");
+    assert_eq!(word(32), 0, "mmap offset");
+    let base = word(24);
+    assert_ne!(base, 0, "no backend address");
+    assert_eq!(base % PAGE, 0, "backend address {base:#x} not page aligned");
+    base
+}
+
 /// SET_MEM_TABLE while listening: returns where the backend mapped the
 /// region, after checking the reply mirrors the request, then acks it.
 fn postcopy_set_mem_table(raw: &RawClient, guest: &GuestMem) -> u64 {
@@ -148,19 +165,8 @@ fn postcopy_set_mem_table(raw: &RawClient, guest: &GuestMem) -> u64 {
     // As QEMU: no NEED_REPLY; the reply is owed anyway.
     raw.send(set, FLAG_VERSION_1, &req, &[guest.file.as_raw_fd()]);
     let reply = raw.reply_to(set);
-    assert_eq!(
-        reply.payload.len(),
-        req.len(),
-        "reply size differs: {reply:?}"
-    );
-    let word = |i: usize| u64::from_le_bytes(reply.payload[i..i + 8].try_into().unwrap());
+    let base = backend_address(&reply, &req, guest);
     assert_eq!(&reply.payload[..8], &req[..8], "region count changed");
-    assert_eq!(word(8), guest.gpa, "guest address");
-    assert_eq!(word(16), guest.size, "size");
-    assert_eq!(word(32), 0, "mmap offset");
-    let base = word(24);
-    assert_ne!(base, 0, "no backend address");
-    assert_eq!(base % PAGE, 0, "backend address {base:#x} not page aligned");
     // The ack: same request, u64 0, no fds, no reply expected.
     raw.send(set, FLAG_VERSION_1, &u64s(&[0]), &[]);
     base
@@ -172,19 +178,7 @@ fn postcopy_add_mem_reg(raw: &RawClient, guest: &GuestMem) -> u64 {
     let add = code(FrontendReq::ADD_MEM_REG);
     let req = u64s(&[0, guest.gpa, guest.size, guest.host_addr(guest.gpa), 0]);
     raw.send(add, FLAG_VERSION_1, &req, &[guest.file.as_raw_fd()]);
-    let reply = raw.reply_to(add);
-    assert_eq!(
-        reply.payload.len(),
-        req.len(),
-        "reply size differs: {reply:?}"
-    );
-    let word = |i: usize| u64::from_le_bytes(reply.payload[i..i + 8].try_into().unwrap());
-    assert_eq!(word(8), guest.gpa, "guest address");
-    assert_eq!(word(16), guest.size, "size");
-    assert_eq!(word(32), 0, "mmap offset");
-    let base = word(24);
-    assert_ne!(base, 0, "no backend address");
-    assert_eq!(base % PAGE, 0, "backend address {base:#x} not page aligned");
+    let base = backend_address(&raw.reply_to(add), &req, guest);
     raw.send(add, FLAG_VERSION_1, &u64s(&[0]), &[]);
     base
 }
@@ -246,50 +240,25 @@ fn uffd_copy(uffd: &File, dst: u64, bytes: &[u8]) {
     assert_eq!(copy.copy, PAGE as i64);
 }
 
-fn header(kind: u32, sector: u64) -> Vec<u8> {
-    let mut h = kind.to_le_bytes().to_vec();
-    h.extend_from_slice(&0u32.to_le_bytes());
-    h.extend_from_slice(&sector.to_le_bytes());
-    h
+/// Queue a one-page write of the page at `data_gpa` to `sector`; returns
+/// the status gpa.
+fn queue_write_of(q: &mut SplitQueue, sector: u64, data_gpa: u64) -> u64 {
+    let (hdr, status) = blk::header_and_status(q, T_OUT, sector, STATUS_UNTOUCHED);
+    q.add_chain(&blk::chain(
+        hdr,
+        &[Buf::readable(data_gpa, PAGE as u32)],
+        status,
+    ));
+    status
 }
 
 /// Queue a one-page write of `DATA_GPA` to `SECTOR`; returns the status gpa.
 fn queue_write(q: &mut SplitQueue) -> u64 {
-    let hdr = q.alloc(16);
-    q.write(hdr, &header(T_OUT, SECTOR));
-    let status = q.alloc(1);
-    q.write(status, &[STATUS_UNTOUCHED]);
-    q.add_chain(&[
-        Buf {
-            gpa: hdr,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            gpa: DATA_GPA,
-            len: PAGE as u32,
-            writable: false,
-        },
-        Buf {
-            gpa: status,
-            len: 1,
-            writable: true,
-        },
-    ]);
-    status
+    queue_write_of(q, SECTOR, DATA_GPA)
 }
 
 fn new_image(dir: &Path) -> (PathBuf, File) {
-    let path = dir.join("disk.raw");
-    let image = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    image.set_len(IMAGE_SIZE).unwrap();
-    (path, image)
+    blk::image(dir, IMAGE_SIZE)
 }
 
 fn blk_device(image: &Path) -> Arc<BlkDevice> {
@@ -301,15 +270,26 @@ fn blk_device(image: &Path) -> Arc<BlkDevice> {
     Arc::new(BlkDevice::new(Target::open_image(image, false).unwrap(), cfg).unwrap())
 }
 
-fn blk_daemon(image: &Path) -> Daemon<BlkDevice> {
-    spawn_daemon(blk_device(image), ServeMode::Once)
+/// The blk device on a fresh image in a new directory, served once in a
+/// thread: (directory, image, daemon).
+fn blk_rig() -> (tempfile::TempDir, File, Daemon<BlkDevice>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, image) = new_image(dir.path());
+    let daemon = spawn_daemon(blk_device(&path), ServeMode::Once);
+    (dir, image, daemon)
+}
+
+/// A session on `sock` (one queue) that negotiated `protocol`.
+fn session(sock: UnixStream, protocol: VhostUserProtocolFeatures) -> Client {
+    let mut client = Client::new(sock, 1);
+    client.negotiate(VIRTIO_F_VERSION_1, protocol);
+    client
 }
 
 /// A listening session whose worker is blocked on a fault of a write
 /// nobody serves: (client, the frontend's userfaultfd, guest, queue).
 fn worker_blocked_on_a_fault(daemon: &Daemon<BlkDevice>) -> (Client, File, GuestMem, SplitQueue) {
-    let mut client = Client::new(daemon.connect(), 1);
-    client.negotiate(VIRTIO_F_VERSION_1, with_pagefault());
+    let mut client = session(daemon.connect(), with_pagefault());
     let uffd = advise(&client.raw);
     assert_eq!(listen(&client.raw), 0);
     let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
@@ -329,10 +309,19 @@ struct Outcome {
     blocked_ms: u128,
 }
 
+impl Outcome {
+    /// The summary line of a run against the backend named by `how`.
+    fn print(&self, how: &str) {
+        eprintln!(
+            "POSTCOPY {how} backend_base={:#x} fault={:#x} blocked_ms={}",
+            self.backend_base, self.fault, self.blocked_ms
+        );
+    }
+}
+
 /// The whole flow against the daemon at `sock`; `image` is its disk.
 fn postcopy_write(sock: UnixStream, image: &File, table: Table) -> Outcome {
-    let mut client = Client::new(sock, 1);
-    client.negotiate(VIRTIO_F_VERSION_1, with_pagefault());
+    let mut client = session(sock, with_pagefault());
     let uffd = advise(&client.raw);
     assert_eq!(listen(&client.raw), 0, "POSTCOPY_LISTEN refused");
 
@@ -373,9 +362,11 @@ fn postcopy_write(sock: UnixStream, image: &File, table: Table) -> Outcome {
     let used = q.wait_used(1);
     assert_eq!(used[0].1, 1, "used length");
     assert_eq!(q.read(status, 1)[0], S_OK, "write status");
-    let mut on_disk = vec![0u8; PAGE as usize];
-    image.read_exact_at(&mut on_disk, SECTOR * 512).unwrap();
-    assert_eq!(on_disk, bytes, "the image did not get the supplied page");
+    assert_eq!(
+        blk::read_image(image, SECTOR * 512, PAGE as usize),
+        bytes,
+        "the image did not get the supplied page"
+    );
     // The page is now in the shared page cache, seen by the driver too.
     assert_eq!(guest.read(DATA_GPA, PAGE as usize), bytes);
 
@@ -384,30 +375,7 @@ fn postcopy_write(sock: UnixStream, image: &File, table: Table) -> Outcome {
     // and an untouched page is read normally (zeros), without a fault.
     assert_ne!(end(&client.raw), 0, "second POSTCOPY_END accepted");
     let zero_gpa = DATA_GPA + PAGE;
-    let status2 = {
-        let hdr = q.alloc(16);
-        q.write(hdr, &header(T_OUT, SECTOR + 8));
-        let st = q.alloc(1);
-        q.write(st, &[STATUS_UNTOUCHED]);
-        q.add_chain(&[
-            Buf {
-                gpa: hdr,
-                len: 16,
-                writable: false,
-            },
-            Buf {
-                gpa: zero_gpa,
-                len: PAGE as u32,
-                writable: false,
-            },
-            Buf {
-                gpa: st,
-                len: 1,
-                writable: true,
-            },
-        ]);
-        st
-    };
+    let status2 = queue_write_of(&mut q, SECTOR + 8, zero_gpa);
     q.kick();
     q.wait_used(1);
     assert_eq!(q.read(status2, 1)[0], S_OK);
@@ -419,28 +387,20 @@ fn postcopy_write(sock: UnixStream, image: &File, table: Table) -> Outcome {
     }
 }
 
+/// [`postcopy_write`] against the daemon in a thread, on a fresh image.
+fn postcopy_write_in_thread(table: Table) -> Outcome {
+    let (_dir, image, daemon) = blk_rig();
+    postcopy_write(daemon.connect(), &image, table)
+}
+
 #[test]
 fn write_on_missing_page_faults_and_completes_with_the_supplied_bytes() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, image) = new_image(dir.path());
-    let daemon = blk_daemon(&path);
-    let o = postcopy_write(daemon.connect(), &image, Table::SetMemTable);
-    eprintln!(
-        "POSTCOPY in-thread backend_base={:#x} fault={:#x} blocked_ms={}",
-        o.backend_base, o.fault, o.blocked_ms
-    );
+    postcopy_write_in_thread(Table::SetMemTable).print("in-thread");
 }
 
 #[test]
 fn add_mem_reg_while_listening_replies_with_the_backend_address() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, image) = new_image(dir.path());
-    let daemon = blk_daemon(&path);
-    let o = postcopy_write(daemon.connect(), &image, Table::AddMemReg);
-    eprintln!(
-        "POSTCOPY add-mem-reg backend_base={:#x} fault={:#x} blocked_ms={}",
-        o.backend_base, o.fault, o.blocked_ms
-    );
+    postcopy_write_in_thread(Table::AddMemReg).print("add-mem-reg");
 }
 
 #[test]
@@ -459,21 +419,14 @@ fn fault_resolved_from_another_process_than_the_backend() {
     let conn = UnixStream::connect(&sock).unwrap();
     conn.set_read_timeout(Some(TIMEOUT)).unwrap();
     conn.set_write_timeout(Some(TIMEOUT)).unwrap();
-    let o = postcopy_write(conn, &image, Table::SetMemTable);
-    eprintln!(
-        "POSTCOPY cross-process backend_base={:#x} fault={:#x} blocked_ms={}",
-        o.backend_base, o.fault, o.blocked_ms
-    );
+    postcopy_write(conn, &image, Table::SetMemTable).print("cross-process");
     backend.stop(Duration::from_secs(5));
 }
 
 #[test]
 fn postcopy_requests_without_pagefault_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, _image) = new_image(dir.path());
-    let daemon = blk_daemon(&path);
-    let mut client = Client::new(daemon.connect(), 1);
-    client.negotiate(VIRTIO_F_VERSION_1, Client::default_protocol());
+    let (_dir, _image, daemon) = blk_rig();
+    let client = session(daemon.connect(), Client::default_protocol());
     let raw = &client.raw;
     advise_refused(raw);
     assert_eq!(raw.get_queue_num(), 1);
@@ -484,11 +437,8 @@ fn postcopy_requests_without_pagefault_are_refused() {
 
 #[test]
 fn postcopy_requests_out_of_order_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, _image) = new_image(dir.path());
-    let daemon = blk_daemon(&path);
-    let mut client = Client::new(daemon.connect(), 1);
-    client.negotiate(VIRTIO_F_VERSION_1, with_pagefault());
+    let (_dir, _image, daemon) = blk_rig();
+    let client = session(daemon.connect(), with_pagefault());
     let raw = &client.raw;
     assert_ne!(listen(raw), 0, "LISTEN without ADVISE accepted");
     assert_ne!(end(raw), 0, "END without ADVISE accepted");
@@ -514,11 +464,8 @@ fn postcopy_requests_out_of_order_are_refused() {
 
 #[test]
 fn memory_mapped_before_listen_is_registered_at_listen() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, image) = new_image(dir.path());
-    let daemon = blk_daemon(&path);
-    let mut client = Client::new(daemon.connect(), 1);
-    client.negotiate(VIRTIO_F_VERSION_1, with_pagefault());
+    let (_dir, image, daemon) = blk_rig();
+    let mut client = session(daemon.connect(), with_pagefault());
     let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
     client
         .frontend
@@ -537,17 +484,13 @@ fn memory_mapped_before_listen_is_registered_at_listen() {
     uffd_copy(&uffd, fault & !(PAGE - 1), &bytes);
     q.wait_used(1);
     assert_eq!(q.read(status, 1)[0], S_OK);
-    let mut on_disk = vec![0u8; PAGE as usize];
-    image.read_exact_at(&mut on_disk, SECTOR * 512).unwrap();
-    assert_eq!(on_disk, bytes);
+    assert_eq!(blk::read_image(&image, SECTOR * 512, PAGE as usize), bytes);
     assert_eq!(end(&client.raw), 0);
 }
 
 #[test]
 fn frontend_gone_while_a_worker_waits_on_a_fault_ends_the_session() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, _image) = new_image(dir.path());
-    let mut daemon = blk_daemon(&path);
+    let (_dir, _image, mut daemon) = blk_rig();
     let (client, uffd, _guest, _q) = worker_blocked_on_a_fault(&daemon);
     // The frontend disappears without resolving the fault (its uffd copy
     // stays open, as a hung QEMU's would): the session must still end.
@@ -587,8 +530,7 @@ fn a_fault_nobody_serves_ends_the_session_instead_of_wedging_it() {
     );
     drop(client);
     // The next frontend is served.
-    let mut next = Client::new(daemon.connect(), 1);
-    next.negotiate(VIRTIO_F_VERSION_1, Client::default_protocol());
+    let next = session(daemon.connect(), Client::default_protocol());
     assert_eq!(next.raw.get_queue_num(), 1);
     drop(uffd);
 }
@@ -610,64 +552,21 @@ fn set_postcopy_capability(qmp: &mut guest_vm::Qmp, side: &str) {
     .unwrap_or_else(|e| panic!("{side}: postcopy-ram refused: {e}"));
 }
 
-fn mig_num(v: &serde_json::Value, path: &[&str]) -> Option<u64> {
-    path.iter().try_fold(v, |v, p| v.get(p))?.as_u64()
-}
-
 #[test]
 fn qemu_postcopy_migration_of_writing_guest_loses_no_request() {
-    use guest_vm::*;
-    use serde_json::{json, Value};
+    use guest_vm::progress;
+    use guest_vm::{json_u64, lock_and_prepare, migration_records, parse_result, print_tail};
+    use guest_vm::{verify_records, Migration};
+    use serde_json::json;
     use std::thread::sleep;
 
-    let _lock = machine_lock();
-    if let Err(e) = prepare_guest() {
-        if skip_or_fail(&e) {
-            return;
-        }
-    }
+    let Some(_lock) = lock_and_prepare() else {
+        return;
+    };
     let t_test = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    let sock_a = dir.path().join("blk-a.sock");
-    let sock_b = dir.path().join("blk-b.sock");
-    let mig = dir.path().join("mig.sock");
-    File::create(&img)
-        .and_then(|f| f.set_len(guest_vm::IMAGE_SIZE))
-        .unwrap();
-    let mut daemon_a =
-        guest_vm::spawn_daemon("vhost-user-blk A", &sock_a, &img, dir.path().join("a.log"));
-    // Shared storage: the source holds the image lock, the destination
-    // opens the image unlocked while both run.
-    let mut daemon_b = guest_vm::spawn_daemon_with(
-        "vhost-user-blk B",
-        &sock_b,
-        &img,
-        dir.path().join("b.log"),
-        &["--no-lock"],
-    );
-    let mut src = Qemu::spawn(QemuOpts {
-        name: "src",
-        dir: dir.path(),
-        sock: &sock_a,
-        tag: QEMU_TAG,
-        secs: 150,
-        incoming: None,
-    });
-    let mut dst = Qemu::spawn(QemuOpts {
-        name: "dst",
-        dir: dir.path(),
-        sock: &sock_b,
-        tag: QEMU_TAG,
-        secs: 150,
-        incoming: Some(&mig),
-    });
-    wait_console(&mut src, Duration::from_secs(90), "the write loop", |c| {
-        let p = progress(c);
-        p[0] + p[1] >= 16
-    });
-    let mut dq = dst.qmp();
-    let mut sq = src.qmp();
+    let mut m = Migration::start(QEMU_TAG, 16);
+    let mut dq = m.dst.qmp();
+    let mut sq = m.src.qmp();
     set_postcopy_capability(&mut dq, "destination");
     set_postcopy_capability(&mut sq, "source");
     sq.execute(
@@ -675,29 +574,21 @@ fn qemu_postcopy_migration_of_writing_guest_loses_no_request() {
         json!({"max-bandwidth": 32u64 << 20}),
     )
     .expect("migrate-set-parameters");
-    let before = progress(&src.console_text());
+    let before = progress(&m.src.console_text());
     let t_mig = Instant::now();
-    sq.execute("migrate", json!({"uri": format!("unix:{}", mig.display())}))
-        .expect("migrate");
+    m.migrate(&mut sq);
     // Let precopy run one pass at least, then switch to postcopy.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let q = sq
-            .execute("query-migrate", json!({}))
-            .expect("query-migrate");
-        let s = q
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_string();
-        if s == "active" && mig_num(&q, &["ram", "transferred"]).unwrap_or(0) > 64 << 20 {
+        let (s, q) = sq.migration_status();
+        if s == "active" && json_u64(&q, &["ram", "transferred"]).unwrap_or(0) > 64 << 20 {
             break;
         }
         assert!(
             !matches!(s.as_str(), "failed" | "cancelled" | "completed"),
             "migration {s} before postcopy: {q}\n---- src ----\n{}\n---- dst ----\n{}",
-            src.qemu_log(),
-            dst.qemu_log()
+            m.src.qemu_log(),
+            m.dst.qemu_log()
         );
         assert!(Instant::now() < deadline, "precopy never got going: {q}");
         sleep(Duration::from_millis(100));
@@ -707,14 +598,7 @@ fn qemu_postcopy_migration_of_writing_guest_loses_no_request() {
         .unwrap_or_else(|e| panic!("migrate-start-postcopy: {e}"));
     let mut seen_postcopy = false;
     let (status, last) = loop {
-        let q = sq
-            .execute("query-migrate", json!({}))
-            .expect("query-migrate");
-        let s = q
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_string();
+        let (s, q) = sq.migration_status();
         seen_postcopy |= s.starts_with("postcopy");
         if matches!(
             s.as_str(),
@@ -729,58 +613,35 @@ fn qemu_postcopy_migration_of_writing_guest_loses_no_request() {
         sleep(Duration::from_millis(100));
     };
     let postcopy_ms = t_switch.elapsed().as_millis();
-    assert_eq!(
-        status,
-        "completed",
-        "migration {status}: {last}\n---- src qemu ----\n{}\n---- dst qemu ----\n{}\n---- daemon A ----\n{}\n---- daemon B ----\n{}",
-        src.qemu_log(),
-        dst.qemu_log(),
-        daemon_a.log_text(),
-        daemon_b.log_text()
-    );
+    m.assert_completed(&status, &last);
     assert!(seen_postcopy, "never saw a postcopy state: {last}");
-    let during = progress(&src.console_text());
-    src.quit_after_migration(&mut sq);
-    daemon_a.stop(Duration::from_secs(5));
-    wait_console(
-        &mut dst,
-        Duration::from_secs(90),
-        "records on the destination",
-        |c| {
-            let p = progress(c);
-            p[0] + p[1] >= during[0] + during[1] + 24
-        },
-    );
-    let after = progress(&dst.console_text());
-    write_stop_marker(&img);
-    let exited = dst.wait_exit(Duration::from_secs(90));
-    daemon_b.stop(Duration::from_secs(5));
-    let log_b = daemon_b.log_text();
+    let during = progress(&m.src.console_text());
+    m.quit_source(&mut sq);
+    let (after, exited) = m.finish_on_destination(during, 24);
+    let log_b = m.daemon_b.log_text();
     print_tail("daemon B log", &log_b, 15);
-    let dst_console = dst.console_text();
+    let dst_console = m.dst.console_text();
     assert!(exited, "destination QEMU did not power off\n{dst_console}");
     let r = parse_result(&dst_console, QEMU_TAG)
         .unwrap_or_else(|| panic!("no VBK-RESULT {QEMU_TAG} line\n{dst_console}"));
-    let verified = verify_records(&img, QEMU_TAG, &r.counts);
+    let verified = verify_records(&m.img, QEMU_TAG, &r.counts);
     let lost = r.records.saturating_sub(verified);
-    let g = |p: &[&str]| mig_num(&last, p).map_or_else(|| "n/a".into(), |v| v.to_string());
+    let g = |p: &[&str]| json_u64(&last, p).map_or_else(|| "n/a".into(), |v| v.to_string());
     println!(
         "VBK-MIGRATION status={status} postcopy=1 total_ms={} downtime_ms={} postcopy_phase_ms={postcopy_ms} \
-         transferred={} postcopy_requests={} records_before={} records_during={} records_after={} \
+         transferred={} postcopy_requests={} {records} \
          lost={lost} records={} verified={verified} errors={} guest_maxgap_ms={} \
          daemon_b_warnings={} test_s={:.1}",
         g(&["total-time"]),
         g(&["downtime"]),
         g(&["ram", "transferred"]),
         g(&["ram", "postcopy-requests"]),
-        before[0] + before[1],
-        (during[0] + during[1]).saturating_sub(before[0] + before[1]),
-        (after[0] + after[1]).saturating_sub(during[0] + during[1]),
         r.records,
         r.errors,
         r.maxgap_ms,
         log_b.matches(" WARN ").count(),
-        t_test.elapsed().as_secs_f64()
+        t_test.elapsed().as_secs_f64(),
+        records = migration_records(before, during, after),
     );
     assert_eq!(r.errors, 0, "guest saw errors: {}", r.line);
     assert_eq!(lost, 0);
@@ -791,14 +652,8 @@ fn qemu_postcopy_migration_of_writing_guest_loses_no_request() {
 /// count against the memory-slot limit like installed ones.
 #[test]
 fn regions_parked_while_listening_count_against_the_slot_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, _image) = new_image(dir.path());
-    let daemon = blk_daemon(&path);
-    let client = {
-        let mut c = daemon.frontend(1);
-        c.negotiate(VIRTIO_F_VERSION_1, with_pagefault());
-        c
-    };
+    let (_dir, _image, daemon) = blk_rig();
+    let client = session(daemon.connect(), with_pagefault());
     let _uffd = advise(&client.raw);
     assert_eq!(listen(&client.raw), 0, "POSTCOPY_LISTEN refused");
     let slots = client

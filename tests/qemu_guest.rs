@@ -21,15 +21,14 @@
 mod guest_vm;
 mod process;
 
-use guest_vm::{field, guest_dir, machine_lock, prepare_guest, skip_or_fail};
+use guest_vm::{create_image, field, guest_dir, lock_and_prepare, print_tail, IMAGE_SIZE};
 use process::Backend;
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-const IMAGE_SIZE: u64 = 64 << 20;
 /// Must match the guest defaults: vbk.mib=8, vbk.seed=1, marker at 32 MiB.
 const PATTERN_BYTES: usize = 8 << 20;
 const PATTERN_SEED: u64 = 1;
@@ -47,30 +46,20 @@ struct Frontend {
 
 /// Runs tests/guest/run-qemu-blk.sh; returns (success, console text).
 fn run_guest(sock: &Path, fe: Frontend) -> (bool, String) {
-    let t = Instant::now();
-    let out = Command::new("bash")
-        .arg(guest_dir().join("run-qemu-blk.sh"))
-        .arg(sock)
-        .env(
-            "VBK_QUEUES",
-            fe.queues.map(|q| q.to_string()).unwrap_or_default(),
-        )
-        .env("VBK_SMP", fe.smp.to_string())
-        .env("VBK_TEST", "blk")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run tests/guest/run-qemu-blk.sh");
-    let console = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!(
-        "QEMU run took {:.1}s ({})",
-        t.elapsed().as_secs_f64(),
-        out.status
-    );
-    (out.status.success(), console)
+    let (status, console, took) = process::run_captured(
+        Command::new("bash")
+            .arg(guest_dir().join("run-qemu-blk.sh"))
+            .arg(sock)
+            .env(
+                "VBK_QUEUES",
+                fe.queues.map(|q| q.to_string()).unwrap_or_default(),
+            )
+            .env("VBK_SMP", fe.smp.to_string())
+            .env("VBK_TEST", "blk"),
+    )
+    .expect("run tests/guest/run-qemu-blk.sh");
+    println!("QEMU run took {:.1}s ({status})", took.as_secs_f64());
+    (status.success(), console)
 }
 
 /// Checks the guest's VBK-RESULT / VBK-DONE lines.
@@ -194,18 +183,13 @@ fn guest_test(
     fe: Frontend,
     make_backend: impl FnOnce(&Path, &Path) -> Command,
 ) -> String {
-    let _serial = machine_lock();
-    if let Err(e) = prepare_guest() {
-        if skip_or_fail(&e) {
-            return String::new();
-        }
-    }
+    let Some(_serial) = lock_and_prepare() else {
+        return String::new();
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("disk.img");
     let sock = dir.path().join("blk.sock");
-    File::create(&img)
-        .and_then(|f| f.set_len(IMAGE_SIZE))
-        .expect("create image");
+    create_image(&img);
 
     let mut backend = Backend::spawn(
         name,
@@ -217,11 +201,7 @@ fn guest_test(
     backend.stop(exit_grace);
     let log = backend.log_text();
     if !log.trim().is_empty() {
-        println!("---- {name} log (last 40 lines) ----");
-        let lines: Vec<&str> = log.lines().collect();
-        for l in &lines[lines.len().saturating_sub(40)..] {
-            println!("{l}");
-        }
+        print_tail(&format!("{name} log"), &log, 40);
     }
     check_console(name, ok, &console);
     verify_image(&img);

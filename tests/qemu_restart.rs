@@ -43,7 +43,6 @@
 mod guest_vm;
 mod process;
 
-use std::fs::File;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -182,20 +181,15 @@ fn cut(pid: i32) -> (Option<u64>, u32) {
 
 #[test]
 fn sigkill_restart_of_vhost_user_blk_loses_no_request() {
-    let _lock = machine_lock();
-    if let Err(e) = prepare_guest() {
-        if skip_or_fail(&e) {
-            return;
-        }
-    }
+    let Some(_lock) = lock_and_prepare() else {
+        return;
+    };
     let t_test = Instant::now();
     let kills = kills();
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("disk.img");
     let sock = dir.path().join("blk.sock");
-    File::create(&img)
-        .and_then(|f| f.set_len(IMAGE_SIZE))
-        .expect("create image");
+    create_image(&img);
 
     let mut daemon = spawn_slow_daemon(
         "vhost-user-blk#0",
@@ -298,12 +292,7 @@ fn sigkill_restart_of_vhost_user_blk_loses_no_request() {
     for (i, l) in logs.iter().enumerate() {
         print_tail(&format!("daemon #{i} log"), l, 12);
     }
-    println!("---- guest VBK lines (progress omitted) ----");
-    for l in vbk_lines(&console) {
-        if !l.starts_with("VBK-WL progress") {
-            println!("{l}");
-        }
-    }
+    print_vbk_lines("guest", &console);
     assert!(
         exited,
         "QEMU did not power off after the stop marker\n{console}"

@@ -246,20 +246,13 @@ struct DeviceStats {
     interrupts: u64,
 }
 
-fn run_kit_device(
-    mem: GuestMemoryLog,
-    mode: Mode,
-    event_idx: bool,
-    kick: EventFd,
-    call: EventFd,
-    stop: EventFd,
-    seed: u64,
-) -> DeviceStats {
-    let mut vr = kit_vring(&mem, event_idx, &call);
-    let mut rng = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
+/// The device thread: sleeps on the kick eventfd (a kick that never comes
+/// is a hang) and runs `on_kick` after each wake-up, until stopped.
+fn serve_kicks(side: &DeviceSide, mut on_kick: impl FnMut(&mut DeviceStats)) -> DeviceStats {
+    let (kick, stop) = (&side.kick, &side.stop);
     let mut stats = DeviceStats::default();
     loop {
-        if !wait_readable(&kick, Some(&stop), HANG * 4) {
+        if !wait_readable(kick, Some(stop), HANG * 4) {
             panic!("device: no kick for {:?} (driver hung?)", HANG * 4);
         }
         if stop.read().is_ok() {
@@ -267,13 +260,32 @@ fn run_kit_device(
         }
         let _ = kick.read();
         stats.wakeups += 1;
+        on_kick(&mut stats);
+    }
+}
+
+/// What the device thread gets.
+struct DeviceSide {
+    mem: GuestMemoryLog,
+    event_idx: bool,
+    kick: EventFd,
+    call: EventFd,
+    stop: EventFd,
+    seed: u64,
+}
+
+fn run_kit_device(side: DeviceSide, mode: Mode) -> DeviceStats {
+    let mem = &side.mem;
+    let mut vr = kit_vring(mem, side.event_idx, &side.call);
+    let mut rng = Rng(side.seed ^ 0x9e37_79b9_7f4a_7c15);
+    serve_kicks(&side, |stats| {
         let mut completed = 0;
         loop {
             let disabled = rng.chance(70);
             if disabled {
                 vr.disable_notification().expect("disable");
             }
-            completed += kit_batch(&mut vr, mode, &mem, &mut rng);
+            completed += kit_batch(&mut vr, mode, mem, &mut rng);
             if rng.chance(20) && vr.notify_if_needed().expect("notify") {
                 stats.interrupts += 1;
             }
@@ -284,49 +296,34 @@ fn run_kit_device(
         if completed > 0 && vr.notify_if_needed().expect("notify") {
             stats.interrupts += 1;
         }
-    }
+    })
 }
 
-fn run_reference_device(
-    mem: GuestMemoryLog,
-    event_idx: bool,
-    kick: EventFd,
-    call: EventFd,
-    stop: EventFd,
-    seed: u64,
-) -> DeviceStats {
-    let mut q = reference_queue(event_idx);
-    let mut rng = Rng(seed ^ 0x51ed_270b_2d1f_4a3d);
-    let mut stats = DeviceStats::default();
-    loop {
-        if !wait_readable(&kick, Some(&stop), HANG * 4) {
-            panic!("device: no kick for {:?} (driver hung?)", HANG * 4);
-        }
-        if stop.read().is_ok() {
-            return stats;
-        }
-        let _ = kick.read();
-        stats.wakeups += 1;
+fn run_reference_device(side: DeviceSide) -> DeviceStats {
+    let mem = &side.mem;
+    let mut q = reference_queue(side.event_idx);
+    let mut rng = Rng(side.seed ^ 0x51ed_270b_2d1f_4a3d);
+    serve_kicks(&side, |stats| {
         let mut completed = 0;
         loop {
             if rng.chance(70) {
-                q.disable_notification(&mem).expect("disable");
+                q.disable_notification(mem).expect("disable");
             }
-            while let Some(chain) = q.iter(&mem).expect("iter").next() {
+            while let Some(chain) = q.iter(mem).expect("iter").next() {
                 let head = chain.head_index();
-                let len = serve(&mem, chain);
-                q.add_used(&mem, head, len).expect("add_used");
+                let len = serve(mem, chain);
+                q.add_used(mem, head, len).expect("add_used");
                 completed += 1;
             }
-            if !q.enable_notification(&mem).expect("enable") {
+            if !q.enable_notification(mem).expect("enable") {
                 break;
             }
         }
-        if completed > 0 && q.needs_notification(&mem).expect("needs_notification") {
-            call.write(1).expect("call");
+        if completed > 0 && q.needs_notification(mem).expect("needs_notification") {
+            side.call.write(1).expect("call");
             stats.interrupts += 1;
         }
-    }
+    })
 }
 
 // ---------------------------------------------------------------- driver
@@ -647,15 +644,17 @@ fn stress(mode: Mode, event_idx: bool) {
     let call = EventFd::new(libc::EFD_NONBLOCK).expect("call");
     let stop = EventFd::new(libc::EFD_NONBLOCK).expect("stop");
     let device = {
-        let (mem, kick, call, stop) = (
-            mem.clone(),
-            kick.try_clone().expect("dup"),
-            call.try_clone().expect("dup"),
-            stop.try_clone().expect("dup"),
-        );
+        let side = DeviceSide {
+            mem: mem.clone(),
+            event_idx,
+            kick: kick.try_clone().expect("dup"),
+            call: call.try_clone().expect("dup"),
+            stop: stop.try_clone().expect("dup"),
+            seed,
+        };
         std::thread::spawn(move || match mode {
-            Mode::Reference => run_reference_device(mem, event_idx, kick, call, stop, seed),
-            _ => run_kit_device(mem, mode, event_idx, kick, call, stop, seed),
+            Mode::Reference => run_reference_device(side),
+            _ => run_kit_device(side, mode),
         })
     };
     let started = Instant::now();
@@ -682,42 +681,24 @@ fn stress(mode: Mode, event_idx: bool) {
     );
 }
 
-#[test]
-fn kit_pop_chain_out_of_order_event_idx() {
-    stress(Mode::KitPop, true);
+/// Two tests per device implementation: with and without EVENT_IDX.
+macro_rules! stress_tests {
+    ($($event_idx:ident, $no_event_idx:ident: $mode:ident;)*) => {$(
+        #[test]
+        fn $event_idx() {
+            stress(Mode::$mode, true);
+        }
+
+        #[test]
+        fn $no_event_idx() {
+            stress(Mode::$mode, false);
+        }
+    )*};
 }
 
-#[test]
-fn kit_pop_chain_out_of_order_no_event_idx() {
-    stress(Mode::KitPop, false);
-}
-
-#[test]
-fn kit_process_available_event_idx() {
-    stress(Mode::KitProcess, true);
-}
-
-#[test]
-fn kit_process_available_no_event_idx() {
-    stress(Mode::KitProcess, false);
-}
-
-#[test]
-fn kit_mapped_descs_event_idx() {
-    stress(Mode::KitDescs, true);
-}
-
-#[test]
-fn kit_mapped_descs_no_event_idx() {
-    stress(Mode::KitDescs, false);
-}
-
-#[test]
-fn reference_virtio_queue_event_idx() {
-    stress(Mode::Reference, true);
-}
-
-#[test]
-fn reference_virtio_queue_no_event_idx() {
-    stress(Mode::Reference, false);
+stress_tests! {
+    kit_pop_chain_out_of_order_event_idx, kit_pop_chain_out_of_order_no_event_idx: KitPop;
+    kit_process_available_event_idx, kit_process_available_no_event_idx: KitProcess;
+    kit_mapped_descs_event_idx, kit_mapped_descs_no_event_idx: KitDescs;
+    reference_virtio_queue_event_idx, reference_virtio_queue_no_event_idx: Reference;
 }

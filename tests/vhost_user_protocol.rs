@@ -365,12 +365,7 @@ fn status_set_get_and_reset_device() {
     assert!(rig.daemon.device.has_call(&DeviceCall::QueueStopped(0)));
 
     // RESET_DEVICE stops running queues and resets the device and status.
-    rig.client
-        .frontend
-        .set_features(TEST_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES)
-        .unwrap();
-    let mut q = rig.running_queue(0);
-    roundtrip(&mut q, &pattern(2, 32));
+    let _q = features_and_a_round_trip_again(&mut rig, 2);
     assert_eq!(rig.raw().ack(set_status, &u64s(&[0x07]), &[]), 0);
     rig.daemon.device.clear_calls();
     rig.client.frontend.reset_device().unwrap();
@@ -379,12 +374,19 @@ fn status_set_get_and_reset_device() {
     assert_eq!(rig.raw().call(get_status, &[], &[]).u64(), 0);
 
     // After a reset the device can be brought up again.
+    features_and_a_round_trip_again(&mut rig, 3);
+}
+
+/// After a reset: SET_FEATURES again, queue 0 started and a round trip on
+/// it with pattern `seed`; returns the running queue.
+fn features_and_a_round_trip_again(rig: &mut Rig, seed: u8) -> SplitQueue {
     rig.client
         .frontend
         .set_features(TEST_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES)
         .unwrap();
     let mut q = rig.running_queue(0);
-    roundtrip(&mut q, &pattern(3, 32));
+    roundtrip(&mut q, &pattern(seed, 32));
+    q
 }
 
 #[test]
@@ -908,42 +910,19 @@ fn reply_ack_honoured_without_get_protocol_features() {
     let guest = GuestMem::new(GUEST_GPA, GUEST_SIZE);
     assert_eq!(raw_set_mem_table(&raw, &guest), 0);
     let mut q = SplitQueue::new(&guest, 0, QSIZE, GUEST_GPA);
-    assert_eq!(
-        raw.ack(code(FrontendReq::SET_VRING_NUM), &vring_state(0, 16), &[]),
-        0
-    );
-    assert_eq!(
-        raw.ack(
-            code(FrontendReq::SET_VRING_ADDR),
-            &vring_addr_payload(0, &q),
-            &[]
-        ),
-        0
-    );
-    assert_eq!(
-        raw.ack(code(FrontendReq::SET_VRING_BASE), &vring_state(0, 0), &[]),
-        0
-    );
-    assert_eq!(
-        raw.ack(
-            code(FrontendReq::SET_VRING_CALL),
-            &u64s(&[0]),
-            &[q.call.as_raw_fd()]
-        ),
-        0
-    );
-    assert_eq!(
-        raw.ack(
-            code(FrontendReq::SET_VRING_KICK),
-            &u64s(&[0]),
-            &[q.kick.as_raw_fd()]
-        ),
-        0
-    );
-    assert_eq!(
-        raw.ack(code(FrontendReq::SET_VRING_ENABLE), &vring_state(0, 1), &[]),
-        0
-    );
+    let (call, kick) = (q.call.as_raw_fd(), q.kick.as_raw_fd());
+    let queue_setup = [
+        (FrontendReq::SET_VRING_NUM, vring_state(0, 16), None),
+        (FrontendReq::SET_VRING_ADDR, vring_addr_payload(0, &q), None),
+        (FrontendReq::SET_VRING_BASE, vring_state(0, 0), None),
+        (FrontendReq::SET_VRING_CALL, u64s(&[0]), Some(call)),
+        (FrontendReq::SET_VRING_KICK, u64s(&[0]), Some(kick)),
+        (FrontendReq::SET_VRING_ENABLE, vring_state(0, 1), None),
+    ];
+    for (req, payload, fd) in queue_setup {
+        let fds: Vec<_> = fd.into_iter().collect();
+        assert_eq!(raw.ack(code(req), &payload, &fds), 0, "{req:?} not acked");
+    }
     roundtrip(&mut q, &pattern(1, 50));
     // A failing request is NACKed, not silently dropped.
     assert_ne!(
@@ -957,24 +936,17 @@ fn reply_ack_honoured_without_get_protocol_features() {
 fn without_reply_ack_no_acks_are_sent() {
     let daemon = spawn_daemon(TestDevice::new(NUM_QUEUES), ServeMode::Once);
     let raw = daemon.raw();
-    raw.send(
-        code(FrontendReq::SET_FEATURES),
-        FLAG_VERSION_1 | FLAG_NEED_REPLY,
-        &u64s(&[TEST_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES]),
-        &[],
-    );
-    raw.send(
-        code(FrontendReq::SET_OWNER),
-        FLAG_VERSION_1 | FLAG_NEED_REPLY,
-        &[],
-        &[],
-    );
-    raw.send(
-        code(FrontendReq::SET_VRING_NUM),
-        FLAG_VERSION_1 | FLAG_NEED_REPLY,
-        &vring_state(0, 3),
-        &[],
-    );
+    let requests = [
+        (
+            FrontendReq::SET_FEATURES,
+            u64s(&[TEST_FEATURES | VHOST_USER_F_PROTOCOL_FEATURES]),
+        ),
+        (FrontendReq::SET_OWNER, Vec::new()),
+        (FrontendReq::SET_VRING_NUM, vring_state(0, 3)),
+    ];
+    for (req, payload) in requests {
+        raw.send(code(req), FLAG_VERSION_1 | FLAG_NEED_REPLY, &payload, &[]);
+    }
     raw.expect_silence(QUIET);
     // GET_PROTOCOL_FEATURES has an explicit reply regardless.
     let r = raw.call(code(FrontendReq::GET_PROTOCOL_FEATURES), &[], &[]);

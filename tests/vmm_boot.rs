@@ -20,7 +20,6 @@ mod process;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Instant;
 
 fn kvm_or_skip(test: &str) -> bool {
     if Path::new("/dev/kvm").exists() {
@@ -48,28 +47,21 @@ fn boot_log() -> &'static Result<String, String> {
         devices.extend(["console", "console-vhost-user"]);
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run-vmm.sh");
         let run = || -> Result<(bool, String), String> {
-            let t = Instant::now();
-            let out = Command::new("bash")
-                .arg(&script)
-                .args(&devices)
-                .env("VBK_BIN_DIR", &bin_dir)
-                .env("VBK_VCPUS", "2")
-                .env("VBK_TEST", "blk,rng,console")
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let (status, text, took) = process::run_captured(
+                Command::new("bash")
+                    .arg(&script)
+                    .args(&devices)
+                    .env("VBK_BIN_DIR", &bin_dir)
+                    .env("VBK_VCPUS", "2")
+                    .env("VBK_TEST", "blk,rng,console"),
+            )
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
             println!(
-                "[run-vmm.sh {} took {:.1}s, {}]\n{text}",
+                "[run-vmm.sh {} took {:.1}s, {status}]\n{text}",
                 devices.join(" "),
-                t.elapsed().as_secs_f64(),
-                out.status
+                took.as_secs_f64(),
             );
-            Ok((out.status.success(), text))
+            Ok((status.success(), text))
         };
         // One boot, judged as it is: a stall is a failure, not a reason to
         // boot again (the VMM's stall report is in the console above).
@@ -100,7 +92,17 @@ fn l2_result<'a>(log: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no L2 result line with '{key}' in:\n{log}"))
 }
 
-fn assert_disk_ok(log: &str, disk: &str) {
+/// Some line of `log` starts with `prefix`; else `what` fails the test.
+fn assert_has_line(log: &str, prefix: &str, what: &str) {
+    assert!(log.lines().any(|l| l.starts_with(prefix)), "{what}:\n{log}");
+}
+
+/// The body of test `test`: every check of the L2 guest's I/O on `disk`
+/// passed.
+fn disk_verified_io(test: &str, disk: &str) {
+    let Some(log) = console(test) else {
+        return;
+    };
     let line = l2_result(log, &format!("disk={disk} "));
     for want in ["write=ok", "read=ok", "verify=ok", "flush=ok", "marker=ok"] {
         assert!(line.contains(want), "{disk}: '{want}' missing in: {line}");
@@ -112,26 +114,17 @@ fn boots_to_userspace() {
     let Some(log) = console("boots_to_userspace") else {
         return;
     };
-    assert!(
-        log.lines().any(|l| l.starts_with("L2| VBK-BOOT ")),
-        "the L2 guest never reached /init:\n{log}"
-    );
+    assert_has_line(log, "L2| VBK-BOOT ", "the L2 guest never reached /init");
 }
 
 #[test]
 fn in_process_disk_verified_io() {
-    let Some(log) = console("in_process_disk_verified_io") else {
-        return;
-    };
-    assert_disk_ok(log, "vda");
+    disk_verified_io("in_process_disk_verified_io", "vda");
 }
 
 #[test]
 fn vhost_user_blk_disk_verified_io() {
-    let Some(log) = console("vhost_user_blk_disk_verified_io") else {
-        return;
-    };
-    assert_disk_ok(log, "vdb");
+    disk_verified_io("vhost_user_blk_disk_verified_io", "vdb");
 }
 
 #[test]
@@ -140,10 +133,7 @@ fn qemu_storage_daemon_disk_verified_io() {
         eprintln!("\n!!!!!!!! SKIPPED qemu_storage_daemon_disk_verified_io: no qemu-storage-daemon !!!!!!!!\n");
         return;
     }
-    let Some(log) = console("qemu_storage_daemon_disk_verified_io") else {
-        return;
-    };
-    assert_disk_ok(log, "vdc");
+    disk_verified_io("qemu_storage_daemon_disk_verified_io", "vdc");
 }
 
 #[test]
@@ -205,18 +195,16 @@ fn clean_shutdown_after_guest_poweroff() {
     let Some(log) = console("clean_shutdown_after_guest_poweroff") else {
         return;
     };
-    assert!(
-        log.lines().any(|l| l.starts_with("L2| VBK-DONE status=ok")),
-        "the L2 guest did not finish its tests:\n{log}"
+    assert_has_line(
+        log,
+        "L2| VBK-DONE status=ok",
+        "the L2 guest did not finish its tests",
     );
     assert!(
         log.contains("guest stopped (PowerOff)"),
         "vmm-example did not see the ACPI power-off:\n{log}"
     );
-    assert!(
-        log.lines().any(|l| l.starts_with("VBK-RESULT vmm=ok rc=0")),
-        "vmm-example did not exit 0:\n{log}"
-    );
+    assert_has_line(log, "VBK-RESULT vmm=ok rc=0", "vmm-example did not exit 0");
 }
 
 fn run_vmm(kernel: &Path) -> (i32, String) {

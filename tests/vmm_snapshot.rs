@@ -24,7 +24,6 @@ mod process;
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::Instant;
 
 use vmm_example::vmm::snapshot::{write, DeviceRecord, VmState};
 use vmm_example::vmm::DeviceSpec;
@@ -48,24 +47,17 @@ fn guest_survives_two_snapshots_while_its_disk_changes_homes() {
     }
     let bin = process::binary("vmm-example").unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run-vmm.sh");
-    let t = Instant::now();
-    let out = Command::new("bash")
-        .arg(&script)
-        .env("VBK_BIN_DIR", bin.parent().unwrap())
-        .env("VBK_SCENARIO", "snapshot")
-        .env("VBK_TIMEOUT", "600")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (status, text, took) = process::run_captured(
+        Command::new("bash")
+            .arg(&script)
+            .env("VBK_BIN_DIR", bin.parent().unwrap())
+            .env("VBK_SCENARIO", "snapshot")
+            .env("VBK_TIMEOUT", "600"),
+    )
+    .unwrap();
     println!(
-        "[run-vmm.sh snapshot took {:.1}s, {}]\n{text}",
-        t.elapsed().as_secs_f64(),
-        out.status
+        "[run-vmm.sh snapshot took {:.1}s, {status}]\n{text}",
+        took.as_secs_f64()
     );
     for line in text.lines().filter(|l| l.contains("VBK-VMSNAP")) {
         println!("{line}");
@@ -99,7 +91,7 @@ fn guest_survives_two_snapshots_while_its_disk_changes_homes() {
         states.iter().all(|&s| s > 0),
         "the console carried no state of its own at a cut: {states:?}"
     );
-    assert!(out.status.success());
+    assert!(status.success());
 }
 
 fn vmm(args: &[&str]) -> Output {

@@ -38,8 +38,7 @@ use virtio_backend_kit::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, Gue
 use virtio_backend_kit::vmm_sys_util::eventfd::EventFd;
 use virtio_backend_kit::vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use virtio_backend_kit::{
-    BackendError, ConfigNotifier, DeviceBackend, DeviceEvent, GuestMemoryLog, QueueSet, VringOwned,
-    VringT,
+    BackendError, ConfigNotifier, DeviceBackend, GuestMemoryLog, Vring, VringOwned,
 };
 
 /// How long any single wait in a test may take.
@@ -393,16 +392,7 @@ impl DeviceBackend for TestDevice {
         Ok(())
     }
 
-    fn handle_event(
-        &self,
-        event: DeviceEvent,
-        queues: &QueueSet<VringOwned>,
-        _worker: usize,
-    ) -> Result<(), BackendError> {
-        let Some((_, vring)) = queues.for_event(event) else {
-            return Ok(());
-        };
-        let mut vring = vring.lock();
+    fn process_queue(&self, _index: u16, vring: &mut Vring) -> Result<(), BackendError> {
         let mut done = 0;
         while let Some(chain) = vring.pop_chain()? {
             let (head, len, bad) = Self::process_chain(chain);
@@ -803,6 +793,26 @@ pub struct Buf {
     pub writable: bool,
 }
 
+impl Buf {
+    /// A buffer the device reads.
+    pub fn readable(gpa: u64, len: u32) -> Self {
+        Buf {
+            gpa,
+            len,
+            writable: false,
+        }
+    }
+
+    /// A buffer the device writes.
+    pub fn writable(gpa: u64, len: u32) -> Self {
+        Buf {
+            gpa,
+            len,
+            writable: true,
+        }
+    }
+}
+
 /// A raw split-ring descriptor.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Desc {
@@ -1008,16 +1018,8 @@ impl SplitQueue {
         let output = self.alloc(u64::from(out_len));
         self.write(output, &vec![0u8; out_len as usize]);
         let head = self.add_chain(&[
-            Buf {
-                gpa: input,
-                len: data.len() as u32,
-                writable: false,
-            },
-            Buf {
-                gpa: output,
-                len: out_len,
-                writable: true,
-            },
+            Buf::readable(input, data.len() as u32),
+            Buf::writable(output, out_len),
         ]);
         (head, output)
     }
@@ -1099,4 +1101,116 @@ pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
+}
+
+// ---------------------------------------------------------------------------
+// virtio-blk requests
+// ---------------------------------------------------------------------------
+
+/// Requests for `vmm-example`'s virtio-blk device, laid out on a
+/// [`SplitQueue`].
+pub mod blk {
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+    use std::path::{Path, PathBuf};
+
+    use super::{Buf, SplitQueue};
+
+    /// `VIRTIO_BLK_T_IN`: read.
+    pub const T_IN: u32 = 0;
+    /// `VIRTIO_BLK_T_OUT`: write.
+    pub const T_OUT: u32 = 1;
+    /// `VIRTIO_BLK_T_FLUSH`.
+    pub const T_FLUSH: u32 = 4;
+    /// `VIRTIO_BLK_T_GET_ID`.
+    pub const T_GET_ID: u32 = 8;
+    /// `VIRTIO_BLK_S_OK`.
+    pub const S_OK: u8 = 0;
+    /// `VIRTIO_BLK_S_IOERR`.
+    pub const S_IOERR: u8 = 1;
+    /// `VIRTIO_BLK_S_UNSUPP`.
+    pub const S_UNSUPP: u8 = 2;
+
+    /// A fresh raw image file of `size` bytes at `dir/disk.raw`, opened for
+    /// reading and writing.
+    pub fn image(dir: &Path, size: u64) -> (PathBuf, File) {
+        let path = dir.join("disk.raw");
+        let image = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        image.set_len(size).unwrap();
+        (path, image)
+    }
+
+    /// `len` bytes of `image` at byte `offset`.
+    pub fn read_image(image: &File, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        image.read_exact_at(&mut buf, offset).unwrap();
+        buf
+    }
+
+    /// A request header: type, reserved, sector.
+    pub fn header(kind: u32, sector: u64) -> Vec<u8> {
+        let mut h = kind.to_le_bytes().to_vec();
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&sector.to_le_bytes());
+        h
+    }
+
+    /// Allocate and write a header for (`kind`, `sector`), then a status
+    /// byte holding `status_fill`; returns (header gpa, status gpa).
+    pub fn header_and_status(
+        q: &mut SplitQueue,
+        kind: u32,
+        sector: u64,
+        status_fill: u8,
+    ) -> (u64, u64) {
+        let hdr = q.alloc(16);
+        q.write(hdr, &header(kind, sector));
+        let status = q.alloc(1);
+        q.write(status, &[status_fill]);
+        (hdr, status)
+    }
+
+    /// A request's chain: the 16-byte header at `hdr`, the `data` buffers,
+    /// the status byte at `status`.
+    pub fn chain(hdr: u64, data: &[Buf], status: u64) -> Vec<Buf> {
+        let mut bufs = vec![Buf::readable(hdr, 16)];
+        bufs.extend_from_slice(data);
+        bufs.push(Buf::writable(status, 1));
+        bufs
+    }
+
+    /// Allocate and write, in this order, a header for (`kind`, `sector`),
+    /// with `data` = `Some((bytes, writable))` a buffer holding `bytes`, and
+    /// a status byte holding `status_fill`. Nothing is published. Returns
+    /// (chain, data gpa or 0, status gpa).
+    pub fn request(
+        q: &mut SplitQueue,
+        kind: u32,
+        sector: u64,
+        data: Option<(&[u8], bool)>,
+        status_fill: u8,
+    ) -> (Vec<Buf>, u64, u64) {
+        let hdr = q.alloc(16);
+        q.write(hdr, &header(kind, sector));
+        let mut bufs = Vec::new();
+        let mut data_gpa = 0;
+        if let Some((bytes, writable)) = data {
+            data_gpa = q.alloc(bytes.len() as u64);
+            q.write(data_gpa, bytes);
+            bufs.push(Buf {
+                gpa: data_gpa,
+                len: bytes.len() as u32,
+                writable,
+            });
+        }
+        let status = q.alloc(1);
+        q.write(status, &[status_fill]);
+        (chain(hdr, &bufs, status), data_gpa, status)
+    }
 }

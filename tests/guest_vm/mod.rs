@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -62,25 +62,34 @@ pub fn skip_or_fail(why: &str) -> bool {
     panic!("{why}\n(set VBK_ALLOW_SKIP_QEMU=1 to skip this test instead of failing)");
 }
 
+/// The preamble of every QEMU guest test: the machine lock, held while it
+/// lives, and the guest prepared. `None` when the test is to be skipped
+/// (see [`skip_or_fail`]).
+pub fn lock_and_prepare() -> Option<File> {
+    let lock = machine_lock();
+    if let Err(e) = prepare_guest() {
+        if skip_or_fail(&e) {
+            return None;
+        }
+    }
+    Some(lock)
+}
+
+/// A zeroed disk image of [`IMAGE_SIZE`] bytes at `img`.
+pub fn create_image(img: &Path) {
+    File::create(img)
+        .and_then(|f| f.set_len(IMAGE_SIZE))
+        .expect("create image");
+}
+
 fn run_script(name: &str) -> Result<(), String> {
-    let out = Command::new("bash")
-        .arg(guest_dir().join(name))
-        .stdin(Stdio::null())
-        .output()
+    let (status, text, _) = process::run_captured(Command::new("bash").arg(guest_dir().join(name)))
         .map_err(|e| format!("cannot run {name}: {e}"))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
     println!("[{name}] {}", text.trim_end());
-    if out.status.success() {
+    if status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "tests/guest/{name} failed ({}):\n{text}",
-            out.status
-        ))
+        Err(format!("tests/guest/{name} failed ({status}):\n{text}"))
     }
 }
 
@@ -208,12 +217,7 @@ impl Qemu {
         if let Some(mig) = o.incoming {
             c.arg("-incoming").arg(format!("unix:{}", mig.display()));
         }
-        let f = File::create(&stdio).expect("qemu log");
-        let child = c
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
+        let child = process::spawn_logged(&mut c, &stdio)
             .unwrap_or_else(|e| panic!("cannot start qemu-system-x86_64: {e}"));
         println!(
             "{}: qemu pid {} console {}",
@@ -343,6 +347,19 @@ impl Qmp {
         let _ = self.reader.read_line(&mut line);
     }
 
+    /// `query-migrate`: the migration's status and the whole answer.
+    pub fn migration_status(&mut self) -> (String, Value) {
+        let q = self
+            .execute("query-migrate", json!({}))
+            .expect("query-migrate");
+        let s = q
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string();
+        (s, q)
+    }
+
     /// Runs a command; Ok(return) or Err(error object). Events are skipped.
     pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, Value> {
         let msg = json!({"execute": cmd, "arguments": args});
@@ -356,6 +373,133 @@ impl Qmp {
                 return Err(e.clone());
             }
         }
+    }
+}
+
+/// The number at `path` in a JSON answer (e.g. `["ram", "transferred"]`).
+pub fn json_u64(v: &Value, path: &[&str]) -> Option<u64> {
+    path.iter().try_fold(v, |v, p| v.get(p))?.as_u64()
+}
+
+/// A live migration of the write-loop guest between two QEMUs, each on
+/// its own `vhost-user-blk` daemon, both daemons serving one image file
+/// (shared storage). Dropped in the reverse order of creation.
+pub struct Migration {
+    /// The destination QEMU, started with `-incoming unix:MIG`.
+    pub dst: Qemu,
+    /// The source QEMU.
+    pub src: Qemu,
+    /// The destination's daemon (opens the image unlocked).
+    pub daemon_b: process::Backend,
+    /// The source's daemon.
+    pub daemon_a: process::Backend,
+    /// The migration socket.
+    pub mig: PathBuf,
+    /// The image file.
+    pub img: PathBuf,
+    /// Holds the image, sockets and logs.
+    pub dir: tempfile::TempDir,
+}
+
+impl Migration {
+    /// Start both daemons and both QEMUs, the guest's loop tagged `tag`,
+    /// and wait until the source's writers completed `records` records.
+    pub fn start(tag: &str, records: u64) -> Migration {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("disk.img");
+        let sock_a = dir.path().join("blk-a.sock");
+        let sock_b = dir.path().join("blk-b.sock");
+        let mig = dir.path().join("mig.sock");
+        create_image(&img);
+        let daemon_a = spawn_daemon("vhost-user-blk A", &sock_a, &img, dir.path().join("a.log"));
+        // Shared storage: the source holds the image lock, the destination
+        // opens the image unlocked while both run.
+        let daemon_b = spawn_daemon_with(
+            "vhost-user-blk B",
+            &sock_b,
+            &img,
+            dir.path().join("b.log"),
+            &["--no-lock"],
+        );
+        let mut src = Qemu::spawn(QemuOpts {
+            name: "src",
+            dir: dir.path(),
+            sock: &sock_a,
+            tag,
+            secs: 150,
+            incoming: None,
+        });
+        let dst = Qemu::spawn(QemuOpts {
+            name: "dst",
+            dir: dir.path(),
+            sock: &sock_b,
+            tag,
+            secs: 150,
+            incoming: Some(&mig),
+        });
+        wait_console(&mut src, Duration::from_secs(90), "the write loop", |c| {
+            let p = progress(c);
+            p[0] + p[1] >= records
+        });
+        Migration {
+            dst,
+            src,
+            daemon_b,
+            daemon_a,
+            mig,
+            img,
+            dir,
+        }
+    }
+
+    /// Start the migration through the source's QMP.
+    pub fn migrate(&self, sq: &mut Qmp) {
+        sq.execute(
+            "migrate",
+            json!({"uri": format!("unix:{}", self.mig.display())}),
+        )
+        .expect("migrate");
+    }
+
+    /// The migration ended in `status`, as `last` (its last `query-migrate`)
+    /// says: it must be "completed"; else every log is shown.
+    pub fn assert_completed(&self, status: &str, last: &Value) {
+        assert_eq!(
+            status,
+            "completed",
+            "migration {status}: {last}\n---- src qemu ----\n{}\n---- dst qemu ----\n{}\n---- daemon A ----\n{}\n---- daemon B ----\n{}",
+            self.src.qemu_log(),
+            self.dst.qemu_log(),
+            self.daemon_a.log_text(),
+            self.daemon_b.log_text()
+        );
+    }
+
+    /// After the migration: quit the source QEMU, stop its daemon.
+    pub fn quit_source(&mut self, sq: &mut Qmp) {
+        self.src.quit_after_migration(sq);
+        self.daemon_a.stop(Duration::from_secs(5));
+    }
+
+    /// Wait for `records` more records than `during` on the destination,
+    /// then stop the guest's loop, wait for the destination to power off
+    /// and stop its daemon. Returns (the progress then, whether it powered
+    /// off).
+    pub fn finish_on_destination(&mut self, during: [u64; 2], records: u64) -> ([u64; 2], bool) {
+        wait_console(
+            &mut self.dst,
+            Duration::from_secs(90),
+            "records on the destination",
+            |c| {
+                let p = progress(c);
+                p[0] + p[1] >= during[0] + during[1] + records
+            },
+        );
+        let after = progress(&self.dst.console_text());
+        write_stop_marker(&self.img);
+        let exited = self.dst.wait_exit(Duration::from_secs(90));
+        self.daemon_b.stop(Duration::from_secs(5));
+        (after, exited)
     }
 }
 
@@ -388,23 +532,45 @@ pub fn progress(console: &str) -> [u64; 2] {
     k
 }
 
+/// Prints the guest's VBK lines of `console` but its progress lines, under
+/// a heading naming `guest`.
+pub fn print_vbk_lines(guest: &str, console: &str) {
+    println!("---- {guest} VBK lines (progress omitted) ----");
+    for l in vbk_lines(console) {
+        if !l.starts_with("VBK-WL progress") {
+            println!("{l}");
+        }
+    }
+}
+
+/// `records_before=N records_during=N records_after=N` of a migration's
+/// summary line, from the writers' progress before, at the end of and
+/// after the migration.
+pub fn migration_records(before: [u64; 2], during: [u64; 2], after: [u64; 2]) -> String {
+    let total = |p: [u64; 2]| p[0] + p[1];
+    format!(
+        "records_before={} records_during={} records_after={}",
+        total(before),
+        total(during).saturating_sub(total(before)),
+        total(after).saturating_sub(total(during))
+    )
+}
+
 /// Waits until `cond(console)` holds, QEMU stays alive; panics after `timeout`.
 pub fn wait_console(qemu: &mut Qemu, timeout: Duration, what: &str, cond: impl Fn(&str) -> bool) {
-    let deadline = Instant::now() + timeout;
-    loop {
+    process::poll_until(timeout, Duration::from_millis(100), |late| {
         if cond(&qemu.console_text()) {
-            return;
+            return true;
         }
         qemu.check_alive();
-        if Instant::now() > deadline {
-            panic!(
-                "{}: timed out waiting for {what}\n---- console ----\n{}",
-                qemu.name,
-                qemu.console_text()
-            );
-        }
-        sleep(Duration::from_millis(100));
-    }
+        assert!(
+            !late,
+            "{}: timed out waiting for {what}\n---- console ----\n{}",
+            qemu.name,
+            qemu.console_text()
+        );
+        false
+    });
 }
 
 /// What the guest writes in record `k` of writer `w`.

@@ -6,7 +6,7 @@
 use std::fs::{self, File};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,39 @@ pub fn binary(name: &str) -> Result<PathBuf, String> {
         })
 }
 
+/// Run `cmd` to the end with stdin from /dev/null: its exit status, its
+/// stdout and stderr as one text, and how long it ran.
+pub fn run_captured(cmd: &mut Command) -> std::io::Result<(ExitStatus, String, Duration)> {
+    let t = Instant::now();
+    let out = cmd.stdin(Stdio::null()).output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status, text, t.elapsed()))
+}
+
+/// Calls `step` every `interval` until it returns true; its argument says
+/// whether `timeout` has passed (the step then fails the test, or keeps
+/// going if it may).
+pub fn poll_until(timeout: Duration, interval: Duration, mut step: impl FnMut(bool) -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !step(Instant::now() > deadline) {
+        sleep(interval);
+    }
+}
+
+/// Start `cmd` with stdin from /dev/null and stdout and stderr into a new
+/// file `log`.
+pub fn spawn_logged(cmd: &mut Command, log: &Path) -> std::io::Result<Child> {
+    let f = File::create(log).expect("create the log file");
+    cmd.stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .spawn()
+}
+
 /// A child process that is killed (SIGTERM, then SIGKILL) when dropped.
 pub struct Backend {
     /// The process.
@@ -56,12 +89,7 @@ pub struct Backend {
 
 impl Backend {
     pub fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Backend {
-        let f = File::create(&log).expect("create backend log");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
+        let child = spawn_logged(&mut cmd, &log)
             .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
         Backend { child, name, log }
     }
@@ -71,13 +99,12 @@ impl Backend {
     }
 
     pub fn wait_for_socket(&mut self, sock: &Path) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
+        poll_until(Duration::from_secs(15), Duration::from_millis(20), |late| {
             if fs::metadata(sock)
                 .map(|m| m.file_type().is_socket())
                 .unwrap_or(false)
             {
-                return;
+                return true;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
                 panic!(
@@ -86,15 +113,14 @@ impl Backend {
                     self.log_text()
                 );
             }
-            if Instant::now() > deadline {
-                panic!(
-                    "{} did not create {sock:?} within 15s; log:\n{}",
-                    self.name,
-                    self.log_text()
-                );
-            }
-            sleep(Duration::from_millis(20));
-        }
+            assert!(
+                !late,
+                "{} did not create {sock:?} within 15s; log:\n{}",
+                self.name,
+                self.log_text()
+            );
+            false
+        });
     }
 
     /// Waits up to `grace` for the process to exit by itself, then stops it.
