@@ -15,7 +15,8 @@
 //!     └──────────────── reset ◄──── queue stopped ◄──┘
 //! ```
 //!
-//! Worker threads call [`DeviceBackend::handle_event`]; everything else is
+//! Worker threads call [`DeviceBackend::handle_event`] (by default it hands
+//! queue events to [`DeviceBackend::process_queue`]); everything else is
 //! called from the control thread of the home the device runs in.
 
 use std::os::fd::RawFd;
@@ -24,7 +25,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemoryHandle;
-use crate::vring::VringT;
+use crate::vring::{Vring, VringT};
 
 /// The error a device reports to the kit. Boxed so the device's own error
 /// type does not leak into the kit's generics.
@@ -130,7 +131,7 @@ impl std::fmt::Debug for ConfigNotifier {
 // (`cargo doc --open`, or docs.rs) rather than following go-to-definition
 // into the macro.
 macro_rules! backend_trait {
-    ($(#[$doc:meta])* $name:ident, $($self_:tt)+) => {
+    ($(#[$doc:meta])* $name:ident, [$($ref_:tt)+] $s:ident) => {
         $(#[$doc])*
         pub trait $name: Send + Sync + 'static {
             /// How workers hold this device's vrings ([`crate::VringOwned`]
@@ -157,10 +158,10 @@ macro_rules! backend_trait {
             }
 
             /// The driver accepted these features.
-            fn acked_features($($self_)+, _features: u64) {}
+            fn acked_features($($ref_)+ $s, _features: u64) {}
 
             /// Whether `VIRTIO_RING_F_EVENT_IDX` was negotiated.
-            fn set_event_idx($($self_)+, _enabled: bool) {}
+            fn set_event_idx($($ref_)+ $s, _enabled: bool) {}
 
             /// Size of the device config space in bytes.
             fn config_size(&self) -> usize {
@@ -174,12 +175,12 @@ macro_rules! backend_trait {
             }
 
             /// The driver wrote the config space.
-            fn write_config($($self_)+, _offset: u32, _data: &[u8]) -> Result<(), BackendError> {
+            fn write_config($($ref_)+ $s, _offset: u32, _data: &[u8]) -> Result<(), BackendError> {
                 Err("config space is read-only".into())
             }
 
             /// Guest memory changed (regions added, removed or replaced).
-            fn update_memory($($self_)+, _mem: &GuestMemoryHandle) -> Result<(), BackendError> {
+            fn update_memory($($ref_)+ $s, _mem: &GuestMemoryHandle) -> Result<(), BackendError> {
                 Ok(())
             }
 
@@ -202,7 +203,7 @@ macro_rules! backend_trait {
             /// once per worker when the device's core is created. Keep it to
             /// wake the worker from any thread, or to pause an fd the device
             /// cannot serve now instead of letting it spin.
-            fn set_waker($($self_)+, _worker: usize, _waker: crate::core::WorkerWaker) {}
+            fn set_waker($($ref_)+ $s, _worker: usize, _waker: crate::core::WorkerWaker) {}
 
             /// An eventfd that, when written by the device, stops worker
             /// `worker`.
@@ -210,26 +211,47 @@ macro_rules! backend_trait {
                 None
             }
 
+            /// Serve queue `index` (the driver kicked it, or it just
+            /// started): the one method a device that only serves queues
+            /// writes. The default [`handle_event`](Self::handle_event)
+            /// calls it with the vring locked. A device that never overrides
+            /// this nor `handle_event` fails every kick with an error.
+            fn process_queue(
+                $($ref_)+ $s,
+                _index: u16,
+                _vring: &mut Vring,
+            ) -> Result<(), BackendError> {
+                Err("the device implements neither process_queue nor handle_event".into())
+            }
+
             /// Handle an event on worker `worker`. An error is logged and the
             /// queue's err notifier signalled; the worker keeps running.
+            /// The default passes queue events to
+            /// [`process_queue`](Self::process_queue) and ignores the others;
+            /// a device with fds of its own or a waker overrides it.
             fn handle_event(
-                $($self_)+,
+                $($ref_)+ $s,
                 event: DeviceEvent,
                 queues: &QueueSet<Self::Vring>,
-                worker: usize,
-            ) -> Result<(), BackendError>;
+                _worker: usize,
+            ) -> Result<(), BackendError> {
+                match queues.for_event(event) {
+                    Some((index, vring)) => $s.process_queue(index, &mut vring.lock()),
+                    None => Ok(()),
+                }
+            }
 
             /// Queue `index` started running.
-            fn queue_started($($self_)+, _index: u16) {}
+            fn queue_started($($ref_)+ $s, _index: u16) {}
 
             /// Queue `index` stopped; no more events will arrive for it.
-            fn queue_stopped($($self_)+, _index: u16) {}
+            fn queue_stopped($($ref_)+ $s, _index: u16) {}
 
             /// The driver reset the device.
-            fn reset($($self_)+) {}
+            fn reset($($ref_)+ $s) {}
 
             /// Receive the handle used to announce config-space changes.
-            fn set_config_notifier($($self_)+, _notifier: ConfigNotifier) {}
+            fn set_config_notifier($($ref_)+ $s, _notifier: ConfigNotifier) {}
 
             /// Save the device's own state (not its queues) for a snapshot.
             fn save_state(&self) -> Result<Vec<u8>, BackendError> {
@@ -238,7 +260,7 @@ macro_rules! backend_trait {
 
             /// Restore state produced by `save_state`. The bytes are
             /// untrusted: validate them.
-            fn restore_state($($self_)+, data: &[u8]) -> Result<(), BackendError> {
+            fn restore_state($($ref_)+ $s, data: &[u8]) -> Result<(), BackendError> {
                 if data.is_empty() {
                     Ok(())
                 } else {
@@ -252,7 +274,7 @@ macro_rules! backend_trait {
 backend_trait!(
     /// A virtio device backend, shared between the control thread and the
     /// worker threads (`&self` methods, interior mutability).
-    DeviceBackend, &self
+    DeviceBackend, [&] self
 );
 
 backend_trait!(
@@ -268,7 +290,7 @@ backend_trait!(
     /// prototypes; a multi-queue device that wants its queues served in
     /// parallel implements [`DeviceBackend`] with interior mutability of
     /// its own (per-queue state, atomics), as the reference blk device does.
-    DeviceBackendMut, &mut self
+    DeviceBackendMut, [&mut] self
 );
 
 macro_rules! forward_backend {
@@ -356,6 +378,11 @@ macro_rules! forward_backend {
                 self.$write()
                     .unwrap_or_else(|e| e.into_inner())
                     .handle_event(event, queues, worker)
+            }
+            fn process_queue(&self, index: u16, vring: &mut Vring) -> Result<(), BackendError> {
+                self.$write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .process_queue(index, vring)
             }
             fn queue_started(&self, index: u16) {
                 self.$write()
@@ -445,6 +472,9 @@ impl<T: DeviceBackend> DeviceBackend for Arc<T> {
         worker: usize,
     ) -> Result<(), BackendError> {
         (**self).handle_event(event, queues, worker)
+    }
+    fn process_queue(&self, index: u16, vring: &mut Vring) -> Result<(), BackendError> {
+        (**self).process_queue(index, vring)
     }
     fn queue_started(&self, index: u16) {
         (**self).queue_started(index)

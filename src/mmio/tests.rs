@@ -9,10 +9,10 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::backend::{BackendError, DeviceBackend, DeviceEvent, QueueSet};
+use crate::backend::{BackendError, DeviceBackend};
 use crate::core::DeviceCore;
 use crate::memory::{DirtyLogBitmap, GuestMemoryHandle, GuestRegionLog};
-use crate::vring::{VringOwned, VringT};
+use crate::vring::{Vring, VringOwned};
 
 const MEM_SIZE: usize = 0x10_0000;
 const FEATURES: u64 = VIRTIO_F_VERSION_1 | (1 << 5);
@@ -70,16 +70,7 @@ impl DeviceBackend for Echo {
     fn queue_started(&self, _index: u16) {
         self.started.fetch_add(1, Ordering::SeqCst);
     }
-    fn handle_event(
-        &self,
-        event: DeviceEvent,
-        queues: &QueueSet<VringOwned>,
-        _worker: usize,
-    ) -> Result<(), BackendError> {
-        let Some((_, v)) = queues.for_event(event) else {
-            return Ok(());
-        };
-        let mut v = v.lock();
+    fn process_queue(&self, _index: u16, v: &mut Vring) -> Result<(), BackendError> {
         while let Some(chain) = v.pop_chain()? {
             v.add_used(chain.head_index(), 7)?;
             self.handled.fetch_add(1, Ordering::SeqCst);

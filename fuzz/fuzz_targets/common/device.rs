@@ -7,7 +7,7 @@
 use std::sync::Mutex;
 
 use virtio_backend_kit::vm_memory::Bytes;
-use virtio_backend_kit::{BackendError, DeviceBackend, DeviceEvent, QueueSet, VringOwned, VringT};
+use virtio_backend_kit::{BackendError, DeviceBackend, Vring, VringOwned};
 
 /// What the device says it is.
 #[derive(Clone, Copy, Debug)]
@@ -68,16 +68,7 @@ impl DeviceBackend for FuzzDevice {
         config[start..start + n].copy_from_slice(&data[..n]);
         Ok(())
     }
-    fn handle_event(
-        &self,
-        event: DeviceEvent,
-        queues: &QueueSet<VringOwned>,
-        _worker: usize,
-    ) -> Result<(), BackendError> {
-        let Some((_, vring)) = queues.for_event(event) else {
-            return Ok(());
-        };
-        let mut vring = vring.lock();
+    fn process_queue(&self, _index: u16, vring: &mut Vring) -> Result<(), BackendError> {
         let mem = vring.memory();
         let mut served = 0;
         while let Some(chain) = vring.pop_chain()? {

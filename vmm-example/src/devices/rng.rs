@@ -9,7 +9,7 @@
 
 use log::warn;
 use virtio_backend_kit::vm_memory::Bytes;
-use virtio_backend_kit::{BackendError, DeviceBackend, DeviceEvent, QueueSet, VringOwned, VringT};
+use virtio_backend_kit::{BackendError, DeviceBackend, Vring, VringOwned};
 
 /// Virtio device ID of an entropy source.
 pub const VIRTIO_ID_RNG: u32 = 4;
@@ -70,16 +70,7 @@ impl DeviceBackend for RngDevice {
         VIRTIO_F_VERSION_1
     }
 
-    fn handle_event(
-        &self,
-        event: DeviceEvent,
-        queues: &QueueSet<VringOwned>,
-        _worker: usize,
-    ) -> Result<(), BackendError> {
-        let Some((_, vring)) = queues.for_event(event) else {
-            return Ok(());
-        };
-        let mut vring = vring.lock();
+    fn process_queue(&self, _index: u16, vring: &mut Vring) -> Result<(), BackendError> {
         let mem = vring.memory();
         let mut buf = [0u8; MAX_FILL];
         while let Some(chain) = vring.pop_chain()? {

@@ -87,8 +87,7 @@ use virtio_backend_kit::vm_memory::{
     ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile,
 };
 use virtio_backend_kit::{
-    BackendError, Completion, DescIter, DeviceBackend, DeviceEvent, QueueSet, Vring, VringError,
-    VringOwned, VringT,
+    BackendError, Completion, DescIter, DeviceBackend, Vring, VringError, VringOwned,
 };
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
@@ -482,17 +481,8 @@ impl DeviceBackend for BlkDevice {
         (0..self.cfg.queues.min(64)).map(|q| 1u64 << q).collect()
     }
 
-    fn handle_event(
-        &self,
-        event: DeviceEvent,
-        queues: &QueueSet<Self::Vring>,
-        _worker: usize,
-    ) -> Result<(), BackendError> {
-        let Some((_, vring)) = queues.for_event(event) else {
-            return Ok(());
-        };
-        let mut vr = vring.lock();
-        self.process_vring(&mut vr)?;
+    fn process_queue(&self, _index: u16, vr: &mut Vring) -> Result<(), BackendError> {
+        self.process_vring(vr)?;
         Ok(())
     }
 
