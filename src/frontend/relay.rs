@@ -219,7 +219,7 @@ impl BackendRequests {
                 Err(_) => return Err("read error"),
             }
         }
-        while let Some(header) = Header::parse(&self.buf) {
+        while let Some(header) = self.buf.first_chunk::<HEADER_SIZE>().map(Header::parse) {
             let (request, flags, size) = (header.request, header.flags, header.size as usize);
             if size > MAX_BACKEND_REQ_PAYLOAD {
                 return Err("oversized message");

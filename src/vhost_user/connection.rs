@@ -80,17 +80,15 @@ pub(crate) struct Header {
 }
 
 impl Header {
-    /// The header at the start of `bytes`, if `bytes` holds one.
-    pub(crate) fn parse(bytes: &[u8]) -> Option<Header> {
-        let word = |i: usize| -> Option<u32> {
-            let w: [u8; 4] = bytes.get(i..i + 4)?.try_into().ok()?;
-            Some(u32::from_le_bytes(w))
-        };
-        Some(Header {
-            request: word(0)?,
-            flags: word(4)?,
-            size: word(8)?,
-        })
+    /// The header in `bytes`.
+    pub(crate) fn parse(bytes: &[u8; HEADER_SIZE]) -> Header {
+        let word =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        Header {
+            request: word(0),
+            flags: word(4),
+            size: word(8),
+        }
     }
 }
 
@@ -152,7 +150,7 @@ impl Connection {
             request,
             flags,
             size,
-        } = Header::parse(&hdr).ok_or(ConnectionError::Closed)?;
+        } = Header::parse(&hdr);
         if size as usize > MAX_MSG_SIZE {
             return Err(ConnectionError::OversizedPayload(size));
         }
