@@ -53,7 +53,6 @@ pub struct DeviceCore<B: DeviceBackend> {
 impl<B: DeviceBackend> std::fmt::Debug for DeviceCore<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceCore")
-            .field("device_type", &self.backend.device_type())
             .field(
                 "acked_features",
                 &format_args!("{:#x}", self.acked_features),
