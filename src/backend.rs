@@ -24,8 +24,13 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::features::VIRTIO_F_VERSION_1;
 use crate::memory::GuestMemoryHandle;
 use crate::vring::{Vring, VringT};
+
+/// The queue size [`DeviceBackend::max_queue_size`] offers unless a device
+/// says otherwise.
+pub const DEFAULT_MAX_QUEUE_SIZE: u16 = 256;
 
 /// The error a device reports to the kit. Boxed so the device's own error
 /// type does not leak into the kit's generics.
@@ -138,18 +143,29 @@ macro_rules! backend_trait {
             /// for the lock-free hot path).
             type Vring: VringT;
 
-            /// The virtio device ID (2 for block, 4 for entropy, ...).
+            /// The virtio device ID (2 for block, 4 for entropy, ...): the
+            /// one identity method without a default.
             fn device_type(&self) -> u32;
 
-            /// Number of virtqueues.
-            fn num_queues(&self) -> usize;
+            /// Number of virtqueues. Default: one.
+            fn num_queues(&self) -> usize {
+                1
+            }
 
-            /// Largest queue size the device accepts (a power of two).
-            fn max_queue_size(&self) -> u16;
+            /// Largest queue size the device accepts (a power of two, at
+            /// most 32768). Default: [`DEFAULT_MAX_QUEUE_SIZE`].
+            fn max_queue_size(&self) -> u16 {
+                DEFAULT_MAX_QUEUE_SIZE
+            }
 
             /// Virtio feature bits the device offers, including transport
             /// bits such as `VIRTIO_F_VERSION_1` and `VIRTIO_RING_F_EVENT_IDX`.
-            fn features(&self) -> u64;
+            /// Default: [`VIRTIO_F_VERSION_1`] alone, what every virtio 1.x
+            /// device offers; a device with feature bits of its own, or one
+            /// that wants EVENT_IDX, returns its set.
+            fn features(&self) -> u64 {
+                VIRTIO_F_VERSION_1
+            }
 
             /// Raw vhost-user protocol feature bits the device needs beyond
             /// the set the kit always offers. Ignored in-process.
@@ -293,81 +309,58 @@ backend_trait!(
     DeviceBackendMut, [&mut] self
 );
 
+// Every wrapper below forwards each method to the device it holds, through
+// one accessor for the identity and config reads (`$read`) and one for the
+// calls that may change the device (`$write`).
 macro_rules! forward_backend {
-    ($wrapper:ident, $read:ident, $write:ident) => {
-        impl<T: DeviceBackendMut> DeviceBackend for $wrapper<T> {
+    ($wrapper:ident<T: $bound:ident>, $read:path, $write:path) => {
+        impl<T: $bound> DeviceBackend for $wrapper<T> {
             type Vring = T::Vring;
 
             fn device_type(&self) -> u32 {
-                self.$read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .device_type()
+                $read(self).device_type()
             }
             fn num_queues(&self) -> usize {
-                self.$read().unwrap_or_else(|e| e.into_inner()).num_queues()
+                $read(self).num_queues()
             }
             fn max_queue_size(&self) -> u16 {
-                self.$read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .max_queue_size()
+                $read(self).max_queue_size()
             }
             fn features(&self) -> u64 {
-                self.$read().unwrap_or_else(|e| e.into_inner()).features()
+                $read(self).features()
             }
             fn protocol_features(&self) -> u64 {
-                self.$read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .protocol_features()
+                $read(self).protocol_features()
             }
             fn acked_features(&self, features: u64) {
-                self.$write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .acked_features(features)
+                $write(self).acked_features(features)
             }
             fn set_event_idx(&self, enabled: bool) {
-                self.$write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .set_event_idx(enabled)
+                $write(self).set_event_idx(enabled)
             }
             fn config_size(&self) -> usize {
-                self.$read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .config_size()
+                $read(self).config_size()
             }
             fn read_config(&self, offset: u32, data: &mut [u8]) {
-                self.$read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read_config(offset, data)
+                $read(self).read_config(offset, data)
             }
             fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), BackendError> {
-                self.$write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write_config(offset, data)
+                $write(self).write_config(offset, data)
             }
             fn update_memory(&self, mem: &GuestMemoryHandle) -> Result<(), BackendError> {
-                self.$write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .update_memory(mem)
+                $write(self).update_memory(mem)
             }
             fn queue_groups(&self) -> Vec<u64> {
-                self.$read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .queue_groups()
+                $read(self).queue_groups()
             }
             fn worker_fds(&self, worker: usize) -> Vec<(RawFd, u64)> {
-                self.$read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .worker_fds(worker)
+                $read(self).worker_fds(worker)
             }
             fn exit_event(&self, worker: usize) -> Option<EventFd> {
-                self.$read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .exit_event(worker)
+                $read(self).exit_event(worker)
             }
             fn set_waker(&self, worker: usize, waker: crate::core::WorkerWaker) {
-                self.$write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .set_waker(worker, waker)
+                $write(self).set_waker(worker, waker)
             }
             fn handle_event(
                 &self,
@@ -375,123 +368,48 @@ macro_rules! forward_backend {
                 queues: &QueueSet<Self::Vring>,
                 worker: usize,
             ) -> Result<(), BackendError> {
-                self.$write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .handle_event(event, queues, worker)
+                $write(self).handle_event(event, queues, worker)
             }
             fn process_queue(&self, index: u16, vring: &mut Vring) -> Result<(), BackendError> {
-                self.$write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .process_queue(index, vring)
+                $write(self).process_queue(index, vring)
             }
             fn queue_started(&self, index: u16) {
-                self.$write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .queue_started(index)
+                $write(self).queue_started(index)
             }
             fn queue_stopped(&self, index: u16) {
-                self.$write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .queue_stopped(index)
+                $write(self).queue_stopped(index)
             }
             fn reset(&self) {
-                self.$write().unwrap_or_else(|e| e.into_inner()).reset()
+                $write(self).reset()
             }
             fn set_config_notifier(&self, notifier: ConfigNotifier) {
-                self.$write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .set_config_notifier(notifier)
+                $write(self).set_config_notifier(notifier)
             }
             fn save_state(&self) -> Result<Vec<u8>, BackendError> {
-                self.$read().unwrap_or_else(|e| e.into_inner()).save_state()
+                $read(self).save_state()
             }
             fn restore_state(&self, data: &[u8]) -> Result<(), BackendError> {
-                self.$write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .restore_state(data)
+                $write(self).restore_state(data)
             }
         }
     };
 }
 
-forward_backend!(Mutex, lock, lock);
-forward_backend!(RwLock, read, write);
-
-impl<T: DeviceBackend> DeviceBackend for Arc<T> {
-    type Vring = T::Vring;
-
-    fn device_type(&self) -> u32 {
-        (**self).device_type()
-    }
-    fn num_queues(&self) -> usize {
-        (**self).num_queues()
-    }
-    fn max_queue_size(&self) -> u16 {
-        (**self).max_queue_size()
-    }
-    fn features(&self) -> u64 {
-        (**self).features()
-    }
-    fn protocol_features(&self) -> u64 {
-        (**self).protocol_features()
-    }
-    fn acked_features(&self, features: u64) {
-        (**self).acked_features(features)
-    }
-    fn set_event_idx(&self, enabled: bool) {
-        (**self).set_event_idx(enabled)
-    }
-    fn config_size(&self) -> usize {
-        (**self).config_size()
-    }
-    fn read_config(&self, offset: u32, data: &mut [u8]) {
-        (**self).read_config(offset, data)
-    }
-    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), BackendError> {
-        (**self).write_config(offset, data)
-    }
-    fn update_memory(&self, mem: &GuestMemoryHandle) -> Result<(), BackendError> {
-        (**self).update_memory(mem)
-    }
-    fn queue_groups(&self) -> Vec<u64> {
-        (**self).queue_groups()
-    }
-    fn worker_fds(&self, worker: usize) -> Vec<(RawFd, u64)> {
-        (**self).worker_fds(worker)
-    }
-    fn exit_event(&self, worker: usize) -> Option<EventFd> {
-        (**self).exit_event(worker)
-    }
-    fn set_waker(&self, worker: usize, waker: crate::core::WorkerWaker) {
-        (**self).set_waker(worker, waker)
-    }
-    fn handle_event(
-        &self,
-        event: DeviceEvent,
-        queues: &QueueSet<Self::Vring>,
-        worker: usize,
-    ) -> Result<(), BackendError> {
-        (**self).handle_event(event, queues, worker)
-    }
-    fn process_queue(&self, index: u16, vring: &mut Vring) -> Result<(), BackendError> {
-        (**self).process_queue(index, vring)
-    }
-    fn queue_started(&self, index: u16) {
-        (**self).queue_started(index)
-    }
-    fn queue_stopped(&self, index: u16) {
-        (**self).queue_stopped(index)
-    }
-    fn reset(&self) {
-        (**self).reset()
-    }
-    fn set_config_notifier(&self, notifier: ConfigNotifier) {
-        (**self).set_config_notifier(notifier)
-    }
-    fn save_state(&self) -> Result<Vec<u8>, BackendError> {
-        (**self).save_state()
-    }
-    fn restore_state(&self, data: &[u8]) -> Result<(), BackendError> {
-        (**self).restore_state(data)
-    }
+// A lock poisoned by a panic elsewhere still holds the device: the
+// wrappers keep calling it rather than panic on every later call.
+fn lock_mutex<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
+fn read_rwlock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+fn write_rwlock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+fn shared<T>(a: &Arc<T>) -> &T {
+    a
+}
+
+forward_backend!(Mutex<T: DeviceBackendMut>, lock_mutex, lock_mutex);
+forward_backend!(RwLock<T: DeviceBackendMut>, read_rwlock, write_rwlock);
+forward_backend!(Arc<T: DeviceBackend>, shared, shared);

@@ -22,6 +22,7 @@ pub mod vhost_user;
 
 pub use backend::{
     BackendError, ConfigNotifier, DeviceBackend, DeviceBackendMut, DeviceEvent, QueueSet,
+    DEFAULT_MAX_QUEUE_SIZE,
 };
 pub use data_plane::{inflight, memory, vring};
 pub use memory::{DirtyLog, DirtyLogBitmap, GuestMemoryHandle, GuestMemoryLog, GuestRegionLog};

@@ -71,15 +71,6 @@ impl DeviceBackend for Holder {
     fn device_type(&self) -> u32 {
         0x7d
     }
-    fn num_queues(&self) -> usize {
-        1
-    }
-    fn max_queue_size(&self) -> u16 {
-        16
-    }
-    fn features(&self) -> u64 {
-        1 << 32
-    }
     fn worker_fds(&self, _worker: usize) -> Vec<(std::os::fd::RawFd, u64)> {
         vec![(self.input.as_raw_fd(), INPUT)]
     }

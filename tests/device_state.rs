@@ -21,7 +21,7 @@ use virtio_backend_kit::vhost::vhost_user::message::{
 use virtio_backend_kit::vhost::vhost_user::VhostUserFrontend;
 use virtio_backend_kit::vhost::VhostBackend;
 use virtio_backend_kit::vhost_user::ServeMode;
-use virtio_backend_kit::{BackendError, DeviceBackend, DeviceEvent, QueueSet, VringOwned};
+use virtio_backend_kit::{BackendError, DeviceBackend, Vring, VringOwned};
 
 /// A device whose whole state is a counter.
 #[derive(Default)]
@@ -34,21 +34,7 @@ impl DeviceBackend for Counter {
     fn device_type(&self) -> u32 {
         4
     }
-    fn num_queues(&self) -> usize {
-        1
-    }
-    fn max_queue_size(&self) -> u16 {
-        64
-    }
-    fn features(&self) -> u64 {
-        1 << 32
-    }
-    fn handle_event(
-        &self,
-        _: DeviceEvent,
-        _: &QueueSet<VringOwned>,
-        _: usize,
-    ) -> Result<(), BackendError> {
+    fn process_queue(&self, _: u16, _: &mut Vring) -> Result<(), BackendError> {
         Ok(())
     }
     fn save_state(&self) -> Result<Vec<u8>, BackendError> {

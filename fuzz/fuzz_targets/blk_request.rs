@@ -29,7 +29,7 @@ mod common;
 mod layout;
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use common::*;
@@ -68,12 +68,7 @@ struct ImageFlags {
 thread_local! {
     /// The image: one memfd for the process, emptied for every input.
     static IMAGE: File = {
-        // SAFETY: a NUL-terminated name and valid flags; the fd is checked
-        // and then owned by the File.
-        let fd = unsafe { libc::memfd_create(c"vbk-fuzz-blk".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create");
-        // SAFETY: a fresh fd nothing else owns.
-        unsafe { File::from_raw_fd(fd) }
+        memfd(c"vbk-fuzz-blk", 0)
     };
 }
 

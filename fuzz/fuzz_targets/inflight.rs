@@ -26,7 +26,6 @@
 mod common;
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -70,12 +69,7 @@ struct Input {
 
 thread_local! {
     static FILE: File = {
-        // SAFETY: a NUL-terminated name and valid flags; the fd is checked
-        // and then owned by the File.
-        let fd = unsafe { libc::memfd_create(c"vbk-fuzz-inflight".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create");
-        // SAFETY: a fresh fd nothing else owns.
-        unsafe { File::from_raw_fd(fd) }
+        memfd(c"vbk-fuzz-inflight", 0)
     };
 }
 

@@ -129,16 +129,6 @@ fn transport(mem: &GuestMemoryLog) -> MmioTransport {
     MmioTransport::new(Box::new(core), mem.clone()).expect("a transport")
 }
 
-fn rd(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(off, &mut b);
-    u32::from_le_bytes(b)
-}
-
-fn wr(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-
 /// Snapshot `t` and restore it elsewhere; `None` if the device is not
 /// running or the restore is refused (then `t` is reset and kept).
 fn migrate(t: &mut MmioTransport, mem: &GuestMemoryLog) -> Option<MmioTransport> {
@@ -148,7 +138,7 @@ fn migrate(t: &mut MmioTransport, mem: &GuestMemoryLog) -> Option<MmioTransport>
     match MmioTransport::restore(Box::new(core), mem.clone(), snap) {
         Ok(restored) => Some(restored),
         Err(_) => {
-            wr(t, STATUS, 0);
+            t.write_u32(STATUS, 0);
             None
         }
     }
@@ -194,13 +184,13 @@ fuzz_target!(|ops: Vec<Op>| {
                 let data = &value.to_le_bytes()[..1 << (width % 4)];
                 t.write(off, data);
                 if off == STATUS && data == [0, 0, 0, 0] {
-                    assert_eq!(rd(&mut t, STATUS), 0, "Status after reset");
+                    assert_eq!(t.read_u32(STATUS), 0, "Status after reset");
                     assert_eq!(
-                        rd(&mut t, INTERRUPT_STATUS),
+                        t.read_u32(INTERRUPT_STATUS),
                         0,
                         "InterruptStatus after reset"
                     );
-                    assert_eq!(rd(&mut t, QUEUE_READY), 0, "QueueReady after reset");
+                    assert_eq!(t.read_u32(QUEUE_READY), 0, "QueueReady after reset");
                     assert!(!t.is_activated(), "active after reset");
                 }
             }
@@ -210,14 +200,13 @@ fuzz_target!(|ops: Vec<Op>| {
                 } else {
                     *features
                 };
-                wr(&mut t, STATUS, STATUS_ACKNOWLEDGE);
-                wr(&mut t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+                t.write_u32(STATUS, STATUS_ACKNOWLEDGE);
+                t.write_u32(STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
                 for (sel, half) in [(0, f as u32), (1, (f >> 32) as u32)] {
-                    wr(&mut t, DRIVER_FEATURES_SEL, sel);
-                    wr(&mut t, DRIVER_FEATURES, half);
+                    t.write_u32(DRIVER_FEATURES_SEL, sel);
+                    t.write_u32(DRIVER_FEATURES, half);
                 }
-                wr(
-                    &mut t,
+                t.write_u32(
                     STATUS,
                     STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
                 );
@@ -229,41 +218,41 @@ fuzz_target!(|ops: Vec<Op>| {
                 avail,
                 used,
             } => {
-                wr(&mut t, QUEUE_SEL, u32::from(*queue % 3));
-                let was_ready = rd(&mut t, QUEUE_READY) == 1;
-                wr(&mut t, QUEUE_NUM, u32::from(*size));
+                t.write_u32(QUEUE_SEL, u32::from(*queue % 3));
+                let was_ready = t.read_u32(QUEUE_READY) == 1;
+                t.write_u32(QUEUE_NUM, u32::from(*size));
                 let rings = [desc.get(), avail.get(), used.get()];
                 let regs = [QUEUE_DESC_LOW, QUEUE_DRIVER_LOW, QUEUE_DEVICE_LOW];
                 for (reg, addr) in regs.into_iter().zip(rings) {
-                    wr(&mut t, reg, addr as u32);
-                    wr(&mut t, reg + 4, (addr >> 32) as u32);
+                    t.write_u32(reg, addr as u32);
+                    t.write_u32(reg + 4, (addr >> 32) as u32);
                 }
-                wr(&mut t, QUEUE_READY, 1);
+                t.write_u32(QUEUE_READY, 1);
                 let in_memory = rings.iter().all(|a| *a < MEM_SIZE);
-                if !was_ready && rd(&mut t, QUEUE_READY) == 1 && !in_memory {
+                if !was_ready && t.read_u32(QUEUE_READY) == 1 && !in_memory {
                     panic!("queue made ready with rings outside memory: {rings:x?}");
                 }
             }
             Op::DriverOk => {
-                let status = rd(&mut t, STATUS);
-                wr(&mut t, STATUS, status | STATUS_DRIVER_OK);
+                let status = t.read_u32(STATUS);
+                t.write_u32(STATUS, status | STATUS_DRIVER_OK);
             }
-            Op::Kick(q) => wr(&mut t, QUEUE_NOTIFY, u32::from(*q % 3)),
-            Op::Reset => wr(&mut t, STATUS, 0),
+            Op::Kick(q) => t.write_u32(QUEUE_NOTIFY, u32::from(*q % 3)),
+            Op::Reset => t.write_u32(STATUS, 0),
             Op::Migrate if migrations < 2 => {
                 migrations += 1;
                 if let Some(restored) = migrate(&mut t, &mem) {
                     t = restored;
                     assert!(t.is_activated(), "restored transport not active");
                     // (A worker may already have given up on a queue: NEEDS_RESET.)
-                    let status = rd(&mut t, STATUS) & !STATUS_DEVICE_NEEDS_RESET;
+                    let status = t.read_u32(STATUS) & !STATUS_DEVICE_NEEDS_RESET;
                     assert_eq!(status, ALL_OK, "restored Status");
                 }
             }
             Op::Migrate => {}
         }
         // DEVICE_NEEDS_RESET is set by worker threads at any time.
-        let status = rd(&mut t, STATUS) & !STATUS_DEVICE_NEEDS_RESET;
+        let status = t.read_u32(STATUS) & !STATUS_DEVICE_NEEDS_RESET;
         let direct = t.status() & !STATUS_DEVICE_NEEDS_RESET;
         assert_eq!(status, direct, "Status register and status()");
         if t.is_activated() {

@@ -28,7 +28,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
-use common::{FuzzDevice, Shape};
+use common::{memfd, FuzzDevice, Shape};
 use libfuzzer_sys::fuzz_target;
 use virtio_backend_kit::vhost_user::VhostUserDaemon;
 
@@ -55,17 +55,6 @@ struct FdPool {
     /// A pipe whose write end the daemon may get; we drain the read end.
     save: (File, File),
     socket: (UnixStream, UnixStream),
-}
-
-fn memfd(name: &std::ffi::CStr, size: u64) -> File {
-    // SAFETY: a valid NUL-terminated name; the returned fd is checked and
-    // owned by the `File`.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create");
-    // SAFETY: `fd` is a fresh fd nobody else owns.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    file.set_len(size).expect("sizing a memfd");
-    file
 }
 
 fn eventfd() -> File {

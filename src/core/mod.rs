@@ -324,23 +324,13 @@ impl<B: DeviceBackend> DeviceCore<B> {
         self.try_start(q)
     }
 
-    /// Attach (or detach) the call eventfd of queue `index`. Takes effect
+    /// Attach (or detach) the call notifier of queue `index` (an eventfd,
+    /// or an irqfd with an interrupt status bit). Takes effect
     /// immediately, even while the queue runs.
-    pub(crate) fn set_call(&mut self, index: u32, call: Option<EventFd>) -> Result<()> {
-        self.set_call_notifier(index, call.map(Notifier::new))
-    }
-
-    /// Attach (or detach) the call notifier of queue `index` (e.g. an irqfd
-    /// with an interrupt status bit).
     pub(crate) fn set_call_notifier(&mut self, index: u32, call: Option<Notifier>) -> Result<()> {
         let slot = self.slot(index)?;
         slot.call.store(call.map(Arc::new));
         Ok(())
-    }
-
-    /// Attach (or detach) the err eventfd of queue `index`.
-    pub(crate) fn set_err(&mut self, index: u32, err: Option<EventFd>) -> Result<()> {
-        self.set_err_notifier(index, err.map(Notifier::new))
     }
 
     /// Attach (or detach) the err notifier of queue `index` (e.g. one that

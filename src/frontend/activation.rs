@@ -173,17 +173,27 @@ impl VhostUserFrontendDevice {
         Ok(self.backend_snapshot()?.device_state)
     }
 
+    /// `SET_DEVICE_STATE_FD` for a transfer in `direction` of the stopped
+    /// backend over `theirs`; the backend may answer with an fd of its own.
+    fn set_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        theirs: std::fs::File,
+    ) -> Result<Option<std::fs::File>, FrontendError> {
+        self.request("SET_DEVICE_STATE_FD", |fe| {
+            fe.set_device_state_fd(
+                direction,
+                VhostTransferStatePhase::STOPPED,
+                OwnedFd::from(theirs),
+            )
+        })
+    }
+
     /// The stopped backend's snapshot, through DEVICE_STATE.
     pub(super) fn backend_snapshot(&self) -> Result<DeviceSnapshot, FrontendError> {
         use super::state_fd::{pipe, read_all};
         let (ours, theirs) = pipe()?;
-        let own = self.request("SET_DEVICE_STATE_FD", |fe| {
-            fe.set_device_state_fd(
-                VhostTransferStateDirection::SAVE,
-                VhostTransferStatePhase::STOPPED,
-                OwnedFd::from(theirs),
-            )
-        })?;
+        let own = self.set_state_fd(VhostTransferStateDirection::SAVE, theirs)?;
         // A backend may hand back an fd of its own to read from instead.
         let bytes = read_all(own.unwrap_or(ours), self.state_timeout())?;
         self.request("CHECK_DEVICE_STATE", |fe| fe.check_device_state())?;
@@ -196,13 +206,7 @@ impl VhostUserFrontendDevice {
         use super::state_fd::{pipe, write_all};
         let bytes = crate::snapshot::encode(snap).map_err(FrontendError::StateFormat)?;
         let (theirs, ours) = pipe()?;
-        let own = self.request("SET_DEVICE_STATE_FD", |fe| {
-            fe.set_device_state_fd(
-                VhostTransferStateDirection::LOAD,
-                VhostTransferStatePhase::STOPPED,
-                OwnedFd::from(theirs),
-            )
-        })?;
+        let own = self.set_state_fd(VhostTransferStateDirection::LOAD, theirs)?;
         write_all(own.unwrap_or(ours), &bytes, self.state_timeout())?;
         self.request("CHECK_DEVICE_STATE", |fe| fe.check_device_state())?;
         Ok(())

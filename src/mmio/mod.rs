@@ -171,6 +171,19 @@ impl MmioTransport {
         &*self.device
     }
 
+    /// A 32-bit register read at `offset`, as a driver makes it: for
+    /// tests, fuzzers and VMMs that decode accesses themselves.
+    pub fn read_u32(&mut self, offset: u64) -> u32 {
+        let mut bytes = [0u8; 4];
+        self.read(offset, &mut bytes);
+        u32::from_le_bytes(bytes)
+    }
+
+    /// A 32-bit register write of `value` at `offset`.
+    pub fn write_u32(&mut self, offset: u64, value: u32) {
+        self.write(offset, &value.to_le_bytes());
+    }
+
     /// Handle a guest read of `data.len()` bytes at `offset` in the window.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_OFFSET {

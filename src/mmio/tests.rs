@@ -99,40 +99,35 @@ fn transport() -> (MmioTransport, Arc<Echo>, GuestMemoryLog) {
     )
 }
 
-fn rd(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(off, &mut b);
-    u32::from_le_bytes(b)
-}
-
-fn wr(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-
 fn negotiate(t: &mut MmioTransport, features: u64) -> u32 {
-    wr(t, STATUS, STATUS_ACKNOWLEDGE);
-    wr(t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-    wr(t, DRIVER_FEATURES_SEL, 0);
-    wr(t, DRIVER_FEATURES, features as u32);
-    wr(t, DRIVER_FEATURES_SEL, 1);
-    wr(t, DRIVER_FEATURES, (features >> 32) as u32);
-    wr(
-        t,
+    t.write_u32(STATUS, STATUS_ACKNOWLEDGE);
+    t.write_u32(STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    t.write_u32(DRIVER_FEATURES_SEL, 0);
+    t.write_u32(DRIVER_FEATURES, features as u32);
+    t.write_u32(DRIVER_FEATURES_SEL, 1);
+    t.write_u32(DRIVER_FEATURES, (features >> 32) as u32);
+    t.write_u32(
         STATUS,
         STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
     );
-    rd(t, STATUS)
+    t.read_u32(STATUS)
 }
 
 /// Queue 0 with size 16: desc at 0x1000, avail at 0x2000, used at 0x3000.
 fn setup_queue(t: &mut MmioTransport) {
-    wr(t, QUEUE_SEL, 0);
-    wr(t, QUEUE_NUM, 16);
-    wr(t, QUEUE_DESC_LOW, 0x1000);
-    wr(t, QUEUE_DESC_HIGH, 0);
-    wr(t, QUEUE_DRIVER_LOW, 0x2000);
-    wr(t, QUEUE_DEVICE_LOW, 0x3000);
-    wr(t, QUEUE_READY, 1);
+    t.write_u32(QUEUE_SEL, 0);
+    t.write_u32(QUEUE_NUM, 16);
+    t.write_u32(QUEUE_DESC_LOW, 0x1000);
+    t.write_u32(QUEUE_DESC_HIGH, 0);
+    t.write_u32(QUEUE_DRIVER_LOW, 0x2000);
+    t.write_u32(QUEUE_DEVICE_LOW, 0x3000);
+    t.write_u32(QUEUE_READY, 1);
+}
+
+/// Set QueueReady on the selected queue; what QueueReady then reads.
+fn ready(t: &mut MmioTransport) -> u32 {
+    t.write_u32(QUEUE_READY, 1);
+    t.read_u32(QUEUE_READY)
 }
 
 const ALL_OK: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
@@ -140,22 +135,22 @@ const ALL_OK: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | ST
 #[test]
 fn identity_registers() {
     let (mut t, _, _) = transport();
-    assert_eq!(rd(&mut t, MAGIC_VALUE), MMIO_MAGIC);
-    assert_eq!(rd(&mut t, VERSION), 2);
-    assert_eq!(rd(&mut t, DEVICE_ID), 42);
-    assert_eq!(rd(&mut t, VENDOR_ID), MMIO_VENDOR_ID);
-    assert_eq!(rd(&mut t, SHM_LEN_LOW), u32::MAX);
+    assert_eq!(t.read_u32(MAGIC_VALUE), MMIO_MAGIC);
+    assert_eq!(t.read_u32(VERSION), 2);
+    assert_eq!(t.read_u32(DEVICE_ID), 42);
+    assert_eq!(t.read_u32(VENDOR_ID), MMIO_VENDOR_ID);
+    assert_eq!(t.read_u32(SHM_LEN_LOW), u32::MAX);
 }
 
 #[test]
 fn device_features_by_select() {
     let (mut t, _, _) = transport();
-    wr(&mut t, DEVICE_FEATURES_SEL, 0);
-    assert_eq!(rd(&mut t, DEVICE_FEATURES), FEATURES as u32);
-    wr(&mut t, DEVICE_FEATURES_SEL, 1);
-    assert_eq!(rd(&mut t, DEVICE_FEATURES), (FEATURES >> 32) as u32);
-    wr(&mut t, DEVICE_FEATURES_SEL, 7);
-    assert_eq!(rd(&mut t, DEVICE_FEATURES), 0);
+    t.write_u32(DEVICE_FEATURES_SEL, 0);
+    assert_eq!(t.read_u32(DEVICE_FEATURES), FEATURES as u32);
+    t.write_u32(DEVICE_FEATURES_SEL, 1);
+    assert_eq!(t.read_u32(DEVICE_FEATURES), (FEATURES >> 32) as u32);
+    t.write_u32(DEVICE_FEATURES_SEL, 7);
+    assert_eq!(t.read_u32(DEVICE_FEATURES), 0);
 }
 
 #[test]
@@ -163,10 +158,10 @@ fn features_ok_refused_for_unoffered_features_or_missing_version_1() {
     let (mut t, _, _) = transport();
     let st = negotiate(&mut t, FEATURES | (1 << 9));
     assert_eq!(st & STATUS_FEATURES_OK, 0, "unoffered feature accepted");
-    wr(&mut t, STATUS, 0);
+    t.write_u32(STATUS, 0);
     let st = negotiate(&mut t, 1 << 5);
     assert_eq!(st & STATUS_FEATURES_OK, 0, "accepted without VERSION_1");
-    wr(&mut t, STATUS, 0);
+    t.write_u32(STATUS, 0);
     assert_ne!(negotiate(&mut t, FEATURES) & STATUS_FEATURES_OK, 0);
 }
 
@@ -174,100 +169,80 @@ fn features_ok_refused_for_unoffered_features_or_missing_version_1() {
 fn driver_features_only_between_driver_and_features_ok() {
     let (mut t, _, _) = transport();
     // Before DRIVER: ignored.
-    wr(&mut t, DRIVER_FEATURES, 0xffff_ffff);
-    wr(&mut t, STATUS, STATUS_ACKNOWLEDGE);
-    wr(&mut t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-    wr(&mut t, DRIVER_FEATURES_SEL, 1);
-    wr(&mut t, DRIVER_FEATURES, 1);
-    wr(
-        &mut t,
+    t.write_u32(DRIVER_FEATURES, 0xffff_ffff);
+    t.write_u32(STATUS, STATUS_ACKNOWLEDGE);
+    t.write_u32(STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    t.write_u32(DRIVER_FEATURES_SEL, 1);
+    t.write_u32(DRIVER_FEATURES, 1);
+    t.write_u32(
         STATUS,
         STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
     );
     // Only VERSION_1 was written (the earlier 0xffffffff was refused).
-    assert_ne!(rd(&mut t, STATUS) & STATUS_FEATURES_OK, 0);
+    assert_ne!(t.read_u32(STATUS) & STATUS_FEATURES_OK, 0);
     // After FEATURES_OK: ignored, and the accepted set stays valid.
-    wr(&mut t, DRIVER_FEATURES_SEL, 0);
-    wr(&mut t, DRIVER_FEATURES, 0xffff_ffff);
+    t.write_u32(DRIVER_FEATURES_SEL, 0);
+    t.write_u32(DRIVER_FEATURES, 0xffff_ffff);
     setup_queue(&mut t);
-    wr(&mut t, STATUS, ALL_OK);
-    assert_eq!(rd(&mut t, STATUS), ALL_OK);
+    t.write_u32(STATUS, ALL_OK);
+    assert_eq!(t.read_u32(STATUS), ALL_OK);
 }
 
 #[test]
 fn status_steps_cannot_be_skipped_or_cleared() {
     let (mut t, _, _) = transport();
-    wr(&mut t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER_OK);
-    assert_eq!(rd(&mut t, STATUS), 0);
-    wr(&mut t, STATUS, STATUS_DRIVER);
-    assert_eq!(rd(&mut t, STATUS), 0);
-    wr(&mut t, STATUS, STATUS_ACKNOWLEDGE);
-    wr(&mut t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-    wr(&mut t, STATUS, STATUS_ACKNOWLEDGE);
-    assert_eq!(rd(&mut t, STATUS), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-    wr(
-        &mut t,
-        STATUS,
-        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FAILED,
-    );
-    assert_ne!(rd(&mut t, STATUS) & STATUS_FAILED, 0);
-    wr(&mut t, STATUS, 0);
-    assert_eq!(rd(&mut t, STATUS), 0);
+    t.write_u32(STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER_OK);
+    assert_eq!(t.read_u32(STATUS), 0);
+    t.write_u32(STATUS, STATUS_DRIVER);
+    assert_eq!(t.read_u32(STATUS), 0);
+    t.write_u32(STATUS, STATUS_ACKNOWLEDGE);
+    t.write_u32(STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    t.write_u32(STATUS, STATUS_ACKNOWLEDGE);
+    assert_eq!(t.read_u32(STATUS), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    t.write_u32(STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FAILED);
+    assert_ne!(t.read_u32(STATUS) & STATUS_FAILED, 0);
+    t.write_u32(STATUS, 0);
+    assert_eq!(t.read_u32(STATUS), 0);
 }
 
 #[test]
 fn queue_size_must_be_a_power_of_two_within_max() {
     let (mut t, _, _) = transport();
-    wr(&mut t, QUEUE_SEL, 0);
-    assert_eq!(rd(&mut t, QUEUE_NUM_MAX), 64);
+    t.write_u32(QUEUE_SEL, 0);
+    assert_eq!(t.read_u32(QUEUE_NUM_MAX), 64);
     for bad in [0, 3, 48, 128, 0x1_0000] {
-        wr(&mut t, QUEUE_NUM, bad);
-        wr(&mut t, QUEUE_DESC_LOW, 0x1000);
-        wr(&mut t, QUEUE_DRIVER_LOW, 0x2000);
-        wr(&mut t, QUEUE_DEVICE_LOW, 0x3000);
-        wr(&mut t, QUEUE_READY, 1);
-        assert_eq!(rd(&mut t, QUEUE_READY), 0, "size {bad} accepted");
+        t.write_u32(QUEUE_NUM, bad);
+        t.write_u32(QUEUE_DESC_LOW, 0x1000);
+        t.write_u32(QUEUE_DRIVER_LOW, 0x2000);
+        t.write_u32(QUEUE_DEVICE_LOW, 0x3000);
+        assert_eq!(ready(&mut t), 0, "size {bad} accepted");
     }
-    wr(&mut t, QUEUE_SEL, 9);
-    assert_eq!(rd(&mut t, QUEUE_NUM_MAX), 0, "missing queue has a size");
-    wr(&mut t, QUEUE_READY, 1);
-    assert_eq!(rd(&mut t, QUEUE_READY), 0);
+    t.write_u32(QUEUE_SEL, 9);
+    assert_eq!(t.read_u32(QUEUE_NUM_MAX), 0, "missing queue has a size");
+    assert_eq!(ready(&mut t), 0);
 }
 
 #[test]
 fn queue_ready_refused_before_addresses_or_outside_memory() {
     let (mut t, _, _) = transport();
-    wr(&mut t, QUEUE_SEL, 0);
-    wr(&mut t, QUEUE_NUM, 16);
-    wr(&mut t, QUEUE_READY, 1);
-    assert_eq!(rd(&mut t, QUEUE_READY), 0, "ready without addresses");
-    wr(&mut t, QUEUE_DESC_LOW, 0x1000);
-    wr(&mut t, QUEUE_DRIVER_LOW, 0x2000);
-    wr(&mut t, QUEUE_DEVICE_LOW, 0x3000);
-    wr(&mut t, QUEUE_DEVICE_HIGH, 0x10);
-    wr(&mut t, QUEUE_READY, 1);
-    assert_eq!(
-        rd(&mut t, QUEUE_READY),
-        0,
-        "ready with rings outside memory"
-    );
-    wr(&mut t, QUEUE_DEVICE_HIGH, 0);
-    wr(&mut t, QUEUE_DEVICE_LOW, 0x3002);
-    wr(&mut t, QUEUE_READY, 1);
-    assert_eq!(
-        rd(&mut t, QUEUE_READY),
-        0,
-        "ready with misaligned used ring"
-    );
-    wr(&mut t, QUEUE_DEVICE_LOW, 0x3000);
-    wr(&mut t, QUEUE_READY, 1);
-    assert_eq!(rd(&mut t, QUEUE_READY), 1);
+    t.write_u32(QUEUE_SEL, 0);
+    t.write_u32(QUEUE_NUM, 16);
+    assert_eq!(ready(&mut t), 0, "ready without addresses");
+    t.write_u32(QUEUE_DESC_LOW, 0x1000);
+    t.write_u32(QUEUE_DRIVER_LOW, 0x2000);
+    t.write_u32(QUEUE_DEVICE_LOW, 0x3000);
+    t.write_u32(QUEUE_DEVICE_HIGH, 0x10);
+    assert_eq!(ready(&mut t), 0, "ready with rings outside memory");
+    t.write_u32(QUEUE_DEVICE_HIGH, 0);
+    t.write_u32(QUEUE_DEVICE_LOW, 0x3002);
+    assert_eq!(ready(&mut t), 0, "ready with misaligned used ring");
+    t.write_u32(QUEUE_DEVICE_LOW, 0x3000);
+    assert_eq!(ready(&mut t), 1);
     // A ready queue cannot be reconfigured.
-    wr(&mut t, QUEUE_NUM, 32);
-    wr(&mut t, QUEUE_DESC_LOW, 0x8000);
-    wr(&mut t, QUEUE_READY, 0);
-    wr(&mut t, QUEUE_READY, 1);
-    assert_eq!(rd(&mut t, QUEUE_READY), 1);
+    t.write_u32(QUEUE_NUM, 32);
+    t.write_u32(QUEUE_DESC_LOW, 0x8000);
+    t.write_u32(QUEUE_READY, 0);
+    assert_eq!(ready(&mut t), 1);
 }
 
 #[test]
@@ -275,7 +250,7 @@ fn driver_ok_activates_and_notify_reaches_the_device_with_interrupt_status() {
     let (mut t, dev, mem) = transport();
     negotiate(&mut t, FEATURES);
     setup_queue(&mut t);
-    wr(&mut t, STATUS, ALL_OK);
+    t.write_u32(STATUS, ALL_OK);
     assert!(t.is_activated());
     // One descriptor chain, head 0.
     mem.write_obj(0x8000u64, GuestAddress(0x1000)).unwrap();
@@ -283,7 +258,7 @@ fn driver_ok_activates_and_notify_reaches_the_device_with_interrupt_status() {
     mem.write_obj(0u16, GuestAddress(0x2004)).unwrap();
     mem.write_obj(1u16, GuestAddress(0x2002)).unwrap();
     let _ = t.irq_eventfd().read();
-    wr(&mut t, QUEUE_NOTIFY, 0);
+    t.write_u32(QUEUE_NOTIFY, 0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while dev.handled.load(Ordering::SeqCst) == 0 {
         assert!(std::time::Instant::now() < deadline, "kick not handled");
@@ -293,24 +268,23 @@ fn driver_ok_activates_and_notify_reaches_the_device_with_interrupt_status() {
         assert!(std::time::Instant::now() < deadline, "no interrupt status");
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    assert_eq!(rd(&mut t, INTERRUPT_STATUS) & INTERRUPT_USED_BUFFER, 1);
+    assert_eq!(t.read_u32(INTERRUPT_STATUS) & INTERRUPT_USED_BUFFER, 1);
     assert!(t.irq_eventfd().read().is_ok(), "irq eventfd not signalled");
     assert_eq!(dev.started.load(Ordering::SeqCst), 1);
     let used_len: u32 = mem.read_obj(GuestAddress(0x3008)).unwrap();
     assert_eq!(used_len, 7);
-    wr(&mut t, INTERRUPT_ACK, INTERRUPT_USED_BUFFER);
-    assert_eq!(rd(&mut t, INTERRUPT_STATUS), 0);
+    t.write_u32(INTERRUPT_ACK, INTERRUPT_USED_BUFFER);
+    assert_eq!(t.read_u32(INTERRUPT_STATUS), 0);
     // No reconfiguration after DRIVER_OK.
-    wr(&mut t, QUEUE_SEL, 1);
-    wr(&mut t, QUEUE_NUM, 16);
-    wr(&mut t, QUEUE_READY, 1);
-    assert_eq!(rd(&mut t, QUEUE_READY), 0);
+    t.write_u32(QUEUE_SEL, 1);
+    t.write_u32(QUEUE_NUM, 16);
+    assert_eq!(ready(&mut t), 0);
     // Reset returns to the initial state.
-    wr(&mut t, STATUS, 0);
+    t.write_u32(STATUS, 0);
     assert!(!t.is_activated());
-    wr(&mut t, QUEUE_SEL, 0);
-    assert_eq!(rd(&mut t, QUEUE_READY), 0);
-    assert_eq!(rd(&mut t, STATUS), 0);
+    t.write_u32(QUEUE_SEL, 0);
+    assert_eq!(t.read_u32(QUEUE_READY), 0);
+    assert_eq!(t.read_u32(STATUS), 0);
 }
 
 #[test]
@@ -319,15 +293,15 @@ fn activation_failure_sets_device_needs_reset_with_config_interrupt() {
     dev.fail_memory.store(true, Ordering::SeqCst);
     negotiate(&mut t, FEATURES);
     setup_queue(&mut t);
-    wr(&mut t, STATUS, ALL_OK);
+    t.write_u32(STATUS, ALL_OK);
     assert!(!t.is_activated());
-    assert_ne!(rd(&mut t, STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
-    assert_ne!(rd(&mut t, INTERRUPT_STATUS) & INTERRUPT_CONFIG_CHANGE, 0);
-    wr(&mut t, STATUS, 0);
+    assert_ne!(t.read_u32(STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+    assert_ne!(t.read_u32(INTERRUPT_STATUS) & INTERRUPT_CONFIG_CHANGE, 0);
+    t.write_u32(STATUS, 0);
     dev.fail_memory.store(false, Ordering::SeqCst);
     negotiate(&mut t, FEATURES);
     setup_queue(&mut t);
-    wr(&mut t, STATUS, ALL_OK);
+    t.write_u32(STATUS, ALL_OK);
     assert!(t.is_activated());
 }
 
@@ -345,11 +319,11 @@ fn config_space_and_generation() {
         "bytes past the config space must read as zero"
     );
     t.write(CONFIG_OFFSET + 6, &[1, 2, 3, 4]);
-    let gen = rd(&mut t, CONFIG_GENERATION);
+    let gen = t.read_u32(CONFIG_GENERATION);
     let notifier = dev.notifier.lock().unwrap().clone().unwrap();
     notifier.notify();
-    assert_eq!(rd(&mut t, CONFIG_GENERATION), gen + 1);
-    assert_ne!(rd(&mut t, INTERRUPT_STATUS) & INTERRUPT_CONFIG_CHANGE, 0);
+    assert_eq!(t.read_u32(CONFIG_GENERATION), gen + 1);
+    assert_ne!(t.read_u32(INTERRUPT_STATUS) & INTERRUPT_CONFIG_CHANGE, 0);
 }
 
 #[test]
@@ -361,13 +335,13 @@ fn unaligned_wrong_size_and_unknown_accesses_are_ignored() {
     let mut b4 = [0xffu8; 4];
     t.read(MAGIC_VALUE + 1, &mut b4);
     assert_eq!(b4, [0; 4]);
-    assert_eq!(rd(&mut t, 0x0c8), 0);
+    assert_eq!(t.read_u32(0x0c8), 0);
     t.write(STATUS, &[1]);
     t.write(STATUS + 2, &[1, 0, 0, 0]);
-    wr(&mut t, 0x0c8, 5);
-    assert_eq!(rd(&mut t, STATUS), 0);
+    t.write_u32(0x0c8, 5);
+    assert_eq!(t.read_u32(STATUS), 0);
     // Notifying a missing queue or before DRIVER_OK does nothing.
-    wr(&mut t, QUEUE_NOTIFY, 77);
-    wr(&mut t, QUEUE_NOTIFY, 0);
+    t.write_u32(QUEUE_NOTIFY, 77);
+    t.write_u32(QUEUE_NOTIFY, 0);
     assert!(t.queue_kicks()[0].1.read().is_err());
 }

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
+use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress};
 
@@ -77,15 +78,15 @@ pub struct MappedRegion {
 }
 
 impl MappedRegion {
-    /// Map `size` bytes of `file` at `mmap_offset` as guest memory at `gpa`.
+    /// Map the region the frontend describes in `r` (`memory_size` bytes of
+    /// `file` at `mmap_offset`) as guest memory at `guest_phys_addr`.
     pub fn map(
         file: File,
-        gpa: u64,
-        size: u64,
-        user_addr: u64,
-        mmap_offset: u64,
+        r: &VhostUserMemoryRegion,
         log: &Arc<DirtyLog>,
     ) -> Result<Self, RegionError> {
+        let (gpa, size, user_addr, mmap_offset) =
+            (r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset);
         let bad = RegionError::BadRange { gpa, size };
         if size == 0 || gpa.checked_add(size).is_none() || user_addr.checked_add(size).is_none() {
             return Err(bad);

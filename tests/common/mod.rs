@@ -33,7 +33,9 @@ use virtio_backend_kit::vhost::vhost_user::message::{
 };
 use virtio_backend_kit::vhost::vhost_user::{Frontend, VhostUserFrontend};
 use virtio_backend_kit::vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_backend_kit::vhost_user::{DaemonError, ServeMode, VhostUserDaemon};
+use virtio_backend_kit::vhost_user::{
+    kit_protocol_features, DaemonError, ServeMode, VhostUserDaemon,
+};
 use virtio_backend_kit::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use virtio_backend_kit::vmm_sys_util::eventfd::EventFd;
 use virtio_backend_kit::vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -751,17 +753,13 @@ impl Client {
         fe.set_protocol_features(protocol).unwrap();
     }
 
-    /// The protocol features the tests use by default.
+    /// The protocol features the tests use by default: all the kit offers
+    /// but `DEVICE_STATE` and `PAGEFAULT`, which the tests of device state
+    /// and of postcopy ask for themselves.
     pub fn default_protocol() -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::STATUS
-            | VhostUserProtocolFeatures::RESET_DEVICE
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::BACKEND_REQ
-            | VhostUserProtocolFeatures::LOG_SHMFD
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        kit_protocol_features()
+            - VhostUserProtocolFeatures::DEVICE_STATE
+            - VhostUserProtocolFeatures::PAGEFAULT
     }
 
     /// Configure and start `q`: NUM, ADDR, BASE, CALL, ERR, KICK, ENABLE.

@@ -22,9 +22,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use virtio_backend_kit::kvm::KvmMemorySlots;
 use virtio_backend_kit::vm_memory::{Bytes, FileOffset, GuestAddress};
-use virtio_backend_kit::{
-    BackendError, DeviceBackend, DeviceEvent, GuestMemoryLog, QueueSet, VringOwned, VringT,
-};
+use virtio_backend_kit::{BackendError, DeviceBackend, GuestMemoryLog, Vring, VringOwned};
 
 /// Guest RAM: 1 MiB at guest physical address 0, in KVM slot 0.
 pub const MEM_SIZE: u64 = 0x10_0000;
@@ -497,8 +495,7 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Device ID of [`PatternDevice`] (outside the assigned range).
 pub const PATTERN_DEVICE_ID: u32 = 0xfff1;
-/// `VIRTIO_F_VERSION_1`.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub use virtio_backend_kit::features::VIRTIO_F_VERSION_1;
 
 /// The byte [`PatternDevice`] writes at `offset` of the `n`-th chain (from 1).
 pub fn pattern(n: u64, offset: usize) -> u8 {
@@ -524,36 +521,16 @@ impl DeviceBackend for PatternDevice {
         PATTERN_DEVICE_ID
     }
 
-    fn num_queues(&self) -> usize {
-        1
-    }
-
     fn max_queue_size(&self) -> u16 {
         QSIZE
-    }
-
-    fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
     }
 
     fn queue_started(&self, _index: u16) {
         self.starts.fetch_add(1, Ordering::SeqCst);
     }
 
-    fn handle_event(
-        &self,
-        event: DeviceEvent,
-        queues: &QueueSet<VringOwned>,
-        _worker: usize,
-    ) -> Result<(), BackendError> {
-        let DeviceEvent::Queue(index) = event else {
-            return Ok(());
-        };
+    fn process_queue(&self, _index: u16, vring: &mut Vring) -> Result<(), BackendError> {
         self.queue_events.fetch_add(1, Ordering::SeqCst);
-        let Some(vring) = queues.get(index) else {
-            return Ok(());
-        };
-        let mut vring = vring.lock();
         let mut completed = 0;
         while let Some(chain) = vring.pop_chain()? {
             let n = self.chains.load(Ordering::SeqCst) + 1;

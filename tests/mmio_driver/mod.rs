@@ -52,13 +52,11 @@ impl Driver {
     }
 
     fn rd(&mut self, off: u64) -> u32 {
-        let mut b = [0u8; 4];
-        self.t.read(off, &mut b);
-        u32::from_le_bytes(b)
+        self.t.read_u32(off)
     }
 
     fn wr(&mut self, off: u64, v: u32) {
-        self.t.write(off, &v.to_le_bytes());
+        self.t.write_u32(off, v)
     }
 
     /// DeviceID.

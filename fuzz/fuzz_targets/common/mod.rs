@@ -6,6 +6,8 @@
 #![allow(dead_code)]
 
 use std::cell::RefCell;
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd};
 
 mod device;
 #[allow(unused_imports)] // Not every target runs the device.
@@ -14,6 +16,18 @@ pub use device::{FuzzDevice, Shape};
 use virtio_backend_kit::vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 use virtio_backend_kit::vring::NotifierSlot;
 use virtio_backend_kit::{GuestMemoryLog, Vring, VringState};
+
+/// A memfd of `size` bytes named `name`.
+pub fn memfd(name: &std::ffi::CStr, size: u64) -> File {
+    // SAFETY: a valid NUL-terminated name; the returned fd is checked and
+    // owned by the `File`.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: `fd` is a fresh fd nobody else owns.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.set_len(size).expect("sizing a memfd");
+    file
+}
 
 /// `VRING_DESC_F_NEXT`.
 pub const F_NEXT: u16 = 1;

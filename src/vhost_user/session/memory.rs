@@ -16,14 +16,7 @@ impl<B: DeviceBackend> Session<'_, B> {
         check_memory_limit(regions.iter().map(|(r, _)| r.memory_size))?;
         let mut mapped = Vec::with_capacity(regions.len());
         for (r, file) in regions {
-            mapped.push(MappedRegion::map(
-                file,
-                r.guest_phys_addr,
-                r.memory_size,
-                r.user_addr,
-                r.mmap_offset,
-                self.core.dirty_log(),
-            )?);
+            mapped.push(MappedRegion::map(file, &r, self.core.dirty_log())?);
         }
         #[cfg(feature = "postcopy")]
         if self.postcopy.is_listening() {
@@ -68,14 +61,7 @@ impl<B: DeviceBackend> Session<'_, B> {
             return Err(RequestError::TooManyRegions(self.regions.len() + 1));
         }
         check_memory_limit(self.mapped_sizes().chain(std::iter::once(r.memory_size)))?;
-        let mapped = MappedRegion::map(
-            file,
-            r.guest_phys_addr,
-            r.memory_size,
-            r.user_addr,
-            r.mmap_offset,
-            self.core.dirty_log(),
-        )?;
+        let mapped = MappedRegion::map(file, &r, self.core.dirty_log())?;
         #[cfg(feature = "postcopy")]
         if self.postcopy.is_listening() {
             return self.postcopy_add_region(mapped);

@@ -15,6 +15,11 @@ fn words32(w: &[u32]) -> Vec<u8> {
     w.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// Decode `req` with a payload of 32-bit `words` and no fds.
+fn decode_words(req: FrontendReq, words: &[u32]) -> Result<Request, RequestError> {
+    decode(req, &words32(words), vec![])
+}
+
 fn words64(w: &[u64]) -> Vec<u8> {
     w.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
@@ -73,11 +78,7 @@ fn requests_without_payload_decode_from_nothing() {
 
 #[test]
 fn vring_base_and_enable_values_are_range_checked() {
-    let r = ok(decode(
-        FrontendReq::SET_VRING_BASE,
-        &words32(&[1, 0xffff]),
-        vec![],
-    ));
+    let r = ok(decode_words(FrontendReq::SET_VRING_BASE, &[1, 0xffff]));
     assert!(matches!(
         r,
         Request::SetVringBase {
@@ -85,17 +86,9 @@ fn vring_base_and_enable_values_are_range_checked() {
             base: 0xffff
         }
     ));
-    let e = refused(decode(
-        FrontendReq::SET_VRING_BASE,
-        &words32(&[1, 0x1_0000]),
-        vec![],
-    ));
+    let e = refused(decode_words(FrontendReq::SET_VRING_BASE, &[1, 0x1_0000]));
     assert!(is_bad_payload(&e), "{e}");
-    let r = ok(decode(
-        FrontendReq::SET_VRING_ENABLE,
-        &words32(&[3, 1]),
-        vec![],
-    ));
+    let r = ok(decode_words(FrontendReq::SET_VRING_ENABLE, &[3, 1]));
     assert!(matches!(
         r,
         Request::SetVringEnable {
@@ -103,11 +96,7 @@ fn vring_base_and_enable_values_are_range_checked() {
             enable: true
         }
     ));
-    let e = refused(decode(
-        FrontendReq::SET_VRING_ENABLE,
-        &words32(&[3, 2]),
-        vec![],
-    ));
+    let e = refused(decode_words(FrontendReq::SET_VRING_ENABLE, &[3, 2]));
     assert!(is_bad_payload(&e), "{e}");
 }
 
@@ -262,11 +251,7 @@ fn device_state_transfers_are_stopped_phase_saves_or_loads() {
         ));
         assert!(is_bad_payload(&e), "{bad:?}: {e}");
     }
-    let e = refused(decode(
-        FrontendReq::SET_DEVICE_STATE_FD,
-        &words32(&[0, 0]),
-        vec![],
-    ));
+    let e = refused(decode_words(FrontendReq::SET_DEVICE_STATE_FD, &[0, 0]));
     assert!(matches!(e, RequestError::BadFds { .. }), "{e}");
 }
 

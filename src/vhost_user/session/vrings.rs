@@ -3,6 +3,7 @@
 //! area that survives a backend restart.
 
 use super::*;
+use crate::vring::Notifier;
 
 impl<B: DeviceBackend> Session<'_, B> {
     pub(super) fn set_vring_num(&mut self, index: u32, size: u32) -> RequestResult {
@@ -76,8 +77,8 @@ impl<B: DeviceBackend> Session<'_, B> {
                 }
                 self.core.set_kick(index, fd)?;
             }
-            VringFdKind::Call => self.core.set_call(index, fd)?,
-            VringFdKind::Err => self.core.set_err(index, fd)?,
+            VringFdKind::Call => self.core.set_call_notifier(index, fd.map(Notifier::new))?,
+            VringFdKind::Err => self.core.set_err_notifier(index, fd.map(Notifier::new))?,
         }
         Ok(Outcome::Ack)
     }

@@ -31,7 +31,6 @@ use virtio_backend_kit::{BackendError, DeviceBackend, DeviceEvent, QueueSet, Vri
 
 /// Virtio device ID of a console.
 pub const VIRTIO_ID_CONSOLE: u32 = 3;
-use virtio_backend_kit::features::VIRTIO_F_VERSION_1;
 const RECEIVEQ: u16 = 0;
 const TRANSMITQ: u16 = 1;
 /// Token of the host input fd.
@@ -270,9 +269,6 @@ impl DeviceBackend for ConsoleDevice {
     }
     fn max_queue_size(&self) -> u16 {
         self.queue_size
-    }
-    fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
     }
     fn config_size(&self) -> usize {
         // cols, rows, max_nr_ports, emerg_wr: meaningful only with features

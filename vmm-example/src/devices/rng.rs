@@ -13,7 +13,6 @@ use virtio_backend_kit::{BackendError, DeviceBackend, Vring, VringOwned};
 
 /// Virtio device ID of an entropy source.
 pub const VIRTIO_ID_RNG: u32 = 4;
-use virtio_backend_kit::features::VIRTIO_F_VERSION_1;
 /// Entropy handed out per descriptor at most; larger buffers get a short
 /// fill, which the driver accepts (the used length says how much).
 const MAX_FILL: usize = 4096;
@@ -58,16 +57,8 @@ impl DeviceBackend for RngDevice {
         VIRTIO_ID_RNG
     }
 
-    fn num_queues(&self) -> usize {
-        1
-    }
-
     fn max_queue_size(&self) -> u16 {
         self.queue_size
-    }
-
-    fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
     }
 
     fn process_queue(&self, _index: u16, vring: &mut Vring) -> Result<(), BackendError> {

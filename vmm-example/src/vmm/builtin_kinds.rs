@@ -5,11 +5,9 @@
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 
-use virtio_backend_kit::core::DeviceControl;
-
 use super::device_spec::DeviceOptions;
 use super::devices::{in_process, DeviceError, Subscribers};
-use super::registry::{DeviceKind, KindInfo};
+use super::registry::{BuildResult, DeviceKind, KindInfo};
 use crate::devices::blk::VIRTIO_ID_BLOCK;
 use crate::devices::rng::VIRTIO_ID_RNG;
 use crate::devices::{BlkConfig, BlkDevice, ConsoleDevice, RngDevice, Target, VIRTIO_ID_CONSOLE};
@@ -41,11 +39,7 @@ impl DeviceKind for DiskKind {
         KindInfo::new("disk", "virtio-blk", VIRTIO_ID_BLOCK, DISK_QUEUES.into())
             .with_options(&["path", "read-only"])
     }
-    fn build(
-        &self,
-        options: &DeviceOptions,
-        subscribers: &mut Subscribers,
-    ) -> Result<(Box<dyn DeviceControl>, String), DeviceError> {
+    fn build(&self, options: &DeviceOptions, subscribers: &mut Subscribers) -> BuildResult {
         let path = required(self.info().name, options, "path")?;
         let read_only = options.flag("read-only");
         let disk_err = |e| DeviceError::Disk(path.clone(), e);
@@ -68,11 +62,7 @@ impl DeviceKind for RngKind {
     fn info(&self) -> KindInfo {
         KindInfo::new("rng", "virtio-rng", VIRTIO_ID_RNG, 1)
     }
-    fn build(
-        &self,
-        _options: &DeviceOptions,
-        subscribers: &mut Subscribers,
-    ) -> Result<(Box<dyn DeviceControl>, String), DeviceError> {
+    fn build(&self, _options: &DeviceOptions, subscribers: &mut Subscribers) -> BuildResult {
         let device = RngDevice::new(QUEUE_SIZE).map_err(DeviceError::Rng)?;
         Ok((in_process(device, subscribers)?, String::new()))
     }
@@ -89,11 +79,7 @@ impl DeviceKind for ConsoleKind {
             .stateful()
             .with_options(&["output", "input"])
     }
-    fn build(
-        &self,
-        options: &DeviceOptions,
-        subscribers: &mut Subscribers,
-    ) -> Result<(Box<dyn DeviceControl>, String), DeviceError> {
+    fn build(&self, options: &DeviceOptions, subscribers: &mut Subscribers) -> BuildResult {
         let output = required(self.info().name, options, "output")?;
         let input_path: PathBuf = options.get("input").unwrap_or("/dev/null").into();
         let input = File::open(&input_path).map_err(|e| DeviceError::ConsoleFile(input_path, e))?;

@@ -56,7 +56,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use device_spec::{DeviceHome, DeviceOptions, DeviceSpec};
 pub use memory::layout;
-pub use registry::{DeviceKind, DeviceRegistry, KindInfo};
+pub use registry::{BuildResult, DeviceKind, DeviceRegistry, KindInfo};
 
 use control::Control;
 use devices::AttachedDevice;

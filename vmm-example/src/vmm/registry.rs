@@ -77,12 +77,12 @@ pub trait DeviceKind: Send + Sync {
     /// runs on the VMM's event loop, go to `subscribers` (see
     /// [`super::devices::in_process`]). Returns the device and a short
     /// description for logs.
-    fn build(
-        &self,
-        options: &DeviceOptions,
-        subscribers: &mut Subscribers,
-    ) -> Result<(Box<dyn DeviceControl>, String), DeviceError>;
+    fn build(&self, options: &DeviceOptions, subscribers: &mut Subscribers) -> BuildResult;
 }
+
+/// What [`DeviceKind::build`] returns: the device and a short description
+/// of it for logs.
+pub type BuildResult = Result<(Box<dyn DeviceControl>, String), DeviceError>;
 
 /// The kinds known to a VMM, by name.
 #[derive(Clone, Default)]
@@ -153,7 +153,7 @@ pub fn check_option_keys(
 
 #[cfg(test)]
 mod tests {
-    use virtio_backend_kit::{BackendError, DeviceBackend, DeviceEvent, QueueSet, VringOwned};
+    use virtio_backend_kit::{BackendError, DeviceBackend, Vring, VringOwned};
 
     use super::*;
     use crate::vmm::devices::in_process;
@@ -169,21 +169,7 @@ mod tests {
         fn device_type(&self) -> u32 {
             0x7d
         }
-        fn num_queues(&self) -> usize {
-            1
-        }
-        fn max_queue_size(&self) -> u16 {
-            16
-        }
-        fn features(&self) -> u64 {
-            1 << 32
-        }
-        fn handle_event(
-            &self,
-            _: DeviceEvent,
-            _: &QueueSet<VringOwned>,
-            _: usize,
-        ) -> Result<(), BackendError> {
+        fn process_queue(&self, _: u16, _: &mut Vring) -> Result<(), BackendError> {
             Ok(())
         }
     }
@@ -192,11 +178,7 @@ mod tests {
         fn info(&self) -> KindInfo {
             KindInfo::new("thermometer", "virtio-thermometer", 0x7d, 1).with_options(&["unit"])
         }
-        fn build(
-            &self,
-            options: &DeviceOptions,
-            subscribers: &mut Subscribers,
-        ) -> Result<(Box<dyn DeviceControl>, String), DeviceError> {
+        fn build(&self, options: &DeviceOptions, subscribers: &mut Subscribers) -> BuildResult {
             let unit = options.get("unit").unwrap_or("C").to_string();
             Ok((in_process(ThermometerDevice, subscribers)?, unit))
         }
