@@ -34,7 +34,7 @@ pub enum Kind {
     Other(u32),
 }
 
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Clone, Copy, Debug)]
 pub enum Header {
     Whole,
     Split(u8),
@@ -43,7 +43,7 @@ pub enum Header {
     Writable,
 }
 
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Clone, Copy, Debug)]
 pub enum Status {
     Separate,
     Wide(u8),
@@ -160,7 +160,23 @@ fn lay_out(r: &Req, header: [u8; 16], bufs: &mut Bufs) -> Option<Laid> {
         data.push((addr, *len, !readable));
         l.data_len += u64::from(*len);
     }
-    match r.header {
+    lay_out_header(r.header, header, bufs, &mut l, &mut data)?;
+    l.clean &= matches!(r.header, Header::Whole | Header::Split(_));
+    l.descs.extend(data);
+    lay_out_status(r.status, bufs, &mut l)?;
+    Some(l)
+}
+
+/// The request header's descriptors as `kind` places it (or, for
+/// `WithData`, merged into the first data buffer in `data`).
+fn lay_out_header(
+    kind: Header,
+    header: [u8; 16],
+    bufs: &mut Bufs,
+    l: &mut Laid,
+    data: &mut [(u64, u32, bool)],
+) -> Option<()> {
+    match kind {
         Header::Whole => l.descs.push((bufs.take(&header)?, 16, false)),
         Header::Split(a) => {
             let a = 1 + usize::from(a % 15);
@@ -182,9 +198,12 @@ fn lay_out(r: &Req, header: [u8; 16], bufs: &mut Bufs) -> Option<Laid> {
         )),
         Header::Writable => l.descs.push((bufs.take(&header)?, 16, true)),
     }
-    l.clean &= matches!(r.header, Header::Whole | Header::Split(_));
-    l.descs.extend(data);
-    match r.status {
+    Some(())
+}
+
+/// The status byte's descriptor as `kind` places it.
+fn lay_out_status(kind: Status, bufs: &mut Bufs, l: &mut Laid) -> Option<()> {
+    match kind {
         Status::Separate => l.descs.push((bufs.take(&[0xff])?, 1, true)),
         Status::Wide(k) => {
             // All but its last byte are data.
@@ -206,7 +225,7 @@ fn lay_out(r: &Req, header: [u8; 16], bufs: &mut Bufs) -> Option<Laid> {
             l.clean = false;
         }
     }
-    Some(l)
+    Some(())
 }
 
 fn seg_bytes(&(sector, n, flags): &(u8, u8, u8)) -> Vec<u8> {
