@@ -77,6 +77,14 @@ fn written(dir: &tempfile::TempDir) -> std::path::PathBuf {
     path
 }
 
+/// Why opening the snapshot at `path` failed; panics if it opened.
+fn refused(path: &std::path::Path) -> VmSnapshotError {
+    match SnapshotFile::open(path) {
+        Ok(_) => panic!("{} opened", path.display()),
+        Err(e) => e,
+    }
+}
+
 #[test]
 fn round_trip_keeps_state_and_ram() {
     let dir = tempfile::tempdir().unwrap();
@@ -118,10 +126,8 @@ fn bad_magic_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = written(&dir);
     corrupt(&path, 1, b"X");
-    assert!(matches!(
-        SnapshotFile::open(&path),
-        Err(VmSnapshotError::Magic)
-    ));
+    let e = refused(&path);
+    assert!(matches!(e, VmSnapshotError::Magic), "{e}");
     let empty = dir.path().join("empty");
     File::create(&empty).unwrap();
     assert!(matches!(
@@ -135,7 +141,7 @@ fn newer_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = written(&dir);
     corrupt(&path, 8, &(FORMAT_VERSION + 1).to_le_bytes());
-    let e = SnapshotFile::open(&path).err().unwrap();
+    let e = refused(&path);
     assert!(matches!(e, VmSnapshotError::Version(v) if v == FORMAT_VERSION + 1));
 }
 
@@ -149,10 +155,8 @@ fn flipped_state_byte_fails_the_checksum() {
         .read_exact_at(&mut byte, 40)
         .unwrap();
     corrupt(&path, 40, &[byte[0] ^ 0x20]);
-    assert!(matches!(
-        SnapshotFile::open(&path),
-        Err(VmSnapshotError::Checksum { .. })
-    ));
+    let e = refused(&path);
+    assert!(matches!(e, VmSnapshotError::Checksum { .. }), "{e}");
 }
 
 #[test]
@@ -161,28 +165,22 @@ fn oversized_or_inconsistent_header_is_refused() {
     // State length past the limit.
     let path = written(&dir);
     corrupt(&path, 12, &(MAX_STATE_LEN + 1).to_le_bytes());
-    assert!(matches!(
-        SnapshotFile::open(&path),
-        Err(VmSnapshotError::StateLength(_))
-    ));
+    let e = refused(&path);
+    assert!(matches!(e, VmSnapshotError::StateLength(_)), "{e}");
     // Reserved bytes set.
     let path = written(&dir);
     corrupt(&path, 10, &[1, 0]);
-    assert!(matches!(
-        SnapshotFile::open(&path),
-        Err(VmSnapshotError::Reserved(1))
-    ));
+    let e = refused(&path);
+    assert!(matches!(e, VmSnapshotError::Reserved(1)), "{e}");
     // RAM claimed past the end of the file.
     let path = written(&dir);
     corrupt(&path, 24, &(64 * MIB).to_le_bytes());
-    assert!(matches!(
-        SnapshotFile::open(&path),
-        Err(VmSnapshotError::RamPlacement { .. })
-    ));
+    let e = refused(&path);
+    assert!(matches!(e, VmSnapshotError::RamPlacement { .. }), "{e}");
     // RAM offset inside the state.
     let path = written(&dir);
     corrupt(&path, 16, &PAGE.to_le_bytes()[..]);
-    let e = SnapshotFile::open(&path).err().unwrap();
+    let e = refused(&path);
     assert!(matches!(e, VmSnapshotError::RamPlacement { .. }), "{e}");
 }
 
@@ -193,10 +191,8 @@ fn truncated_file_is_refused() {
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     let len = f.metadata().unwrap().len();
     f.set_len(len - 4096).unwrap();
-    assert!(matches!(
-        SnapshotFile::open(&path),
-        Err(VmSnapshotError::RamPlacement { .. })
-    ));
+    let e = refused(&path);
+    assert!(matches!(e, VmSnapshotError::RamPlacement { .. }), "{e}");
 }
 
 #[test]
@@ -205,8 +201,6 @@ fn ram_size_must_match_the_state() {
     let path = dir.path().join("vm.snap");
     // The state says 4 MiB, the RAM section holds 2.
     write(&path, &state(4), &ram(), 2 * MIB).unwrap();
-    assert!(matches!(
-        SnapshotFile::open(&path),
-        Err(VmSnapshotError::RamSize { .. })
-    ));
+    let e = refused(&path);
+    assert!(matches!(e, VmSnapshotError::RamSize { .. }), "{e}");
 }
