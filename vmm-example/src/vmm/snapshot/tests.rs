@@ -162,26 +162,31 @@ fn flipped_state_byte_fails_the_checksum() {
 #[test]
 fn oversized_or_inconsistent_header_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    // State length past the limit.
-    let path = written(&dir);
-    corrupt(&path, 12, &(MAX_STATE_LEN + 1).to_le_bytes());
-    let e = refused(&path);
-    assert!(matches!(e, VmSnapshotError::StateLength(_)), "{e}");
-    // Reserved bytes set.
-    let path = written(&dir);
-    corrupt(&path, 10, &[1, 0]);
-    let e = refused(&path);
-    assert!(matches!(e, VmSnapshotError::Reserved(1)), "{e}");
-    // RAM claimed past the end of the file.
-    let path = written(&dir);
-    corrupt(&path, 24, &(64 * MIB).to_le_bytes());
-    let e = refused(&path);
-    assert!(matches!(e, VmSnapshotError::RamPlacement { .. }), "{e}");
-    // RAM offset inside the state.
-    let path = written(&dir);
-    corrupt(&path, 16, &PAGE.to_le_bytes()[..]);
-    let e = refused(&path);
-    assert!(matches!(e, VmSnapshotError::RamPlacement { .. }), "{e}");
+    type Check = fn(&VmSnapshotError) -> bool;
+    let cases: [(u64, Vec<u8>, Check); 4] = [
+        // State length past the limit.
+        (12, (MAX_STATE_LEN + 1).to_le_bytes().to_vec(), |e| {
+            matches!(e, VmSnapshotError::StateLength(_))
+        }),
+        // Reserved bytes set.
+        (10, vec![1, 0], |e| {
+            matches!(e, VmSnapshotError::Reserved(1))
+        }),
+        // RAM claimed past the end of the file.
+        (24, (64 * MIB).to_le_bytes().to_vec(), |e| {
+            matches!(e, VmSnapshotError::RamPlacement { .. })
+        }),
+        // RAM offset inside the state.
+        (16, PAGE.to_le_bytes().to_vec(), |e| {
+            matches!(e, VmSnapshotError::RamPlacement { .. })
+        }),
+    ];
+    for (at, bytes, expected) in cases {
+        let path = written(&dir);
+        corrupt(&path, at, &bytes);
+        let e = refused(&path);
+        assert!(expected(&e), "bytes at {at}: {e}");
+    }
 }
 
 #[test]
