@@ -138,6 +138,12 @@ impl VhostUserFrontendDevice {
                 EpollEvent::new(EventSet::IN, token_base + index as u64),
             )
             .map_err(FrontendError::Relay)?;
+        // The backend holds the replaced eventfd too, so closing ours would
+        // not end its epoll registration: end it here, or a signal on it
+        // would wake the relay for ever under this queue's token.
+        if let Some(old) = calls[index].take() {
+            self.unwatch(&old);
+        }
         calls[index] = Some(RelayedCall {
             backend_call,
             notifier,
@@ -152,13 +158,18 @@ impl VhostUserFrontendDevice {
     pub(super) fn clear_calls(&self) {
         for list in [&self.shared.calls, &self.shared.errs] {
             for call in lock(list).drain(..).flatten() {
-                let _ = self.shared.epoll.ctl(
-                    ControlOperation::Delete,
-                    call.backend_call.as_raw_fd(),
-                    EpollEvent::default(),
-                );
+                self.unwatch(&call);
             }
         }
+    }
+
+    /// End the relay's epoll registration of `call`'s eventfd.
+    fn unwatch(&self, call: &RelayedCall) {
+        let _ = self.shared.epoll.ctl(
+            ControlOperation::Delete,
+            call.backend_call.as_raw_fd(),
+            EpollEvent::default(),
+        );
     }
 
     /// How long a DEVICE_STATE transfer may take.
