@@ -114,6 +114,7 @@ impl<'m> RingMap<'m> {
     /// The head index in available-ring entry `next_avail`. Read after the
     /// Acquire load of the available index that covered it, as the driver
     /// wrote it before its Release store of that index.
+    #[inline]
     pub(super) fn avail_head(&self, next_avail: Wrapping<u16>) -> u16 {
         u16::from_le(self.avail.load(usize::from(next_avail.0 % self.size)))
     }
@@ -121,6 +122,7 @@ impl<'m> RingMap<'m> {
     /// Write used element `next_used`, then publish it with a Release store
     /// of the used index, as `virtio-queue`'s `add_used` does. Both writes
     /// are dirty-logged.
+    #[inline]
     pub(super) fn push_used(
         &self,
         next_used: Wrapping<u16>,

@@ -334,11 +334,18 @@ impl BlkDevice {
         let mut n = 0usize;
         let mut overflow = false;
         let mut last = None;
-        let mut descs = descs;
         // No chain is longer than the queue (virtio 2.7.5.2): an indirect
         // table can claim 65535 entries, and walking them all for the status
-        // byte at the end would let one request cost that much.
-        for desc in descs.by_ref().take(usize::from(self.cfg.queue_size)) {
+        // byte at the end would let one request cost that much. Counted
+        // here rather than with `take` and one more `next`: with a single
+        // call site, the kit's `DescIter::next` is inlined into this loop.
+        let mut room = usize::from(self.cfg.queue_size);
+        for desc in descs {
+            if room == 0 {
+                // Where its status byte is cannot be known without the walk.
+                return (n, true, None);
+            }
+            room -= 1;
             if n < cap {
                 scratch.descs[n] = desc;
                 n += 1;
@@ -346,10 +353,6 @@ impl BlkDevice {
                 overflow = true;
             }
             last = Some(desc);
-        }
-        if descs.next().is_some() {
-            // Where its status byte is cannot be known without the walk.
-            return (n, true, None);
         }
         (n, overflow, last)
     }
