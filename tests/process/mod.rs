@@ -16,6 +16,31 @@ pub fn have(cmd: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether a unix socket is bound at `sock` and listening. The file
+/// appears at bind(), before listen(): a connect in between is refused, so
+/// the file alone is not enough. /proc/net/unix marks listening sockets
+/// with the `__SO_ACCEPTCON` flag (00010000) beside the bound path.
+fn is_listening(sock: &Path) -> bool {
+    let is_socket = fs::metadata(sock)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false);
+    if !is_socket {
+        return false;
+    }
+    let (Some(path), Ok(table)) = (sock.to_str(), fs::read_to_string("/proc/net/unix")) else {
+        return true;
+    };
+    if !sock.is_absolute() {
+        // Bound relative to the daemon's directory: the table's path may
+        // not be ours to compare.
+        return true;
+    }
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8 && fields[3] == "00010000" && fields[7] == path
+    })
+}
+
 /// A workspace binary: VBK_BIN_DIR, then
 /// `<target>/<profile>/` derived from this test executable
 /// (`<target>/<profile>/deps/qemu_guest-*`), then the other profile.
@@ -100,10 +125,7 @@ impl Backend {
 
     pub fn wait_for_socket(&mut self, sock: &Path) {
         poll_until(Duration::from_secs(15), Duration::from_millis(20), |late| {
-            if fs::metadata(sock)
-                .map(|m| m.file_type().is_socket())
-                .unwrap_or(false)
-            {
+            if is_listening(sock) {
                 return true;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
