@@ -24,7 +24,7 @@ pub use backend::{
     BackendError, ConfigNotifier, DeviceBackend, DeviceBackendMut, DeviceEvent, QueueSet,
     DEFAULT_MAX_QUEUE_SIZE,
 };
-pub use data_plane::{inflight, memory, vring};
+pub use data_plane::{inflight, memory, vring, SharedDirtyLog};
 pub use memory::{DirtyLog, DirtyLogBitmap, GuestMemoryHandle, GuestMemoryLog, GuestRegionLog};
 pub use vring::{
     Chain, Completion, DescIter, Vring, VringError, VringMutex, VringOwned, VringRwLock,

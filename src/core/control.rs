@@ -7,6 +7,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{CoreError, DeviceCore};
 use crate::backend::{BackendError, ConfigNotifier, DeviceBackend};
+use crate::data_plane::SharedDirtyLog;
 use crate::memory::GuestMemoryLog;
 use crate::snapshot::{DeviceSnapshot, SnapshotLimits, ValidatedSnapshot, ValidationError};
 use crate::vring::Notifier;
@@ -99,6 +100,16 @@ pub trait DeviceControl: Send {
     /// adapter's connection state and relay counters). `None` by default.
     fn diagnostics(&self) -> Option<String> {
         None
+    }
+    /// Log every write the device makes to guest memory in `log` from now
+    /// on, or stop logging (`None`), for a live migration. A device that
+    /// writes through the [`Activation`]'s memory needs nothing here when
+    /// that memory's regions log into `log` (the default does nothing); a
+    /// device that writes guest memory some other way (a vhost-user
+    /// backend in another process) hands `log` on, and fails if it cannot.
+    fn set_dirty_log(&mut self, log: Option<&SharedDirtyLog>) -> Result<(), ControlError> {
+        let _ = log;
+        Ok(())
     }
 }
 

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`vring`] | one live virtqueue: taking chains (one batch loop over resubmissions, mapped rings or `virtio-queue`), completing them, notifying |
 //! | [`memory`] | guest memory whose writes are dirty-logged for migration |
+//! | [`shared_log`] | the frontend's dirty log file, shared with in-process devices and backends |
 //! | [`inflight`] | the shared in-flight area that lets requests survive a backend restart |
 //! | `worker` | a worker thread: epoll over kicks and device fds, the device's `handle_event` |
 //! | `event_loop` | the same worker body as an `event-manager` subscriber ([`DataPlaneSubscriber`]) |
@@ -19,10 +20,12 @@
 pub(crate) mod event_loop;
 pub mod inflight;
 pub mod memory;
+pub mod shared_log;
 pub mod vring;
 pub(crate) mod waker;
 pub(crate) mod worker;
 
 pub use event_loop::DataPlaneSubscriber;
+pub use shared_log::{SharedDirtyLog, SharedLogError};
 pub use waker::WorkerWaker;
 pub use worker::WorkerError;

@@ -17,6 +17,7 @@
 //! accesses are ignored (reads return zeroes). Nothing a guest does panics.
 
 mod activation;
+mod persist;
 mod regs;
 mod trace;
 
@@ -474,93 +475,7 @@ impl MmioTransport {
     }
 }
 
-/// Why a transport could not be saved or restored.
-#[derive(Debug, thiserror::Error)]
-pub enum MmioSnapshotError {
-    /// The device is not running (no DRIVER_OK yet).
-    #[error("the device is not active")]
-    NotActive,
-    /// The transport could not be created.
-    #[error(transparent)]
-    Transport(#[from] MmioError),
-    /// The device refused.
-    #[error(transparent)]
-    Device(#[from] crate::core::ControlError),
-    /// A snapshot can only be loaded into a transport the driver has not
-    /// touched yet.
-    #[error("the transport is already in use (status {0:#x})")]
-    InUse(u32),
-}
-
-impl MmioTransport {
-    /// Stop the device and capture its state. Everything the driver set up
-    /// through the registers (features, queue layout) is in the snapshot,
-    /// so [`MmioTransport::restore`] rebuilds the registers from it. The
-    /// transport is inert afterwards: reset it or drop it.
-    pub fn snapshot(&mut self) -> Result<crate::snapshot::DeviceSnapshot, MmioSnapshotError> {
-        if !self.activated {
-            return Err(MmioSnapshotError::NotActive);
-        }
-        let snapshot = self.device.snapshot()?;
-        self.activated = false;
-        Ok(snapshot)
-    }
-
-    /// A transport for `device` that resumes where `snapshot` left off: the
-    /// driver sees an active device (DRIVER_OK) with its queues as it set
-    /// them up, and every queue continues from its saved indices. The
-    /// snapshot is validated by the device before anything is applied.
-    pub fn restore(
-        device: Box<dyn DeviceControl>,
-        memory: GuestMemoryLog,
-        snapshot: crate::snapshot::DeviceSnapshot,
-    ) -> Result<Self, MmioSnapshotError> {
-        let mut t = Self::new(device, memory)?;
-        t.load_snapshot(snapshot)?;
-        Ok(t)
-    }
-
-    /// [`MmioTransport::restore`] for a transport that already exists (so
-    /// that its kick and interrupt eventfds can be wired up first) and that
-    /// no driver has touched: the registers are rebuilt from `snapshot` and
-    /// the device resumes from it.
-    pub fn load_snapshot(
-        &mut self,
-        snapshot: crate::snapshot::DeviceSnapshot,
-    ) -> Result<(), MmioSnapshotError> {
-        if self.activated || self.status != 0 {
-            return Err(MmioSnapshotError::InUse(self.status));
-        }
-        self.driver_features = snapshot.acked_features;
-        for (i, q) in snapshot.queues.iter().enumerate() {
-            if let Some(regs) = self.queues.get_mut(i) {
-                *regs = QueueRegs {
-                    size: q.size,
-                    ready: q.is_configured() && q.ready,
-                    desc: q.desc_table,
-                    avail: q.avail_ring,
-                    used: q.used_ring,
-                };
-            }
-        }
-        let activation = self
-            .build_activation()
-            .map_err(|_| MmioSnapshotError::NotActive)?;
-        if let Err(e) = self.device.restore(snapshot, activation) {
-            self.queues.fill(QueueRegs::default());
-            self.driver_features = 0;
-            return Err(e.into());
-        }
-        self.status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
-        self.activated = true;
-        // An interrupt raised just before the cut may not have reached the
-        // driver; one more is harmless (the driver checks its used rings).
-        self.interrupt_status
-            .fetch_or(INTERRUPT_USED_BUFFER, Ordering::SeqCst);
-        let _ = self.irq.write(1);
-        Ok(())
-    }
-}
+pub use persist::MmioSnapshotError;
 
 impl Drop for MmioTransport {
     fn drop(&mut self) {
