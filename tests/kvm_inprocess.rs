@@ -494,3 +494,57 @@ fn roundtrip_through_ioeventfd_and_irqfd() {
         summary(&mut user)
     );
 }
+
+/// KVM's dirty-page log of the guest's own writes, as a live migration
+/// reads it: pages the vCPU stored to are reported once (and cleared),
+/// pages the host wrote through its own mapping are not KVM's to report,
+/// and nothing is reported once logging is off again.
+#[test]
+fn kvm_reports_the_pages_the_guest_wrote_once() {
+    let mut t = vm_or_skip!();
+    let _dog = Watchdog::arm(
+        "kvm_reports_the_pages_the_guest_wrote_once",
+        Duration::from_secs(60),
+    );
+    const A: u64 = 0x5_0000;
+    const B: u64 = 0x5_2ffc;
+    const C: u64 = 0x6_1000;
+    let mut p = Asm::new(CODE_ADDR);
+    p.mov_eax(0x1234_5678).store_eax(A).store_eax(B).done(1);
+    p.mov_eax(0x9abc_def0).store_eax(C).done(2);
+    p.store_eax(A).done(3);
+    t.load(&p);
+    t.slots
+        .set_dirty_logging(true)
+        .expect("KVM_MEM_LOG_DIRTY_PAGES");
+    assert!(t.slots.is_dirty_logging());
+    // Loading the program and the host's writes went through the host
+    // mapping: KVM starts with every page clean and never sees those.
+    t.write(0x7_0000, &[1; 16]);
+    let mut log = ExitLog::default();
+    assert_eq!(run_phase(&mut t.vcpu, &mut log, |_| ()), 1);
+    let pages = t.slots.take_dirty_pages().expect("KVM_GET_DIRTY_LOG");
+    assert!(
+        pages.contains(&(A >> 12)) && pages.contains(&(B >> 12)),
+        "{pages:x?}"
+    );
+    assert!(
+        !pages.contains(&0x70),
+        "a host write reported by KVM: {pages:x?}"
+    );
+    assert!(!pages.contains(&(C >> 12)), "{pages:x?}");
+    assert_eq!(t.read_obj::<u32>(A), 0x1234_5678);
+    assert_eq!(run_phase(&mut t.vcpu, &mut log, |_| ()), 2);
+    let pages = t.slots.take_dirty_pages().expect("KVM_GET_DIRTY_LOG");
+    assert!(pages.contains(&(C >> 12)), "{pages:x?}");
+    assert!(
+        !pages.contains(&(A >> 12)),
+        "not cleared by the first read: {pages:x?}"
+    );
+    t.slots.set_dirty_logging(false).expect("logging off");
+    assert_eq!(run_phase(&mut t.vcpu, &mut log, |_| ()), 3);
+    assert_eq!(
+        t.slots.take_dirty_pages().expect("read while off"),
+        Vec::<u64>::new()
+    );
+}

@@ -26,13 +26,12 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use log::warn;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::GuestMemoryLog;
+mod memory_slots;
+pub use memory_slots::KvmMemorySlots;
 
 /// Offset of the virtio-mmio QueueNotify register in a device window.
 pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
@@ -99,6 +98,15 @@ pub enum KvmError {
         gpa: u64,
         /// Size in bytes (0 when removing).
         size: u64,
+        /// The error KVM returned.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_GET_DIRTY_LOG` failed.
+    #[error("cannot read the dirty log of memory slot {slot}")]
+    DirtyLog {
+        /// Slot number.
+        slot: u32,
         /// The error KVM returned.
         #[source]
         source: kvm_ioctls::Error,
@@ -290,92 +298,6 @@ impl Drop for KvmWiring {
     fn drop(&mut self) {
         if let Err(e) = self.unregister() {
             warn!("KVM wiring at {:#x}: {e}", self.mmio_base);
-        }
-    }
-}
-
-/// Guest memory registered as KVM memory slots, one slot per region.
-///
-/// The slots hold a clone of the memory (its regions are reference counted),
-/// so the host mappings outlive the slots: dropping this removes the slots
-/// first and only then lets go of the mappings. If KVM refuses to remove a
-/// slot, the mappings are leaked rather than unmapped under the guest.
-#[derive(Debug)]
-pub struct KvmMemorySlots {
-    vm: Arc<VmFd>,
-    memory: Option<GuestMemoryLog>,
-    slots: Vec<kvm_userspace_memory_region>,
-}
-
-impl KvmMemorySlots {
-    /// Register every region of `memory` with the VM, in slots numbered
-    /// from `first_slot`. Dirty-page logging in KVM is not enabled: the kit
-    /// logs the device's own writes itself.
-    pub fn register(vm: Arc<VmFd>, memory: &GuestMemoryLog, first_slot: u32) -> Result<Self> {
-        let mut slots = KvmMemorySlots {
-            vm,
-            memory: Some(memory.clone()),
-            slots: Vec::with_capacity(memory.num_regions()),
-        };
-        for (slot, region) in (first_slot..).zip(memory.iter()) {
-            let entry = kvm_userspace_memory_region {
-                slot,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-            };
-            // SAFETY: the range [userspace_addr, userspace_addr + size) is
-            // the live mapping of `region`, which `slots.memory` keeps alive
-            // until `Drop` has removed the slot again (or leaks it if KVM
-            // refuses). Guest writes through the slot are ordinary writes to
-            // shared guest memory, which the kit always accesses through
-            // `vm-memory`'s volatile accessors.
-            unsafe { slots.vm.set_user_memory_region(entry) }.map_err(|source| {
-                KvmError::MemorySlot {
-                    slot,
-                    gpa: entry.guest_phys_addr,
-                    size: entry.memory_size,
-                    source,
-                }
-            })?;
-            slots.slots.push(entry);
-        }
-        Ok(slots)
-    }
-
-    /// The slot numbers in use.
-    pub fn slots(&self) -> Vec<u32> {
-        self.slots.iter().map(|s| s.slot).collect()
-    }
-}
-
-impl Drop for KvmMemorySlots {
-    fn drop(&mut self) {
-        let mut leak = false;
-        for entry in self.slots.drain(..) {
-            let removal = kvm_userspace_memory_region {
-                memory_size: 0,
-                ..entry
-            };
-            // SAFETY: a zero-sized region deletes the slot; KVM stops using
-            // the host range, which is still mapped at this point.
-            if let Err(source) = unsafe { self.vm.set_user_memory_region(removal) } {
-                warn!(
-                    "{}",
-                    KvmError::MemorySlot {
-                        slot: entry.slot,
-                        gpa: entry.guest_phys_addr,
-                        size: 0,
-                        source,
-                    }
-                );
-                leak = true;
-            }
-        }
-        if leak {
-            // KVM may still reach these pages: never unmap them.
-            std::mem::forget(self.memory.take());
         }
     }
 }

@@ -78,7 +78,8 @@ pub struct TestVm {
     pub vcpu: VcpuFd,
     /// Guest RAM, memfd-backed, shared by KVM and the device.
     pub memory: GuestMemoryLog,
-    _slots: KvmMemorySlots,
+    /// Guest RAM as a KVM memory slot.
+    pub slots: KvmMemorySlots,
     _kvm: Kvm,
 }
 
@@ -150,7 +151,7 @@ impl TestVm {
             vm,
             vcpu,
             memory,
-            _slots: slots,
+            slots,
             _kvm: kvm,
         };
         t.setup_protected_mode();
