@@ -7,6 +7,8 @@
 //!             [--rng] [--rng-vhost-user SOCKET]
 //!             [--console OUT[,input=IN]] [--console-vhost-user SOCKET] [--snapshot-to FILE]
 //! vmm-example --restore-from FILE [DEVICES...] [--snapshot-to FILE]
+//! vmm-example ... --migrate-to ADDR [--max-downtime-ms N]
+//! vmm-example --migrate-from ADDR [DEVICES...] [--migrate-to ADDR]
 //! ```
 //!
 //! Devices appear in the guest in the order given on the command line.
@@ -14,16 +16,23 @@
 //! controllers, devices, RAM) to FILE and ends the process; `--restore-from`
 //! carries on from such a file, with each device in the home the command
 //! line gives (or the one it had, when no device is given).
-//! Exits 0 when the guest powers off or reboots or the VM was saved, 1 on
-//! any error.
+//! With `--migrate-to ADDR` (`unix:PATH`, a path, or `tcp:HOST:PORT`),
+//! SIGUSR1 migrates the running VM live to a `vmm-example --migrate-from
+//! ADDR` (a second SIGUSR1 cancels; a failed or cancelled migration leaves
+//! the VM running here); the destination's devices may live in other
+//! homes than the source's.
+//! Exits 0 when the guest powers off or reboots or the VM was saved or
+//! migrated, 1 on any error (a destination that refused a stream too).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use log::error;
+use vmm_example::vmm::migration::{self, MigrationAddress};
 use vmm_example::vmm::{
-    error_chain, DeviceOptions, DeviceRegistry, DeviceSpec, ExitReason, VmConfig, Vmm,
+    error_chain, DeviceOptions, DeviceRegistry, DeviceSpec, ExitReason, MigrateTo, VmConfig, Vmm,
 };
 
 /// Boot a Linux guest under KVM with virtio-mmio devices, each served in
@@ -32,23 +41,23 @@ use vmm_example::vmm::{
 #[command(version, about)]
 struct Args {
     /// Kernel (bzImage).
-    #[arg(long, required_unless_present = "restore_from")]
+    #[arg(long, required_unless_present_any = ["restore_from", "migrate_from"])]
     kernel: Option<PathBuf>,
     /// Initramfs.
-    #[arg(long, conflicts_with = "restore_from")]
+    #[arg(long, conflicts_with_all = ["restore_from", "migrate_from"])]
     initrd: Option<PathBuf>,
     /// Kernel command line.
     #[arg(
         long,
         default_value = "console=ttyS0 panic=-1",
-        conflicts_with = "restore_from"
+        conflicts_with_all = ["restore_from", "migrate_from"]
     )]
     cmdline: String,
     /// Guest RAM in MiB [default: 512].
-    #[arg(long, conflicts_with = "restore_from")]
+    #[arg(long, conflicts_with_all = ["restore_from", "migrate_from"])]
     mem_mib: Option<u64>,
     /// Number of vCPUs [default: 2].
-    #[arg(long, conflicts_with = "restore_from")]
+    #[arg(long, conflicts_with_all = ["restore_from", "migrate_from"])]
     vcpus: Option<u8>,
     /// On SIGUSR1, save the whole VM to FILE and exit.
     #[arg(long, value_name = "FILE")]
@@ -56,6 +65,21 @@ struct Args {
     /// Resume the VM saved in FILE instead of booting a kernel.
     #[arg(long, value_name = "FILE", conflicts_with = "kernel")]
     restore_from: Option<PathBuf>,
+    /// On SIGUSR1, migrate the running VM to the destination at ADDR
+    /// (`unix:PATH`, a path, or `tcp:HOST:PORT`).
+    #[arg(long, value_name = "ADDR", conflicts_with = "snapshot_to")]
+    migrate_to: Option<MigrationAddress>,
+    /// The longest the guest may stop for the last copy of a migration.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 300,
+        requires = "migrate_to"
+    )]
+    max_downtime_ms: u64,
+    /// Wait on ADDR for a VM migrated by `--migrate-to` and run it.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["kernel", "restore_from"])]
+    migrate_from: Option<MigrationAddress>,
     /// A virtio-blk disk served in this process: FILE or FILE,read-only.
     #[arg(long, value_name = "FILE[,read-only]")]
     disk: Vec<String>,
@@ -163,6 +187,10 @@ fn run() -> Result<ExitReason, Box<dyn std::error::Error>> {
     let devices = devices(&args, &matches)?;
     let registry = DeviceRegistry::with_builtin_kinds();
     let mut vmm = match (args.restore_from, args.kernel) {
+        _ if args.migrate_from.is_some() => {
+            let from = args.migrate_from.as_ref().ok_or("--migrate-from")?;
+            migration::receive(from, devices, &registry)?
+        }
         (Some(snapshot), _) => Vmm::restore(&snapshot, devices, &registry)?,
         (None, Some(kernel)) => Vmm::new(&VmConfig {
             devices,
@@ -178,6 +206,12 @@ fn run() -> Result<ExitReason, Box<dyn std::error::Error>> {
     if let Some(path) = args.snapshot_to {
         vmm.snapshot_on_signal(path);
     }
+    if let Some(address) = args.migrate_to {
+        vmm.migrate_on_signal(MigrateTo {
+            address,
+            max_downtime: Duration::from_millis(args.max_downtime_ms),
+        });
+    }
     let reason = vmm.run()?;
     // Leave `vmm` alive: the process ends now, with vCPU threads parked in
     // KVM (see `Vmm::run`).
@@ -188,7 +222,9 @@ fn run() -> Result<ExitReason, Box<dyn std::error::Error>> {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let code = match run() {
-        Ok(ExitReason::PowerOff | ExitReason::Reset | ExitReason::Snapshot) => 0,
+        Ok(
+            ExitReason::PowerOff | ExitReason::Reset | ExitReason::Snapshot | ExitReason::Migrated,
+        ) => 0,
         Ok(ExitReason::Failure) => {
             error!("the guest failed");
             1

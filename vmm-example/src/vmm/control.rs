@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The VM's control thread: device state for a restore, the vCPU threads,
-//! and saving the VM to its snapshot file on SIGUSR1.
+//! and on SIGUSR1 saving the VM to its snapshot file or migrating it.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -11,12 +11,14 @@ use kvm_bindings::kvm_irqchip;
 use kvm_ioctls::VmFd;
 use log::{error, info};
 use signal_hook::iterator::Signals;
+use virtio_backend_kit::kvm::KvmMemorySlots;
 use virtio_backend_kit::mmio::MmioTransport;
 use virtio_backend_kit::snapshot::{self as device_snapshot, DeviceSnapshot};
 use virtio_backend_kit::vm_memory::{Bytes, GuestAddress};
-use virtio_backend_kit::GuestMemoryLog;
+use virtio_backend_kit::{GuestMemoryLog, SharedDirtyLog};
 
 use super::machine::IRQCHIP_IDS;
+use super::migration::MigrateTo;
 use super::serial::SerialConsole;
 use super::snapshot::{self, DeviceRecord, VmState};
 use super::vcpu::{Buses, PauseGate, Vcpu};
@@ -43,9 +45,29 @@ pub(super) struct Control {
     pub(super) pending: Vec<Option<DeviceSnapshot>>,
     pub(super) vm: Arc<VmFd>,
     pub(super) memory: GuestMemoryLog,
+    pub(super) log: Arc<SharedDirtyLog>,
+    pub(super) slots: Arc<Mutex<KvmMemorySlots>>,
     pub(super) mem_mib: u64,
     pub(super) serial: Arc<Mutex<SerialConsole>>,
-    pub(super) save: Option<(PathBuf, Signals)>,
+    pub(super) on_signal: Option<(SignalAction, Signals)>,
+}
+
+/// What SIGUSR1 asks for.
+#[derive(Debug)]
+pub(super) enum SignalAction {
+    /// Save the VM to this file and stop.
+    Snapshot(PathBuf),
+    /// Migrate the VM (see [`super::migration`]).
+    Migrate(MigrateTo),
+}
+
+/// The VM stopped at a cut: its state, and each device's snapshot (kept to
+/// resume the devices if the cut is not used after all).
+pub(super) struct Cut {
+    pub(super) state: VmState,
+    pub(super) snapshots: Vec<DeviceSnapshot>,
+    pub(super) queued: u64,
+    pub(super) in_flight: u64,
 }
 
 impl Control {
@@ -70,29 +92,121 @@ impl Control {
         for vcpu in std::mem::take(&mut self.vcpus) {
             threads.push(vcpu.spawn(self.buses.clone(), self.exit.clone(), self.gate.clone())?);
         }
-        let Some((path, mut signals)) = self.save.take() else {
+        let Some((action, mut signals)) = self.on_signal.take() else {
             return Ok(());
         };
-        if signals.forever().next().is_none() {
-            return Ok(());
+        match action {
+            SignalAction::Snapshot(path) => {
+                if signals.forever().next().is_none() {
+                    return Ok(());
+                }
+                info!("SIGUSR1: saving the VM to {}", path.display());
+                self.save(&threads, &path)?;
+                self.exit.signal(ExitReason::Snapshot);
+            }
+            SignalAction::Migrate(to) => {
+                while signals.wait().next().is_some() {
+                    info!("SIGUSR1: migrating the VM to {}", to.address);
+                    match self.migrate(&threads, &to, &mut signals) {
+                        Ok(()) => {
+                            self.exit.signal(ExitReason::Migrated);
+                            return Ok(());
+                        }
+                        Err(e) => error!(
+                            "migration to {} failed; the VM runs on here: {}",
+                            to.address,
+                            error_chain(&e)
+                        ),
+                    }
+                }
+            }
         }
-        info!("SIGUSR1: saving the VM to {}", path.display());
-        self.save(&threads, &path)?;
-        self.exit.signal(ExitReason::Snapshot);
         Ok(())
     }
 
     /// Stop the vCPUs, pause the devices and write everything to `path`.
     fn save(&self, threads: &[JoinHandle<()>], path: &Path) -> Result<(), VmmError> {
         let started = Instant::now();
-        let vcpus = self.gate.stop_all(threads, PAUSE_TIMEOUT)?;
-        let vcpus_stopped = started.elapsed();
+        let cut = self.cut(threads)?;
+        let ram = memory::ram_file(&self.memory).ok_or(VmmError::NoRamFile)?;
+        let devices_paused = started.elapsed();
+        let size = snapshot::write(path, &cut.state, ram, self.mem_mib << 20)?;
+        info!(
+            "saved to {}: devices paused at {:.1} ms; {} device(s), \
+             {} request(s) in flight and {} queued at the cut; state {} bytes, \
+             RAM {} MiB ({} KiB not zero); {:.1} ms in all",
+            path.display(),
+            devices_paused.as_secs_f64() * 1e3,
+            self.specs.len(),
+            cut.in_flight,
+            cut.queued,
+            size.state,
+            self.mem_mib,
+            size.ram_data >> 10,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(())
+    }
+
+    /// Stop the vCPUs and the devices and capture the VM's state. If a
+    /// device cannot be saved, the ones already stopped and the vCPUs go
+    /// on and the error is returned.
+    pub(super) fn cut(&self, threads: &[JoinHandle<()>]) -> Result<Cut, VmmError> {
+        let started = Instant::now();
+        let vcpus = match self.gate.stop_all(threads, PAUSE_TIMEOUT) {
+            Ok(v) => v,
+            Err(e) => {
+                self.gate.open();
+                return Err(e.into());
+            }
+        };
+        info!(
+            "vCPUs stopped in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        let mut snapshots = Vec::new();
+        for (index, transport) in self.transports.iter().enumerate() {
+            match lock(transport).snapshot() {
+                Ok(snap) => snapshots.push(snap),
+                Err(e) => {
+                    self.resume(snapshots);
+                    return Err(VmmError::DeviceSnapshot(index, Box::new(e)));
+                }
+            }
+        }
+        match self.capture(vcpus, &snapshots) {
+            Ok((state, queued, in_flight)) => Ok(Cut {
+                state,
+                snapshots,
+                queued,
+                in_flight,
+            }),
+            Err(e) => {
+                self.resume(snapshots);
+                Err(e)
+            }
+        }
+    }
+
+    /// Let the devices and vCPUs stopped by [`Control::cut`] go on from
+    /// where they stopped.
+    pub(super) fn resume(&self, snapshots: Vec<DeviceSnapshot>) {
+        for (index, (transport, snap)) in self.transports.iter().zip(snapshots).enumerate() {
+            if let Err(e) = lock(transport).resume(snap) {
+                error!("device {index} cannot resume: {}", error_chain(&e));
+            }
+        }
+        self.gate.open();
+    }
+
+    fn capture(
+        &self,
+        vcpus: Vec<super::vcpu::VcpuState>,
+        snapshots: &[DeviceSnapshot],
+    ) -> Result<(VmState, u64, u64), VmmError> {
         let mut devices = Vec::new();
         let (mut queued, mut in_flight) = (0u64, 0u64);
-        for (index, (spec, transport)) in self.specs.iter().zip(&self.transports).enumerate() {
-            let snap = lock(transport)
-                .snapshot()
-                .map_err(|e| VmmError::DeviceSnapshot(index, Box::new(e)))?;
+        for (index, (spec, snap)) in self.specs.iter().zip(snapshots).enumerate() {
             for q in snap.queues.iter().filter(|q| q.is_configured()) {
                 // Requests the driver made available that the device had not
                 // taken yet: they wait in guest RAM for the restored device.
@@ -112,7 +226,7 @@ impl Control {
                 spec.kind,
                 snap.device_state.len()
             );
-            let envelope = device_snapshot::encode(&snap)
+            let envelope = device_snapshot::encode(snap)
                 .map_err(|e| VmmError::DeviceSnapshot(index, Box::new(e)))?;
             devices.push(DeviceRecord {
                 spec: spec.clone(),
@@ -145,22 +259,6 @@ impl Control {
             serial: lock(&self.serial).snapshot(),
             devices,
         };
-        let ram = memory::ram_file(&self.memory).ok_or(VmmError::NoRamFile)?;
-        let devices_paused = started.elapsed();
-        let size = snapshot::write(path, &state, ram, self.mem_mib << 20)?;
-        info!(
-            "saved to {}: vCPUs stopped in {:.1} ms, devices paused at {:.1} ms; {} device(s), \
-             {in_flight} request(s) in flight and {queued} queued at the cut; state {} bytes, \
-             RAM {} MiB ({} KiB not zero); {:.1} ms in all",
-            path.display(),
-            vcpus_stopped.as_secs_f64() * 1e3,
-            devices_paused.as_secs_f64() * 1e3,
-            self.specs.len(),
-            size.state,
-            self.mem_mib,
-            size.ram_data >> 10,
-            started.elapsed().as_secs_f64() * 1e3
-        );
-        Ok(())
+        Ok((state, queued, in_flight))
     }
 }

@@ -11,15 +11,16 @@ use kvm_ioctls::{Kvm, VmFd};
 use log::info;
 use virtio_backend_kit::kvm::KvmMemorySlots;
 use virtio_backend_kit::snapshot::DeviceSnapshot;
-use virtio_backend_kit::GuestMemoryLog;
+use virtio_backend_kit::{GuestMemoryLog, SharedDirtyLog};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::{Bus, PowerDevice, ResetDevice};
 use super::devices::{self, AttachedDevice, Subscribers};
+use super::memory::GuestRam;
 use super::registry::DeviceRegistry;
 use super::serial::SerialConsole;
 use super::vcpu::{Buses, Vcpu};
-use super::{layout, memory, DeviceSpec, ExitSignal, ExitSubscriber, Vmm, VmmError};
+use super::{layout, DeviceSpec, ExitSignal, ExitSubscriber, Vmm, VmmError};
 
 pub(super) fn create_vm(kvm: &Kvm) -> Result<Arc<VmFd>, VmmError> {
     let vm = kvm.create_vm().map_err(VmmError::Kvm)?;
@@ -51,6 +52,7 @@ pub(super) struct Machine {
     pub(super) kvm: Kvm,
     pub(super) vm: Arc<VmFd>,
     pub(super) memory: GuestMemoryLog,
+    pub(super) log: Arc<SharedDirtyLog>,
     pub(super) exit: Arc<ExitSignal>,
     pub(super) subscribers: Subscribers,
     pub(super) mmio: Bus,
@@ -58,18 +60,16 @@ pub(super) struct Machine {
 }
 
 impl Machine {
-    /// A VM with `mem_mib` of RAM (filled by `fill` before KVM sees it) and
+    /// A VM on `ram` (already filled, for a restore or a migration) with
     /// `specs` attached.
     pub(super) fn build(
-        mem_mib: u64,
+        ram: GuestRam,
         specs: &[DeviceSpec],
         registry: &DeviceRegistry,
-        fill: impl FnOnce(&GuestMemoryLog) -> Result<(), VmmError>,
     ) -> Result<(Self, KvmMemorySlots), VmmError> {
         let kvm = Kvm::new().map_err(VmmError::Kvm)?;
         let vm = create_vm(&kvm)?;
-        let memory = memory::create(mem_mib)?;
-        fill(&memory)?;
+        let GuestRam { memory, log } = ram;
         let slots =
             KvmMemorySlots::register(vm.clone(), &memory, 0).map_err(VmmError::MemorySlots)?;
         let exit = Arc::new(ExitSignal::new().map_err(VmmError::EventFd)?);
@@ -77,6 +77,7 @@ impl Machine {
             kvm,
             vm,
             memory,
+            log,
             exit,
             subscribers: Vec::new(),
             mmio: Bus::default(),
@@ -163,12 +164,13 @@ impl Machine {
             specs,
             pending,
             memory: self.memory,
+            log: self.log,
             mem_mib,
             serial,
-            snapshot_to: None,
+            on_signal: None,
             vm: self.vm,
             _serial_irq: serial_irq,
-            _slots: slots,
+            slots: Arc::new(Mutex::new(slots)),
         })
     }
 }

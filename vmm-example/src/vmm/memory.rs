@@ -11,10 +11,12 @@ use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
+use virtio_backend_kit::memory::{DirtyLogBitmap, GuestRegionLog};
+use virtio_backend_kit::vm_memory::mmap::MmapRegionBuilder;
 use virtio_backend_kit::vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
 };
-use virtio_backend_kit::GuestMemoryLog;
+use virtio_backend_kit::{GuestMemoryLog, SharedDirtyLog};
 
 /// The guest physical address map.
 pub mod layout {
@@ -86,11 +88,28 @@ pub enum MemoryError {
     Memfd(#[source] std::io::Error),
     /// Mapping the memory failed.
     #[error("cannot map guest memory")]
-    Map(#[source] virtio_backend_kit::vm_memory::mmap::FromRangesError),
+    Map(#[source] virtio_backend_kit::vm_memory::mmap::MmapRegionError),
+    /// The region does not fit the address space.
+    #[error("guest memory of {0} MiB does not fit the guest address space")]
+    Region(u64),
+    /// The dirty log for a migration could not be created.
+    #[error("cannot create the dirty log")]
+    DirtyLog(#[source] virtio_backend_kit::data_plane::SharedLogError),
 }
 
-/// Create `mib` MiB of memfd-backed guest RAM at guest physical address 0.
-pub fn create(mib: u64) -> Result<GuestMemoryLog, MemoryError> {
+/// Guest RAM and the dirty log its in-process writers log into.
+#[derive(Debug)]
+pub struct GuestRam {
+    /// The memory, one memfd-backed region at 0.
+    pub memory: GuestMemoryLog,
+    /// Every write through `memory` is logged here while logging is on
+    /// (a live migration), and vhost-user backends get the same file.
+    pub log: std::sync::Arc<SharedDirtyLog>,
+}
+
+/// Create `mib` MiB of memfd-backed guest RAM at guest physical address 0,
+/// with its dirty log (logging off).
+pub fn create(mib: u64) -> Result<GuestRam, MemoryError> {
     if !(64..=layout::MAX_MEM_MIB).contains(&mib) {
         return Err(MemoryError::Size(mib));
     }
@@ -105,12 +124,20 @@ pub fn create(mib: u64) -> Result<GuestMemoryLog, MemoryError> {
     // SAFETY: `fd` is a fresh descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(MemoryError::Memfd)?;
-    GuestMemoryLog::from_ranges_with_files([(
-        GuestAddress(0),
+    let log = std::sync::Arc::new(SharedDirtyLog::new(size).map_err(MemoryError::DirtyLog)?);
+    let mapping = MmapRegionBuilder::new_with_bitmap(
         size as usize,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .map_err(MemoryError::Map)
+        DirtyLogBitmap::new(log.log().clone(), 0),
+    )
+    .with_file_offset(FileOffset::new(file, 0))
+    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+    .with_mmap_flags(libc::MAP_SHARED)
+    .build()
+    .map_err(MemoryError::Map)?;
+    let region = GuestRegionLog::new(mapping, GuestAddress(0)).ok_or(MemoryError::Region(mib))?;
+    let memory =
+        GuestMemoryLog::from_regions(vec![region]).map_err(|_| MemoryError::Region(mib))?;
+    Ok(GuestRam { memory, log })
 }
 
 /// The memfd behind guest RAM made by [`create`].

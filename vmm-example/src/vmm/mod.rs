@@ -15,6 +15,7 @@
 //! | [`devices`] | virtio devices behind [`virtio_backend_kit::mmio::MmioTransport`] |
 //! | [`registry`], [`device_spec`] | the open list of device kinds; what the user asked for |
 //! | [`snapshot`] | the whole VM in one file: vCPUs, irqchips, devices, RAM |
+//! | [`migration`] | the running VM to another process: pre-copy of RAM, then the rest |
 //!
 //! [`Vmm::new`] builds the machine for a fresh boot and [`Vmm::restore`]
 //! from a snapshot file; [`Vmm::run`] runs the devices' data planes on an
@@ -32,6 +33,8 @@ pub mod devices;
 pub mod diagnostics;
 mod machine;
 pub mod memory;
+pub mod migration;
+mod pause;
 pub mod registry;
 mod restore;
 pub mod serial;
@@ -50,7 +53,7 @@ use signal_hook::iterator::Signals;
 use virtio_backend_kit::kvm::KvmMemorySlots;
 use virtio_backend_kit::snapshot::{self as device_snapshot, DeviceSnapshot};
 use virtio_backend_kit::vm_memory::GuestAddress;
-use virtio_backend_kit::GuestMemoryLog;
+use virtio_backend_kit::{GuestMemoryLog, SharedDirtyLog};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -58,9 +61,10 @@ pub use device_spec::{DeviceHome, DeviceOptions, DeviceSpec};
 pub use memory::layout;
 pub use registry::{BuildResult, DeviceKind, DeviceRegistry, KindInfo};
 
-use control::Control;
+use control::{Control, SignalAction};
 use devices::AttachedDevice;
 use machine::{check_vcpus, Machine, IRQCHIP_IDS};
+pub use migration::MigrateTo;
 use serial::SerialConsole;
 use snapshot::{DeviceRecord, SnapshotFile, VmState};
 use vcpu::{Buses, PauseGate, Vcpu};
@@ -95,6 +99,8 @@ pub enum ExitReason {
     Failure,
     /// The VM was saved to its snapshot file; it carries on when restored.
     Snapshot,
+    /// The VM was migrated; it runs on at the destination.
+    Migrated,
 }
 
 /// Errors building or running the VM.
@@ -141,6 +147,9 @@ pub enum VmmError {
     /// The snapshot's interrupt controllers are not in KVM chip ID order.
     #[error("invalid configuration: irqchip {0} out of order")]
     IrqchipOrder(u32),
+    /// The RAM given does not match the VM state's size.
+    #[error("invalid configuration: the RAM does not match the state's {0} MiB")]
+    RamSize(u64),
     /// `/dev/kvm` cannot be used.
     #[error("cannot use /dev/kvm")]
     Kvm(#[source] kvm_ioctls::Error),
@@ -177,6 +186,9 @@ pub enum VmmError {
     /// The snapshot file.
     #[error(transparent)]
     Snapshot(#[from] snapshot::VmSnapshotError),
+    /// A live migration.
+    #[error(transparent)]
+    Migration(#[from] migration::MigrationError),
     /// Device number `.0`'s state could not be saved or loaded.
     #[error("device {0}: snapshot")]
     DeviceSnapshot(usize, #[source] Box<dyn std::error::Error + Send + Sync>),
@@ -242,13 +254,16 @@ pub struct Vmm {
     /// planes take their queues from it).
     pending: Vec<Option<DeviceSnapshot>>,
     memory: GuestMemoryLog,
+    log: Arc<SharedDirtyLog>,
     mem_mib: u64,
     serial: Arc<Mutex<SerialConsole>>,
-    snapshot_to: Option<PathBuf>,
+    on_signal: Option<SignalAction>,
     vm: Arc<VmFd>,
+    /// Guest RAM's KVM slots, for the VM's lifetime (a migration turns
+    /// their dirty logging on).
+    slots: Arc<Mutex<KvmMemorySlots>>,
     // Kept alive for the VM's lifetime.
     _serial_irq: EventFd,
-    _slots: KvmMemorySlots,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -258,7 +273,7 @@ impl std::fmt::Debug for Vmm {
             .field("devices", &self.devices)
             .field("specs", &self.specs)
             .field("mem_mib", &self.mem_mib)
-            .field("snapshot_to", &self.snapshot_to)
+            .field("on_signal", &self.on_signal)
             .finish_non_exhaustive()
     }
 }
@@ -280,12 +295,8 @@ impl Vmm {
                 })?;
             }
         }
-        let (machine, slots) = Machine::build(
-            config.mem_mib,
-            &config.devices,
-            &config.registry,
-            |_| Ok(()),
-        )?;
+        let ram = memory::create(config.mem_mib)?;
+        let (machine, slots) = Machine::build(ram, &config.devices, &config.registry)?;
 
         let mut cmdline = config.cmdline.trim().to_string();
         for dev in &machine.devices {
@@ -337,7 +348,15 @@ impl Vmm {
 
     /// Save the VM to `path` and stop when the process receives SIGUSR1.
     pub fn snapshot_on_signal(&mut self, path: PathBuf) {
-        self.snapshot_to = Some(path);
+        self.on_signal = Some(SignalAction::Snapshot(path));
+    }
+
+    /// Migrate the running VM to the destination `to` names when the
+    /// process receives SIGUSR1 (see [`migration`]); a second SIGUSR1
+    /// during the migration cancels it. A migration that fails or is
+    /// cancelled leaves the VM running here, and SIGUSR1 tries again.
+    pub fn migrate_on_signal(&mut self, to: MigrateTo) {
+        self.on_signal = Some(SignalAction::Migrate(to));
     }
 
     /// The attached devices, in guest order.
@@ -353,10 +372,11 @@ impl Vmm {
     /// pull memory from under them).
     pub fn run(&mut self) -> Result<ExitReason, VmmError> {
         let started = Instant::now();
-        let signals = match self.snapshot_to {
-            Some(_) => {
-                Some(Signals::new([SIGUSR1]).map_err(|e| VmmError::Setup("watching SIGUSR1", e))?)
-            }
+        let on_signal = match self.on_signal.take() {
+            Some(action) => Some((
+                action,
+                Signals::new([SIGUSR1]).map_err(|e| VmmError::Setup("watching SIGUSR1", e))?,
+            )),
             None => None,
         };
         let control = Control {
@@ -369,9 +389,11 @@ impl Vmm {
             pending: std::mem::take(&mut self.pending),
             vm: self.vm.clone(),
             memory: self.memory.clone(),
+            log: self.log.clone(),
+            slots: self.slots.clone(),
             mem_mib: self.mem_mib,
             serial: self.serial.clone(),
-            save: self.snapshot_to.clone().zip(signals),
+            on_signal,
         };
         diagnostics::report_on_signal(
             (self.devices.iter())

@@ -3,6 +3,7 @@
 //! the serial console, and each device in the home the caller chooses.
 
 use super::*;
+use virtio_backend_kit::vm_memory::GuestMemoryBackend;
 
 impl Vmm {
     /// Build the VM saved in `path`. `devices` chooses each device's home
@@ -16,7 +17,31 @@ impl Vmm {
     ) -> Result<Self, VmmError> {
         let started = Instant::now();
         let file = SnapshotFile::open(path)?;
-        let state = &file.state;
+        let ram = memory::create(file.state.mem_mib)?;
+        let file_ram = memory::ram_file(&ram.memory).ok_or(VmmError::NoRamFile)?;
+        let t = Instant::now();
+        let loaded = file.load_ram(file_ram)?;
+        let origin = format!(
+            "{} ({} MiB loaded in {:.1} ms)",
+            path.display(),
+            loaded >> 20,
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        Self::from_state(&file.state, ram, devices, registry, &origin, started)
+    }
+
+    /// Build the VM `state` describes on `ram` (already holding the
+    /// guest's memory), each device in the home `devices` gives (or the
+    /// one `state` records, when empty). `origin` says where it came from,
+    /// for the log.
+    pub(super) fn from_state(
+        state: &VmState,
+        ram: memory::GuestRam,
+        devices: Vec<DeviceSpec>,
+        registry: &DeviceRegistry,
+        origin: &str,
+        started: Instant,
+    ) -> Result<Self, VmmError> {
         let specs = if devices.is_empty() {
             state.devices.iter().map(|d| d.spec.clone()).collect()
         } else {
@@ -24,14 +49,10 @@ impl Vmm {
         };
         let pending = device_snapshots(&specs, &state.devices, registry)?;
         let vcpu_count = check_vcpus(state.vcpus.len())?;
-        let (mut ram_loaded, mut ram_ms) = (0, 0.0);
-        let (machine, slots) = Machine::build(state.mem_mib, &specs, registry, |memory| {
-            let ram = memory::ram_file(memory).ok_or(VmmError::NoRamFile)?;
-            let t = Instant::now();
-            ram_loaded = file.load_ram(ram)?;
-            ram_ms = t.elapsed().as_secs_f64() * 1e3;
-            Ok(())
-        })?;
+        if ram.memory.last_addr().0.checked_add(1) != state.mem_mib.checked_shl(20) {
+            return Err(VmmError::RamSize(state.mem_mib));
+        }
+        let (machine, slots) = Machine::build(ram, &specs, registry)?;
         restore_vm_state(&machine.vm, state)?;
         let serial_irq = machine.serial_irq()?;
         let serial = SerialConsole::restore(
@@ -48,13 +69,10 @@ impl Vmm {
             .map(|s| Vcpu::restore(&machine.kvm, &machine.vm, vcpu_count, s, msrs.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         info!(
-            "restored from {}: {} vCPU(s), {} device(s), {} MiB RAM ({} MiB loaded in {:.1} ms) in {:.1} ms",
-            path.display(),
+            "restored from {origin}: {} vCPU(s), {} device(s), {} MiB RAM in {:.1} ms",
             vcpu_count,
             specs.len(),
             state.mem_mib,
-            ram_loaded >> 20,
-            ram_ms,
             started.elapsed().as_secs_f64() * 1e3
         );
         let mem_mib = state.mem_mib;
@@ -66,7 +84,7 @@ impl Vmm {
 
 /// Each device's kit snapshot from `records`, checked against the kind
 /// `specs` gives it (same count, same virtio device type).
-fn device_snapshots(
+pub(super) fn device_snapshots(
     specs: &[DeviceSpec],
     records: &[DeviceRecord],
     registry: &DeviceRegistry,

@@ -11,10 +11,9 @@
 //! MMIO access, hands over its [`VcpuState`] and stays parked. A vCPU
 //! restored from a [`VcpuState`] carries on from there.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment,
@@ -24,11 +23,11 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use log::{debug, error, warn};
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::boot::{BootEntry, GDT};
 use super::bus::Bus;
 use super::layout;
+pub use super::pause::PauseGate;
 use super::{ExitReason, ExitSignal};
 
 /// Errors setting up or running a vCPU.
@@ -111,81 +110,6 @@ pub struct VcpuState {
     pub msrs: Vec<kvm_msr_entry>,
     /// Pending exceptions, interrupts and NMIs.
     pub events: kvm_vcpu_events,
-}
-
-/// Stops running vCPUs at a consistent point and collects their state.
-#[derive(Debug)]
-pub struct PauseGate {
-    requested: AtomicBool,
-    states: Mutex<Vec<Result<VcpuState, VcpuError>>>,
-    arrived: Condvar,
-}
-
-/// The real-time signal that kicks a vCPU thread out of `KVM_RUN`.
-fn kick_signal() -> i32 {
-    SIGRTMIN()
-}
-
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Nothing to do: interrupting KVM_RUN (EINTR) is the whole point.
-}
-
-impl PauseGate {
-    /// A gate nobody has closed, with the kick signal's handler installed.
-    pub fn new() -> Result<Arc<Self>, VcpuError> {
-        register_signal_handler(kick_signal(), on_kick).map_err(VcpuError::KickHandler)?;
-        Ok(Arc::new(PauseGate {
-            requested: AtomicBool::new(false),
-            states: Mutex::new(Vec::new()),
-            arrived: Condvar::new(),
-        }))
-    }
-
-    fn is_closed(&self) -> bool {
-        self.requested.load(Ordering::Acquire)
-    }
-
-    fn hand_over(&self, state: Result<VcpuState, VcpuError>) {
-        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        states.push(state);
-        self.arrived.notify_all();
-    }
-
-    /// Stop every vCPU in `threads` and return their states by vCPU index.
-    /// A vCPU can be between its check of the gate and `KVM_RUN` when the
-    /// kick lands, so the kick is repeated until all have stopped.
-    pub fn stop_all(
-        &self,
-        threads: &[JoinHandle<()>],
-        timeout: Duration,
-    ) -> Result<Vec<VcpuState>, VcpuError> {
-        self.requested.store(true, Ordering::Release);
-        let deadline = Instant::now() + timeout;
-        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        while states.len() < threads.len() {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(VcpuError::PauseTimeout {
-                    stopped: states.len(),
-                    expected: threads.len(),
-                    timeout,
-                });
-            }
-            for t in threads.iter().filter(|t| !t.is_finished()) {
-                // A thread that already parked ignores the signal.
-                let _ = t.kill(kick_signal());
-            }
-            let wait = (deadline - now).min(Duration::from_millis(10));
-            states = self
-                .arrived
-                .wait_timeout(states, wait)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        let mut out = states.drain(..).collect::<Result<Vec<_>, _>>()?;
-        out.sort_by_key(|s| s.id);
-        Ok(out)
-    }
 }
 
 /// One configured vCPU, ready to run.
@@ -336,7 +260,7 @@ impl Vcpu {
     /// Run on a thread of its own until the guest stops or fails; either
     /// way `exit` learns why.
     /// If `gate` closes, the vCPU stops, hands its state to the gate and
-    /// parks for good.
+    /// parks until the gate opens again (or for good).
     pub fn spawn(
         self,
         buses: Arc<Buses>,
@@ -345,13 +269,19 @@ impl Vcpu {
     ) -> Result<JoinHandle<()>, VcpuError> {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
-            .spawn(move || match self.run(&buses, &gate) {
-                Ok(reason) => exit.signal(reason),
-                Err(mut vcpu) => {
-                    let state = vcpu.settle().and_then(|()| vcpu.save_state());
-                    gate.hand_over(state);
-                    loop {
-                        std::thread::park();
+            .spawn(move || {
+                let mut vcpu = self;
+                loop {
+                    match vcpu.run(&buses, &gate) {
+                        Ok(reason) => return exit.signal(reason),
+                        Err(mut stopped) => {
+                            let state = stopped.settle().and_then(|()| stopped.save_state());
+                            gate.hand_over(state);
+                            // Parked until the gate opens again (a migration
+                            // that did not happen), then the guest goes on.
+                            gate.wait_until_open();
+                            vcpu = stopped;
+                        }
                     }
                 }
             })
