@@ -223,7 +223,7 @@ fn blk_round_trip_reset_and_reactivate() {
     ] {
         assert!(proto.contains(f), "{f:?} not negotiated: {proto:?}");
     }
-    assert!(!proto.contains(VhostUserProtocolFeatures::STATUS));
+    assert!(proto.contains(VhostUserProtocolFeatures::STATUS));
 
     let mut cap = [0u8; 8];
     dev.read_config(0, &mut cap);

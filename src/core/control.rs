@@ -111,6 +111,17 @@ pub trait DeviceControl: Send {
         let _ = log;
         Ok(())
     }
+    /// The driver wrote `status` to the device status field (0: reset,
+    /// after [`DeviceControl::reset`]; DRIVER_OK: after a successful
+    /// [`DeviceControl::activate`]). Returns the status as the device
+    /// holds it: a device that cannot accept the driver's features clears
+    /// FEATURES_OK (virtio 1.2, 3.1.1), and the transport then does not
+    /// show it to the driver. The default keeps no status and returns
+    /// `status` unchanged; a vhost-user backend with the STATUS protocol
+    /// feature gets it passed on.
+    fn driver_status(&mut self, status: u32) -> Result<u32, ControlError> {
+        Ok(status)
+    }
 }
 
 impl<B: DeviceBackend> DeviceControl for DeviceCore<B> {

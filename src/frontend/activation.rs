@@ -67,19 +67,8 @@ impl VhostUserFrontendDevice {
         base: u16,
     ) -> Result<EventFd, ControlError> {
         self.check_queue(&q)?;
-        let size = u64::from(q.size);
-        let ring = |gpa, len, what| {
-            Self::host_address(memory, gpa, len).ok_or(ControlError::Invalid(what))
-        };
-        let config = VringConfigData {
-            queue_max_size: self.max_queue_size,
-            queue_size: q.size,
-            flags: 0,
-            desc_table_addr: ring(q.desc_table, 16 * size, "descriptor table outside memory")?,
-            avail_ring_addr: ring(q.avail_ring, 6 + 2 * size, "available ring outside memory")?,
-            used_ring_addr: ring(q.used_ring, 6 + 8 * size, "used ring outside memory")?,
-            log_addr: None,
-        };
+        let layout = (q.index, q.size, q.desc_table, q.avail_ring, q.used_ring);
+        let config = self.vring_config(memory, layout, self.is_logging())?;
         let index = usize::from(q.index);
         let backend_call = EventFd::new(EFD_NONBLOCK).map_err(FrontendError::Relay)?;
         let backend_err = EventFd::new(EFD_NONBLOCK).map_err(FrontendError::Relay)?;
@@ -96,9 +85,7 @@ impl VhostUserFrontendDevice {
         self.request("SET_VRING_KICK", |fe| fe.set_vring_kick(index, &q.kick))?;
         if let Some(active) = self.active.as_mut() {
             active.started.push(q.index);
-            active
-                .layout
-                .push((q.index, q.size, q.desc_table, q.avail_ring, q.used_ring));
+            active.layout.push(layout);
         }
         if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             self.request("SET_VRING_ENABLE", |fe| fe.set_vring_enable(index, true))?;
@@ -236,12 +223,10 @@ impl VhostUserFrontendDevice {
             self.check_queue(q)?;
         }
         let regions = Self::memory_table(&activation.memory)?;
-        let mut features = activation.features;
-        if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
-            features |= VHOST_USER_F_PROTOCOL_FEATURES;
-        }
+        let features = self.backend_ack(activation.features, self.is_logging());
         self.request("SET_FEATURES", |fe| fe.set_features(features))?;
         self.request("SET_MEM_TABLE", |fe| fe.set_mem_table(&regions))?;
+        self.apply_log_at_activation()?;
         let memory = activation.memory.clone();
         self.active = Some(ActiveState {
             started: Vec::new(),

@@ -101,6 +101,17 @@ impl DeviceControl for VhostUserFrontendDevice {
         Ok(self.do_reset()?)
     }
 
+    fn driver_status(&mut self, status: u32) -> Result<u32, ControlError> {
+        Ok(self.forward_status(status)?)
+    }
+
+    fn set_dirty_log(
+        &mut self,
+        log: Option<&crate::data_plane::SharedDirtyLog>,
+    ) -> Result<(), ControlError> {
+        self.set_logging(log)
+    }
+
     fn snapshot(&mut self) -> Result<DeviceSnapshot, ControlError> {
         if self.stateful && !self.has(VhostUserProtocolFeatures::DEVICE_STATE) {
             // Refused before anything stops: the device keeps running.

@@ -18,7 +18,13 @@
 //!   `SET_VRING_CALL`, `SET_VRING_KICK`, `SET_VRING_ENABLE`;
 //! - [`DeviceControl::reset`] sends `GET_VRING_BASE` per started queue, then
 //!   `RESET_DEVICE` when the backend supports it;
-//! - [`DeviceControl::write_config`] sends `SET_CONFIG`.
+//! - [`DeviceControl::write_config`] sends `SET_CONFIG`;
+//! - [`DeviceControl::driver_status`] sends `SET_STATUS` (STATUS) and,
+//!   after FEATURES_OK, `GET_STATUS` to learn whether the backend keeps it;
+//! - [`DeviceControl::set_dirty_log`] sends `SET_LOG_BASE` (LOG_SHMFD) and,
+//!   on a running device, `SET_FEATURES` with `VHOST_F_LOG_ALL` and
+//!   `SET_VRING_ADDR` with `VHOST_VRING_F_LOG` per ring (or both without,
+//!   to stop); an activation while logging is on applies the log as well.
 //!
 //! # Kicks go straight through, calls take one hop
 //!
@@ -80,10 +86,15 @@ use crate::vring::Notifier;
 
 mod activation;
 mod control;
+mod dirty_log;
+mod raw;
 mod relay;
 pub mod state_fd;
 
+use dirty_log::{LogArea, RingLayout};
 use relay::*;
+
+pub use raw::RawRequestError;
 
 pub use crate::features::{VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
 /// Size of the virtio-blk config space as the kit's block device and
@@ -97,9 +108,11 @@ const VIRTIO_ID_VSOCK: u32 = 19;
 const VIRTIO_ID_FS: u32 = 26;
 
 /// Protocol features the adapter can make use of; it acks the subset the
-/// backend offers. `STATUS` is left out (the transport does not pass the
-/// device status on), and so is `CONFIGURE_MEM_SLOTS` (memory is set in one
-/// `SET_MEM_TABLE` per activation).
+/// backend offers. `CONFIGURE_MEM_SLOTS` is left out (memory is set in one
+/// `SET_MEM_TABLE` per activation). `LOG_SHMFD` is what dirty logging
+/// needs (see [`DeviceControl::set_dirty_log`]); with `STATUS` the device
+/// status the driver writes is passed on (see
+/// [`DeviceControl::driver_status`]).
 fn wanted_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
@@ -107,6 +120,8 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::DEVICE_STATE
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::STATUS
 }
 
 /// Regions one `SET_MEM_TABLE` may carry by the vhost-user spec.
@@ -139,6 +154,19 @@ pub enum FrontendError {
         #[source]
         source: vhost::Error,
     },
+    /// A request the adapter frames itself (see [`RawRequestError`])
+    /// failed.
+    #[error("vhost-user {request} failed")]
+    Raw {
+        /// The request.
+        request: &'static str,
+        /// What went wrong.
+        #[source]
+        source: RawRequestError,
+    },
+    /// The socket could not be duplicated for the adapter's own requests.
+    #[error("cannot duplicate the vhost-user socket")]
+    Socket(#[source] std::io::Error),
     /// The backend offers no queue.
     #[error("the backend offers no queues")]
     NoQueues,
@@ -153,6 +181,14 @@ pub enum FrontendError {
     /// The operation needs a protocol feature the backend did not offer.
     #[error("the backend does not support {0}")]
     Unsupported(&'static str),
+    /// Dirty logging was asked for, but the backend does not offer what it
+    /// takes (the `VHOST_F_LOG_ALL` feature or the `LOG_SHMFD` protocol
+    /// feature, named here). Nothing was changed.
+    #[error("the backend cannot log dirty pages for a live migration: it does not offer {0}")]
+    DirtyLogUnsupported(&'static str),
+    /// The dirty log file could not be duplicated for the backend.
+    #[error("cannot duplicate the dirty log file")]
+    LogFile(#[source] std::io::Error),
     /// The backend hung up (or was cut off after a request timeout).
     #[error("the backend is disconnected")]
     Disconnected,
@@ -246,7 +282,7 @@ struct ActiveState {
     started: Vec<u16>,
     /// The driver's features and queue layout, for snapshots.
     features: u64,
-    layout: Vec<(u16, u16, u64, u64, u64)>,
+    layout: Vec<RingLayout>,
     /// Kept so the addresses given to the backend stay mapped.
     _memory: GuestMemoryLog,
     /// Kept so the kick eventfds live as long as the activation.
@@ -257,6 +293,8 @@ struct ActiveState {
 /// by an in-process transport through [`DeviceControl`].
 pub struct VhostUserFrontendDevice {
     frontend: Frontend,
+    /// The main socket again, for the requests the adapter frames itself.
+    raw_sock: UnixStream,
     shared: Arc<Shared>,
     relay: Option<JoinHandle<()>>,
     device_type: u32,
@@ -269,6 +307,8 @@ pub struct VhostUserFrontendDevice {
     backend_features: u64,
     protocol: VhostUserProtocolFeatures,
     active: Option<ActiveState>,
+    /// The dirty log while logging is on, applied to every activation.
+    dirty_log: Option<LogArea>,
 }
 
 impl std::fmt::Debug for VhostUserFrontendDevice {
@@ -279,6 +319,7 @@ impl std::fmt::Debug for VhostUserFrontendDevice {
             .field("backend_features", &self.backend_features)
             .field("protocol", &self.protocol)
             .field("active", &self.active.is_some())
+            .field("logging", &self.dirty_log.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -326,7 +367,9 @@ impl VhostUserFrontendDevice {
             return Err(FrontendError::NoQueues);
         }
         let relay = Self::start_relay(&sock)?;
+        let raw_sock = sock.try_clone().map_err(FrontendError::Socket)?;
         let mut dev = VhostUserFrontendDevice {
+            raw_sock,
             frontend: Frontend::from_stream(sock, options.num_queues as u64),
             shared: relay.shared,
             relay: Some(relay.handle),
@@ -339,6 +382,7 @@ impl VhostUserFrontendDevice {
             backend_features: 0,
             protocol: VhostUserProtocolFeatures::empty(),
             active: None,
+            dirty_log: None,
         };
         dev.handshake(relay.backend_req)?;
         Ok(dev)

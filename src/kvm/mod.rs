@@ -11,8 +11,8 @@
 //!   VMM-chosen GSI. Everything it registers it unregisters again on
 //!   [`KvmWiring::unregister`] and on drop.
 //! - [`KvmMemorySlots`]: the guest memory the kit's vrings use
-//!   ([`GuestMemoryLog`]) registered as KVM memory slots, so guest and device
-//!   share the very same pages.
+//!   ([`GuestMemoryLog`](crate::memory::GuestMemoryLog)) registered as KVM memory slots, so guest and device
+//!   share the very same pages, with KVM's dirty-page log for a live migration.
 //! - [`pic_irr`]: the pending-interrupt register of the in-kernel PICs, for
 //!   checking that an irqfd really reached the interrupt controller.
 //!

@@ -392,6 +392,9 @@ impl MmioTransport {
     fn write_status(&mut self, value: u32) {
         if value == 0 {
             self.reset();
+            if let Err(e) = self.device.driver_status(0) {
+                warn!("virtio-mmio: device did not take status 0: {e}");
+            }
             return;
         }
         let old = self.status();
@@ -409,16 +412,44 @@ impl MmioTransport {
             return;
         }
         let mut accepted = value;
-        if added & STATUS_FEATURES_OK != 0 && !self.features_acceptable() {
-            // The driver re-reads Status and sees FEATURES_OK unset.
-            accepted &= !STATUS_FEATURES_OK;
-        }
-        if added & STATUS_DRIVER_OK != 0 && accepted & STATUS_FEATURES_OK != 0 {
-            self.status = accepted;
-            self.activate();
-            return;
+        // Whether the device was told of this write's status already.
+        let mut told = false;
+        if added & STATUS_FEATURES_OK != 0 {
+            // The driver re-reads Status and sees FEATURES_OK unset if the
+            // transport or the device refuses its features.
+            if !self.features_acceptable() || !self.device_takes(accepted & !STATUS_DRIVER_OK) {
+                accepted &= !STATUS_FEATURES_OK;
+            } else {
+                told = added & STATUS_DRIVER_OK == 0;
+            }
         }
         self.status = accepted;
+        if added & STATUS_DRIVER_OK != 0 && accepted & STATUS_FEATURES_OK != 0 {
+            self.activate();
+        }
+        if !told {
+            if let Err(e) = self.device.driver_status(self.status) {
+                warn!(
+                    "virtio-mmio: device did not take status {:#x}: {e}",
+                    self.status
+                );
+            }
+        }
+    }
+
+    /// Tell the device of `status` with FEATURES_OK; whether it keeps it.
+    fn device_takes(&mut self, status: u32) -> bool {
+        match self.device.driver_status(status) {
+            Ok(held) if held & STATUS_FEATURES_OK != 0 => true,
+            Ok(_) => {
+                warn!("virtio-mmio: the device refused the driver's features");
+                false
+            }
+            Err(e) => {
+                warn!("virtio-mmio: device did not take status {status:#x}: {e}");
+                false
+            }
+        }
     }
 
     fn features_acceptable(&self) -> bool {
