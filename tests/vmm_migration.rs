@@ -231,3 +231,72 @@ fn running_vm_migrates_after_a_destination_that_went_away() {
     let _ = dest.kill();
     let _ = dest.wait();
 }
+
+/// `key=value` fields of every line starting with `prefix`.
+fn lines_with(text: &str, prefix: &str) -> Vec<std::collections::HashMap<String, String>> {
+    text.lines()
+        .filter(|l| l.trim_start().starts_with(prefix))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|w| w.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn guest_keeps_writing_while_migrated_live_between_homes() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!(
+            "\n!!!!!!!! SKIPPED guest_keeps_writing_while_migrated: /dev/kvm is absent !!!!!!!!\n"
+        );
+        return;
+    }
+    let bin = process::binary("vmm-example").unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run-vmm.sh");
+    let (status, text, took) = process::run_captured(
+        Command::new("bash")
+            .arg(&script)
+            .env("VBK_BIN_DIR", bin.parent().unwrap())
+            .env("VBK_SCENARIO", "livemig")
+            .env("VBK_TIMEOUT", "900"),
+    )
+    .unwrap();
+    println!(
+        "[run-vmm.sh livemig took {:.1}s, {status}]\n{text}",
+        took.as_secs_f64()
+    );
+    for line in text.lines().filter(|l| l.contains("VBK-LIVEMIG")) {
+        println!("{line}");
+    }
+    assert!(
+        text.contains("VBK-RESULT vmm=ok scenario=livemig"),
+        "scenario failed"
+    );
+    let cases = lines_with(&text, "VBK-LIVEMIG ");
+    let names: Vec<&str> = cases.iter().map(|c| c["case"].as_str()).collect();
+    for want in [
+        "inproc-to-vhost-user",
+        "vhost-user-to-inproc",
+        "vhost-user-kept",
+    ] {
+        assert!(names.contains(&want), "case {want} missing: {names:?}");
+    }
+    for c in &cases {
+        assert_eq!(c["lost"], "0", "records lost: {c:?}");
+        let records: u64 = c["records"].parse().unwrap();
+        assert!(records >= 64, "too few records: {c:?}");
+        let rounds: u64 = c["rounds"].parse().unwrap();
+        assert!(rounds >= 1, "{c:?}");
+    }
+    let cancels = lines_with(&text, "VBK-LIVEMIG-CANCEL ");
+    let kinds: Vec<&str> = cancels.iter().map(|c| c["kind"].as_str()).collect();
+    assert_eq!(kinds, ["destination-gone", "refused-after-stop"]);
+    assert!(cancels.iter().all(|c| c["resumed"] == "yes"), "{cancels:?}");
+    let summary = &lines_with(&text, "VBK-LIVEMIG-SUMMARY ")[0];
+    assert_eq!(summary["lost"], "0");
+    assert_eq!(summary["errors"], "0", "the guest saw I/O errors");
+    assert_eq!(summary["verified"], summary["records"]);
+    assert!(status.success());
+}

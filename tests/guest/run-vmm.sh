@@ -24,7 +24,9 @@
 # QEMU runs the same L2 guest with the same disks on virtio-pci, the
 # environment's baseline for stall rates), VBK_LOG (keep the console here), VBK_SCENARIO (boot,
 # or snapshot: save and resume the VM twice while its disk changes homes,
-# see rootfs/vbk/test-vmm-snapshot.sh; DEVICEs are then ignored).
+# see rootfs/vbk/test-vmm-snapshot.sh; or livemig: live-migrate the running VM
+# between vmm-example processes while its disks change homes, see
+# rootfs/vbk/test-vmm-livemig.sh; DEVICEs are then ignored).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)

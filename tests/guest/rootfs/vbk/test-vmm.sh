@@ -11,14 +11,16 @@
 #   VMM_L2_VMM (vmm; qemu: QEMU runs the L2 guest, virtio-pci disks)
 #   VMM_L2_TEST (blk,rng)  VMM_L2_APPEND (extra L2 kernel args)
 #   VMM_DIR (/vmm: bin/, vmlinuz, initramfs.gz)  VMM_WORK (/tmp/vmm)
-#   VMM_SCENARIO  boot (default) or snapshot (test-vmm-snapshot.sh instead)
+#   VMM_SCENARIO  boot (default), snapshot (test-vmm-snapshot.sh instead) or
+#                 livemig (test-vmm-livemig.sh)
 # The L2 console is echoed with an "L2| " prefix. Prints
 #   VBK-RESULT vmm=ok|fail rc=N run_cs=N devices=...
 plan=${VMM_PLAN:-/vmm/plan}
 [ -f "$plan" ] && . "$plan"
-if [ "${VMM_SCENARIO:-boot}" = snapshot ]; then
-    exec sh "$(dirname "$0")/test-vmm-snapshot.sh"
-fi
+case "${VMM_SCENARIO:-boot}" in
+    snapshot) exec sh "$(dirname "$0")/test-vmm-snapshot.sh" ;;
+    livemig) exec sh "$(dirname "$0")/test-vmm-livemig.sh" ;;
+esac
 dir=${VMM_DIR:-/vmm}; bin=$dir/bin; work=${VMM_WORK:-/tmp/vmm}
 mib=${VMM_DISK_MIB:-64}
 mkdir -p "$work"

@@ -12,6 +12,8 @@
 #   vbk.wl.ctl=B      4 KiB block the host writes "VBK-STOP" into (default 12288 = 48 MiB)
 #   vbk.wl.secs=N     give up after N seconds even without a stop (default 150)
 #   vbk.wl.stall=CS   report completion gaps >= CS centiseconds (default 50)
+#   vbk.wl.devs=L     comma-separated disks; writer w writes to disk w mod n
+#                     (default vda; the stop block is always read from the first)
 #   vbk.wl.hvc=N      open /dev/hvc0 at the start (raw) and write
 #                     "VBK-HVC-OUT from=hvc0 ready" on it, but read nothing
 #                     until the loop is over: what the host types meanwhile
@@ -19,7 +21,8 @@
 #                     device. Then read N bytes and write one line back
 #                     (default 0: no console). Open, because the driver
 #                     throws input away while nobody has the port open.
-# Record slot of writer w, record k: w*per + k (4 KiB each, from offset 0).
+# Record slot of writer w, record k: w*per + k (4 KiB each, from offset 0),
+# on writer w's disk.
 # Each record is 64 identical 64-byte lines:
 #   "VBK-WREC v1 tag=T w=W k=KKKKKK slot=SSSSSS " padded with '.' to 63, '\n'.
 # Output:
@@ -29,7 +32,7 @@
 #   VBK-HVC-READ bytes=N md5=M                (with vbk.wl.hvc; on hvc0 too, as VBK-HVC-OUT)
 #   VBK-RESULT T records=N errors=N counts=K0,K1 maxgap_ms=N stalls=N stop=marker|deadline|full
 if [ "$1" = worker ]; then
-    w=$2 tag=$3 per=$4 ctl=$5 deadline=$6 stall=$7 dev=/dev/vda
+    w=$2 tag=$3 per=$4 ctl=$5 deadline=$6 stall=$7 dev=/dev/$8 ctldev=/dev/$9
     nl='
 '
     tick() { read -r up _ </proc/uptime; f=${up#*.}; f=${f#0}; T=$((${up%.*} * 100 + f)); }
@@ -59,7 +62,7 @@ if [ "$1" = worker ]; then
         fi
         if [ $((k % 8)) = 0 ]; then
             echo "VBK-WL progress w=$w k=$k t_cs=$T"
-            if dd if=$dev of=/tmp/ctl.$w bs=4096 skip=$ctl count=1 iflag=direct 2>/dev/null; then
+            if dd if=$ctldev of=/tmp/ctl.$w bs=4096 skip=$ctl count=1 iflag=direct 2>/dev/null; then
                 read -r c _ </tmp/ctl.$w
                 [ "$c" = VBK-STOP ] && { stop=marker; break; }
             fi
@@ -70,7 +73,7 @@ if [ "$1" = worker ]; then
     exit 0
 fi
 
-tag=writelp workers=2 per=4096 ctl=12288 secs=150 stall=50 hvc=0
+tag=writelp workers=2 per=4096 ctl=12288 secs=150 stall=50 hvc=0 devs=vda
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vbk.wl.tag=*) tag=${arg#*=} ;;
@@ -80,9 +83,15 @@ for arg in $(cat /proc/cmdline); do
         vbk.wl.secs=*) secs=${arg#*=} ;;
         vbk.wl.stall=*) stall=${arg#*=} ;;
         vbk.wl.hvc=*) hvc=${arg#*=} ;;
+        vbk.wl.devs=*) devs=${arg#*=} ;;
     esac
 done
-[ -b /dev/vda ] || { echo "VBK-RESULT $tag records=0 errors=1 error=no-vda"; exit 1; }
+devs=$(echo "$devs" | tr , ' '); ndevs=0
+for d in $devs; do
+    [ -b "/dev/$d" ] || { echo "VBK-RESULT $tag records=0 errors=1 error=no-$d"; exit 1; }
+    ndevs=$((ndevs + 1))
+done
+ctldev=${devs%% *}
 hvc_open=0
 if [ "$hvc" -gt 0 ] && [ -c /dev/hvc0 ] && (exec 3<>/dev/hvc0) 2>/dev/null; then
     # Raw, so the tty passes every byte and echoes none back to the host.
@@ -94,11 +103,12 @@ fi
 read -r up _ </proc/uptime
 deadline=$(((${up%.*} + secs) * 100))
 ncpu=$(nproc)
-echo "VBK-WL start tag=$tag workers=$workers per=$per ctl=$ctl secs=$secs"
+echo "VBK-WL start tag=$tag workers=$workers per=$per ctl=$ctl secs=$secs devs=$(echo $devs | tr ' ' ,)"
 pids=
 for w in $(seq 0 $((workers - 1))); do
     rm -f /tmp/res.$w
-    taskset -c $((w % ncpu)) "$0" worker $w "$tag" "$per" "$ctl" "$deadline" "$stall" &
+    set -- $devs; shift $((w % ndevs)); dev=$1
+    taskset -c $((w % ncpu)) "$0" worker $w "$tag" "$per" "$ctl" "$deadline" "$stall" "$dev" "$ctldev" &
     pids="$pids $!"
 done
 for p in $pids; do wait "$p"; done

@@ -4,7 +4,7 @@
 //!
 //! The source ([`MigrateTo`], on SIGUSR1) turns dirty logging on for the
 //! guest's own writes (KVM's log of its memory slots) and for the devices'
-//! writes (the kit's [`SharedDirtyLog`]: in-process devices log into it
+//! writes (the kit's [`SharedDirtyLog`](virtio_backend_kit::SharedDirtyLog): in-process devices log into it
 //! through guest memory, vhost-user backends through `SET_LOG_BASE` and
 //! `VHOST_F_LOG_ALL`), sends all of RAM while the guest runs, then the
 //! pages dirtied meanwhile, round after round, until what is left would go
