@@ -6,8 +6,9 @@
 //!   checked before a VM is built).
 //! - A running VM (`/dev/kvm`; the test kernel runs its decompressor under
 //!   PVM, which is all the vCPU needs to keep writing memory) migrates
-//!   between two processes; before that, a destination that goes away in
-//!   the middle of the stream leaves the source running, and the same
+//!   between two processes, the destination on TCP; before that, a
+//!   destination that goes away in the middle of the stream and a second
+//!   SIGUSR1 during the migration leave the source running, and the same
 //!   source migrates on the next SIGUSR1. The guest's disks changing homes
 //!   under a Linux that writes records the whole time is the nested test,
 //!   `tests/guest/run-vmm.sh` with `VBK_SCENARIO=livemig` (run by
@@ -190,9 +191,67 @@ fn running_vm_migrates_after_a_destination_that_went_away() {
     );
     assert!(!text.contains("migrated to"), "{text}");
 
-    // The same source, to a real destination.
+    // A second SIGUSR1 while the migration runs cancels it: this
+    // destination stops reading after 1 MiB, the signal comes, then it
+    // reads on to the end, which comes early.
+    let listener = UnixListener::bind(&sock).unwrap();
+    assert!(Command::new("kill")
+        .args(["-USR1", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let (mut conn, _) = listener.accept().unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    conn.read_exact(&mut buf).unwrap();
+    assert!(Command::new("kill")
+        .args(["-USR1", &pid])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_millis(200));
+    let mut rest = Vec::new();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let _ = conn.read_to_end(&mut rest);
+    drop(conn);
+    drop(listener);
+    std::fs::remove_file(&sock).unwrap();
+    let text = wait_for_text(&src_log, "cancelled by SIGUSR1", Duration::from_secs(60));
+    assert!(
+        src.try_wait().unwrap().is_none(),
+        "the source ended:\n{text}"
+    );
+    assert!(
+        (rest.len() as u64) < 128 << 20,
+        "the whole RAM was sent ({} bytes) although cancelled",
+        rest.len()
+    );
+
+    // The same source, to a real destination, over TCP on loopback this
+    // time (the source's address is fixed at start: a relay thread carries
+    // the unix connection to the destination's TCP port).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tcp = format!("tcp:127.0.0.1:{port}");
     let dest_log = dir.path().join("dest.log");
-    let mut dest = spawn_vmm(&["--migrate-from", &addr], &dest_log);
+    let mut dest = spawn_vmm(&["--migrate-from", &tcp], &dest_log);
+    let relay = UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        let (unix, _) = relay.accept().unwrap();
+        let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (mut unix_r, mut tcp_w) = (unix.try_clone().unwrap(), tcp.try_clone().unwrap());
+        let up = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut unix_r, &mut tcp_w);
+            let _ = tcp_w.shutdown(std::net::Shutdown::Write);
+        });
+        let (mut tcp_r, mut unix_w) = (tcp, unix);
+        let _ = std::io::copy(&mut tcp_r, &mut unix_w);
+        let _ = unix_w.shutdown(std::net::Shutdown::Write);
+        let _ = up.join();
+    });
     wait_for_text(
         &dest_log,
         "waiting for a migration",

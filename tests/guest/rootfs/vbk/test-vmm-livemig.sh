@@ -85,8 +85,8 @@ migrate() {
     fi
     dest_ms=$(grep -m1 'restored from migration' "$4" | sed -n 's/.* in \([0-9.]*\) ms.*/\1/p')
     src_ms=$(field "$line" downtime_ms)
-    echo "VBK-LIVEMIG-RUN n=$1 cases=$5 rounds=$(field "$line" rounds) ram_mib=$(field "$line" ram_mib) transferred_mib=$(field "$line" transferred_mib) downtime_ms=$(( ${src_ms%.*} + ${dest_ms%.*} )) source_stop_to_accepted_ms=$src_ms destination_accepted_to_running_ms=$dest_ms precopy_ms=$(field "$line" precopy_ms) total_s=$(( ($(now_cs) - t) / 100 ))" >>"$work/runs"
-    echo "VBK-LIVEMIG-RUN n=$1 cases=$5 rounds=$(field "$line" rounds) ram_mib=$(field "$line" ram_mib) transferred_mib=$(field "$line" transferred_mib) downtime_ms=$(( ${src_ms%.*} + ${dest_ms%.*} )) source_stop_to_accepted_ms=$src_ms destination_accepted_to_running_ms=$dest_ms precopy_ms=$(field "$line" precopy_ms) total_s=$(( ($(now_cs) - t) / 100 )) in_flight_at_cut=$(echo "$line" | sed -n 's/.*; \([0-9]*\) request(s) in flight.*/\1/p')"
+    echo "VBK-LIVEMIG-RUN n=$1 cases=$5 rounds=$(field "$line" rounds) ram_mib=$(field "$line" ram_mib) transferred_mib=$(field "$line" transferred_mib) downtime_ms=$(( ${src_ms%.*} + ${dest_ms%.*} )) source_stop_to_accepted_ms=$src_ms destination_accepted_to_running_ms=$dest_ms precopy_ms=$(field "$line" precopy_ms) last_pages=$(field "$line" last_pages) total_s=$(( ($(now_cs) - t) / 100 ))" >>"$work/runs"
+    echo "VBK-LIVEMIG-RUN n=$1 cases=$5 rounds=$(field "$line" rounds) ram_mib=$(field "$line" ram_mib) transferred_mib=$(field "$line" transferred_mib) downtime_ms=$(( ${src_ms%.*} + ${dest_ms%.*} )) source_stop_to_accepted_ms=$src_ms destination_accepted_to_running_ms=$dest_ms precopy_ms=$(field "$line" precopy_ms) last_pages=$(field "$line" last_pages) total_s=$(( ($(now_cs) - t) / 100 )) in_flight_at_cut=$(echo "$line" | sed -n 's/.*; \([0-9]*\) request(s) in flight.*/\1/p')"
 }
 
 if ! wait_for "$work/vm1.log" "VBK-WL progress w=0 k=8 " 300; then
