@@ -339,6 +339,8 @@ fn guest_keeps_writing_while_migrated_live_between_homes() {
         "inproc-to-vhost-user",
         "vhost-user-to-inproc",
         "vhost-user-kept",
+        "console-inproc-to-vhost-user",
+        "console-vhost-user-to-inproc",
     ] {
         assert!(names.contains(&want), "case {want} missing: {names:?}");
     }
@@ -353,6 +355,17 @@ fn guest_keeps_writing_while_migrated_live_between_homes() {
     let kinds: Vec<&str> = cancels.iter().map(|c| c["kind"].as_str()).collect();
     assert_eq!(kinds, ["destination-gone", "refused-after-stop"]);
     assert!(cancels.iter().all(|c| c["resumed"] == "yes"), "{cancels:?}");
+    // The console's bytes: all read by the guest, in order, after crossing
+    // every cut partly in the device's own state.
+    let console = &lines_with(&text, "VBK-LIVEMIG-CONSOLE ")[0];
+    assert_eq!(console["lost"], "0", "console bytes lost: {console:?}");
+    assert_eq!(console["md5"], "match", "console bytes out of order or corrupt");
+    let states: Vec<u64> = console["state_at_cuts"]
+        .split(',')
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    assert_eq!(states.len(), 3, "two migrations and the refused one: {states:?}");
+    assert!(states.iter().all(|&s| s > 0), "{states:?}");
     let summary = &lines_with(&text, "VBK-LIVEMIG-SUMMARY ")[0];
     assert_eq!(summary["lost"], "0");
     assert_eq!(summary["errors"], "0", "the guest saw I/O errors");

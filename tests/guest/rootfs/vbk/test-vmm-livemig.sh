@@ -3,16 +3,24 @@
 # vmm live-migration test (run by test-vmm.sh when VMM_SCENARIO=livemig): an
 # L2 guest writing numbered records to two disks (test-writeloop.sh, writer 0
 # on vda, writer 1 on vdb) is migrated live twice between vmm-example
-# processes, its disks changing homes:
-#   vm1: vda in process (a.img), vdb from vhost-user-blk B (b.img)
-#     --SIGUSR1--> vm2: vda from vhost-user-blk A (a.img), vdb from B kept
-#        cases: inproc-to-vhost-user (vda), vhost-user-kept (vdb)
+# processes, its disks and its console changing homes:
+#   vm1: vda in process (a.img), vdb from vhost-user-blk B (b.img), console
+#        in process
+#     --SIGUSR1--> vm2: vda from vhost-user-blk A (a.img), vdb from B kept,
+#        console from vhost-user-console
+#        cases: inproc-to-vhost-user (vda), vhost-user-kept (vdb),
+#        console-inproc-to-vhost-user
 #   on vm2, two migrations that must not happen, the guest writing on:
 #     destination-gone: the destination is stopped, then killed mid-stream
 #     refused-after-stop: the destination (given one device, not two)
 #       refuses after the whole stream, when vm2 has already stopped
-#   vm2 --SIGUSR1--> vm3: vda in process again, vdb from B kept
-#        cases: vhost-user-to-inproc (vda), vhost-user-kept (vdb)
+#   vm2 --SIGUSR1--> vm3: vda and the console in process again, vdb from B
+#        kept; cases: vhost-user-to-inproc (vda), vhost-user-kept (vdb),
+#        console-vhost-user-to-inproc
+# The console carries host input the guest reads only at the end
+# (hvc-feed.sh): at every cut some of it is the device's own state, which
+# crosses in the migration stream (through DEVICE_STATE from and to
+# vhost-user-console); the guest must read every byte, in order.
 # then the host's stop block ends the guest's loop, and every record the
 # guest reported is checked in the images.
 # Prints the consoles ("L2| "), per migration
@@ -20,6 +28,7 @@
 #     (source: stop to accepted, plus destination: accepted to running)
 #     total_s=N records=N lost=N
 # per cancel "VBK-LIVEMIG-CANCEL kind=... resumed=yes|no", then
+#   VBK-LIVEMIG-CONSOLE sent=N received=N lost=N md5=match|mismatch state_at_cuts=...
 #   VBK-LIVEMIG-SUMMARY records=N verified=N lost=N errors=N guest_maxgap_ms=N
 #   VBK-RESULT vmm=ok|fail scenario=livemig
 plan=${VMM_PLAN:-/vmm/plan}
@@ -28,7 +37,10 @@ dir=${VMM_DIR:-/vmm}; bin=$dir/bin; work=${VMM_WORK:-/tmp/vmm}
 mkdir -p "$work"
 imga=$work/a.img imgb=$work/b.img socka=$work/blk-a.sock sockb=$work/blk-b.sock
 per=1024 ctl=12288 tag=livemig
-rm -f "$imga" "$imgb" "$work"/mig*.sock "$work/runs"; : >"$work/runs"
+rm -f "$imga" "$imgb" "$work"/mig*.sock "$work/runs" "$work"/hvc[123].out; : >"$work/runs"
+csock=$work/console.sock
+. "$(dirname "$0")/hvc-feed.sh"
+hvc_setup "$work" "$work/hvc1.out"
 truncate -s "${VMM_DISK_MIB:-64}M" "$imga" "$imgb"
 
 now_cs() { local up f; read -r up _ </proc/uptime; f=${up#*.}; f=${f#0}; echo $((${up%.*} * 100 + f)); }
@@ -61,13 +73,13 @@ bpid=$!
 apid=$!
 i=0; while { [ ! -S "$socka" ] || [ ! -S "$sockb" ]; } && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 
-append="console=ttyS0 quiet panic=-1 vbk.test=writeloop vbk.wl.tag=$tag vbk.wl.workers=2 vbk.wl.per=$per vbk.wl.ctl=$ctl vbk.wl.secs=500 vbk.wl.devs=vda,vdb"
+append="console=ttyS0 quiet panic=-1 vbk.test=writeloop vbk.wl.tag=$tag vbk.wl.workers=2 vbk.wl.per=$per vbk.wl.ctl=$ctl vbk.wl.secs=500 vbk.wl.devs=vda,vdb vbk.wl.hvc=$hvc_bytes"
 t0=$(now_cs)
 echo "vbk-livemig: vm1: boot, vda in process, vdb from vhost-user-blk B"
 "$bin/vmm-example" --kernel "$dir/vmlinuz" --initrd "$dir/initramfs.gz" --cmdline "$append" \
     --vcpus "${VMM_VCPUS:-2}" --mem-mib "${VMM_MEM_MIB:-256}" \
-    --disk "$imga" --disk-vhost-user "$sockb" --migrate-to "unix:$work/mig1.sock" \
-    >"$work/vm1.log" 2>&1 &
+    --disk "$imga" --disk-vhost-user "$sockb" --console "$work/hvc1.out,input=$hvc_fifo" \
+    --migrate-to "unix:$work/mig1.sock" >"$work/vm1.log" 2>&1 &
 pid1=$!
 
 # migrate N SRC_PID SRC_LOG DEST_LOG CASES: SIGUSR1 the source, check it
@@ -76,6 +88,9 @@ migrate() {
     local t rc line dest_ms src_ms
     t=$(now_cs)
     kill -USR1 "$2"; wait "$2"; rc=$?
+    # What may only start once the source has let go of the VM.
+    [ -n "$on_release" ] && $on_release
+    on_release=
     line=$(grep -m1 'migrated to' "$3")
     if [ "$rc" != 0 ] || [ -z "$line" ]; then
         fail "migration $1: the source exited $rc without migrating"; show "$3"; return 1
@@ -94,13 +109,20 @@ if ! wait_for "$work/vm1.log" "VBK-WL progress w=0 k=8 " 300; then
 fi
 
 if [ "$result" = ok ]; then
-    echo "vbk-livemig: vm1 -> vm2: vda to vhost-user-blk A, vdb's daemon kept"
+    echo "vbk-livemig: vm1 -> vm2: vda to vhost-user-blk A, vdb's daemon kept, console to vhost-user-console"
     "$bin/vmm-example" --migrate-from "unix:$work/mig1.sock" \
-        --disk-vhost-user "$socka" --disk-vhost-user "$sockb" --migrate-to "unix:$work/mig2.sock" \
-        >"$work/vm2.log" 2>&1 &
+        --disk-vhost-user "$socka" --disk-vhost-user "$sockb" --console-vhost-user "$csock" \
+        --migrate-to "unix:$work/mig2.sock" >"$work/vm2.log" 2>&1 &
     pid2=$!
     wait_for "$work/vm2.log" "waiting for a migration" 30 || fail "vm2 did not listen"
-    [ "$result" = ok ] && migrate 1 "$pid1" "$work/vm1.log" "$work/vm2.log" "inproc-to-vhost-user,vhost-user-kept"
+    # The console daemon reads the FIFO: it starts when vm1's console has
+    # stopped reading it (vm2 retries its connection meanwhile).
+    start_console() {
+        "$bin/vhost-user-console" --socket "$csock" --once <"$hvc_fifo" >"$work/hvc2.out" 2>"$work/console.log" &
+        cpid=$!
+    }
+    on_release=start_console
+    [ "$result" = ok ] && migrate 1 "$pid1" "$work/vm1.log" "$work/vm2.log" "inproc-to-vhost-user,vhost-user-kept,console-inproc-to-vhost-user"
     show "$work/vm1.log"
 fi
 
@@ -131,19 +153,19 @@ cancel() {
 }
 
 if [ "$result" = ok ]; then
-    cancel destination-gone --disk "$imga" --disk-vhost-user "$sockb"
+    cancel destination-gone --disk "$imga" --disk-vhost-user "$sockb" --console "$work/hvcx.out"
 fi
 if [ "$result" = ok ]; then
     cancel refused-after-stop --disk "$imga"
 fi
 
 if [ "$result" = ok ]; then
-    echo "vbk-livemig: vm2 -> vm3: vda in process again, vdb's daemon kept"
+    echo "vbk-livemig: vm2 -> vm3: vda and the console in process again, vdb's daemon kept"
     "$bin/vmm-example" --migrate-from "unix:$work/mig2.sock" --disk "$imga" --disk-vhost-user "$sockb" \
-        >"$work/vm3.log" 2>&1 &
+        --console "$work/hvc3.out,input=$hvc_fifo" >"$work/vm3.log" 2>&1 &
     pid3=$!
     wait_for "$work/vm3.log" "waiting for a migration" 30 || fail "vm3 did not listen"
-    [ "$result" = ok ] && migrate 2 "$pid2" "$work/vm2.log" "$work/vm3.log" "vhost-user-to-inproc,vhost-user-kept"
+    [ "$result" = ok ] && migrate 2 "$pid2" "$work/vm2.log" "$work/vm3.log" "vhost-user-to-inproc,vhost-user-kept,console-vhost-user-to-inproc"
     show "$work/vm2.log"
     if [ "$result" = ok ]; then
         before=$(progress)
@@ -156,7 +178,9 @@ if [ "$result" = ok ]; then
     show "$work/vm3.log"
     [ "$rc" = 0 ] || fail "vm3: vmm-example exited with $rc"
 fi
-kill "$bpid" "$apid" 2>/dev/null; wait "$bpid" 2>/dev/null; wait "$apid" 2>/dev/null
+kill "$bpid" "$apid" "$cpid" 2>/dev/null; wait "$bpid" 2>/dev/null; wait "$apid" 2>/dev/null
+wait "$cpid" 2>/dev/null
+sed 's|^|console backend: |' "$work/console.log" 2>/dev/null | tail -n 4
 sed 's|^|backend B: |' "$work/blk-b.log" | tail -n 4
 sed 's|^|backend A: |' "$work/blk-a.log" | tail -n 4
 
@@ -182,6 +206,15 @@ for k_end in $(echo "$counts" | tr , ' '); do
 done
 [ "$lost" = 0 ] || fail "$lost record(s) missing from the images"
 [ "$verified" -gt 0 ] || fail "no record verified"
+# The console's own state at every cut (the two migrations and the refused
+# one), and every byte the host typed read by the guest in vm3.
+states=$(grep -h 'device 2 (console' "$work"/vm1.log "$work"/vm2.log | sed -n 's/.*: \([0-9]*\) bytes of its own state.*/\1/p' | tr '\n' ',')
+states=${states%,}
+for st in $(echo "$states" | tr , ' '); do
+    [ "$st" -gt 0 ] || fail "console: a cut found no state of its own to carry (nothing crossed)"
+done
+[ -n "$states" ] || fail "console: no cut reported its state"
+hvc_extra="state_at_cuts=$states " hvc_check VBK-LIVEMIG-CONSOLE "$work/hvc3.out" "$work"/vm*.log
 maxgap=$(echo "$res" | sed -n 's/.* maxgap_ms=\([0-9]*\).*/\1/p')
 total_s=$(( ($(now_cs) - t0) / 100 ))
 # One line per case: the figures of its migration and the records of the

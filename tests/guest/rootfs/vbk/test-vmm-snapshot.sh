@@ -11,9 +11,8 @@
 # as it goes, and this script checks every record in the image at the end.
 # The console: once the guest has opened /dev/hvc0, the host types 2 MiB
 # into a FIFO every run's console reads, and the guest reads them only after
-# its loop (vbk.wl.hvc). That is more than the guest's tty and receive
-# buffers hold (256 of 4 KiB), so at each cut the device holds some of it,
-# its own state, which crosses the cut (through DEVICE_STATE over
+# its loop (vbk.wl.hvc; see hvc-feed.sh): at each cut the device holds some
+# of it, its own state, which crosses the cut (through DEVICE_STATE over
 # vhost-user); the rest waits in the FIFO. The guest must read every byte,
 # in order (md5).
 # Prints the runs' consoles ("L2| "), per cut "VBK-VMSNAP-CUT ..." and
@@ -27,20 +26,10 @@ mkdir -p "$work"
 img=$work/disk.img sock=$work/blk.sock
 per=64 ctl=12288 tag=vmsnap
 rm -f "$img"; truncate -s "${VMM_DISK_MIB:-64}M" "$img"
-csock=$work/console.sock hvc_in=$work/hvc.in hvc_fifo=$work/hvc.fifo
-awk -v n="${VMM_HVC_LINES:-32768}" \
-    'BEGIN { for (i = 0; i < n; i++) printf "%-63s\n", sprintf("VBK-HVCIN %07d", i) }' >"$hvc_in"
-hvc_bytes=$(wc -c <"$hvc_in"); hvc_md5=$(md5sum <"$hvc_in" | cut -d' ' -f1)
-rm -f "$hvc_fifo" "$work"/hvc[123].out; mkfifo "$hvc_fifo"
-# Held open (never read) for the whole test: a console's reader never sees
-# end of file between runs, and the typist never a broken pipe.
-exec 6<>"$hvc_fifo"
-# The typist: once the guest has the port open (before that the driver
-# throws input away), the whole input, as fast as the consoles take it.
-( n=0; while ! grep -q "VBK-HVC-OUT from=hvc0 ready" "$work/hvc1.out" 2>/dev/null; do
-      sleep 0.1; n=$((n + 1)); [ "$n" -gt 2400 ] && exit 0; done
-  cat "$hvc_in" >"$hvc_fifo" ) &
-typist=$!
+csock=$work/console.sock
+rm -f "$work"/hvc[123].out
+. "$(dirname "$0")/hvc-feed.sh"
+hvc_setup "$work" "$work/hvc1.out"
 
 now_cs() { local up f; read -r up _ </proc/uptime; f=${up#*.}; f=${f#0}; echo $((${up%.*} * 100 + f)); }
 fail() { echo "vbk-vmsnap: FAIL: $*"; result=fail; }
@@ -159,17 +148,8 @@ for k_end in $(echo "$counts" | tr , ' '); do
 done
 [ "$lost" = 0 ] || fail "$lost record(s) missing from the image"
 [ "$verified" -gt 0 ] || fail "no record verified"
-kill "$typist" 2>/dev/null; exec 6>&-
 # The console: every byte the host typed, read by the guest in run 3.
-hvc=$(grep -h "VBK-HVC-READ" "$work"/run*.log | tail -n 1)
-hvc_got=$(echo "$hvc" | sed -n 's/.*bytes=\([0-9]*\).*/\1/p')
-hvc_sum=$(echo "$hvc" | sed -n 's/.*md5=\([0-9a-f]*\).*/\1/p')
-hvc_match=mismatch; [ "$hvc_sum" = "$hvc_md5" ] && hvc_match=match
-hvc_echo=$(grep -c "VBK-HVC-OUT from=hvc0 bytes=$hvc_bytes" "$work/hvc3.out" 2>/dev/null)
-echo "VBK-VMSNAP-CONSOLE sent=$hvc_bytes received=${hvc_got:-0} lost=$((hvc_bytes - ${hvc_got:-0})) md5=$hvc_match state_at_cuts=$cuts_cstate guest_line_in_run3=${hvc_echo:-0}"
-[ "${hvc_got:-0}" = "$hvc_bytes" ] && [ "$hvc_match" = match ] ||
-    fail "console: the guest read ${hvc_got:-0} of $hvc_bytes bytes ($hvc_match)"
-[ "${hvc_echo:-0}" -ge 1 ] || fail "console: the guest's line did not reach the host in run 3"
+hvc_extra="state_at_cuts=$cuts_cstate " hvc_check VBK-VMSNAP-CONSOLE "$work/hvc3.out" "$work"/run*.log
 maxgap=$(echo "$res" | sed -n 's/.* maxgap_ms=\([0-9]*\).*/\1/p')
 echo "VBK-VMSNAP cuts=2 in_flight_at_cuts=$cuts_inflight queued_at_cuts=$cuts_queued lost=$lost records=$records verified=$verified errors=$errors snapshot_kib=$cuts_kib restore_ms=$restore_ms downtime_ms=$downtime_ms guest_maxgap_ms=$maxgap total_cs=$(($(now_cs) - t0))"
 echo "VBK-RESULT vmm=$result scenario=snapshot"
