@@ -639,20 +639,7 @@ fn device_state_for_a_backend_without_device_state_is_refused() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = blk_image(dir.path());
-    let sock = dir.path().join("qsd.sock");
-    let mut cmd = std::process::Command::new("qemu-storage-daemon");
-    cmd.arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f,filename={}",
-            img.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on",
-            sock.display()
-        ));
-    let mut qsd = process::Backend::spawn("qemu-storage-daemon", cmd, dir.path().join("qsd.log"));
-    qsd.wait_for_socket(&sock);
+    let (mut qsd, sock) = process::qsd_blk_export(dir.path(), &img);
     let mut adapter = VhostUserFrontendDevice::connect(&sock, blk_options(1)).unwrap();
 
     let mem = shared_guest_memory();

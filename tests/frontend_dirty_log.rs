@@ -271,20 +271,7 @@ fn qemu_storage_daemon_logs_used_ring_and_written_buffers() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     File::create(&img).unwrap().set_len(1 << 20).unwrap();
-    let sock = dir.path().join("qsd.sock");
-    let mut cmd = std::process::Command::new("qemu-storage-daemon");
-    cmd.arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f,filename={}",
-            img.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on",
-            sock.display()
-        ));
-    let mut qsd = process::Backend::spawn("qemu-storage-daemon", cmd, dir.path().join("qsd.log"));
-    qsd.wait_for_socket(&sock);
+    let (mut qsd, sock) = process::qsd_blk_export(dir.path(), &img);
     let options = FrontendOptions {
         connect_timeout: WAIT,
         request_timeout: Some(WAIT),

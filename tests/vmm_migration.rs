@@ -68,6 +68,12 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Option<i32> {
     }
 }
 
+fn sigusr1(child: &Child) {
+    let pid = child.id().to_string();
+    let sent = Command::new("kill").args(["-USR1", &pid]).status().unwrap();
+    assert!(sent.success(), "kill -USR1 {pid}");
+}
+
 fn connect(sock: &Path) -> UnixStream {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -172,12 +178,7 @@ fn running_vm_migrates_after_a_destination_that_went_away() {
 
     // A destination that takes 4 MiB of the stream and goes away.
     let listener = UnixListener::bind(&sock).unwrap();
-    let pid = src.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-USR1", &pid])
-        .status()
-        .unwrap()
-        .success());
+    sigusr1(&src);
     let (mut conn, _) = listener.accept().unwrap();
     let mut buf = vec![0u8; 4 << 20];
     conn.read_exact(&mut buf).unwrap();
@@ -195,19 +196,11 @@ fn running_vm_migrates_after_a_destination_that_went_away() {
     // destination stops reading after 1 MiB, the signal comes, then it
     // reads on to the end, which comes early.
     let listener = UnixListener::bind(&sock).unwrap();
-    assert!(Command::new("kill")
-        .args(["-USR1", &pid])
-        .status()
-        .unwrap()
-        .success());
+    sigusr1(&src);
     let (mut conn, _) = listener.accept().unwrap();
     let mut buf = vec![0u8; 1 << 20];
     conn.read_exact(&mut buf).unwrap();
-    assert!(Command::new("kill")
-        .args(["-USR1", &pid])
-        .status()
-        .unwrap()
-        .success());
+    sigusr1(&src);
     std::thread::sleep(Duration::from_millis(200));
     let mut rest = Vec::new();
     conn.set_read_timeout(Some(Duration::from_secs(60)))
@@ -257,11 +250,7 @@ fn running_vm_migrates_after_a_destination_that_went_away() {
         "waiting for a migration",
         Duration::from_secs(10),
     );
-    assert!(Command::new("kill")
-        .args(["-USR1", &pid])
-        .status()
-        .unwrap()
-        .success());
+    sigusr1(&src);
     let code = wait_exit(&mut src, Duration::from_secs(120));
     let text = read_log(&src_log);
     println!("--- source:\n{text}");
@@ -312,27 +301,7 @@ fn guest_keeps_writing_while_migrated_live_between_homes() {
         );
         return;
     }
-    let bin = process::binary("vmm-example").unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run-vmm.sh");
-    let (status, text, took) = process::run_captured(
-        Command::new("bash")
-            .arg(&script)
-            .env("VBK_BIN_DIR", bin.parent().unwrap())
-            .env("VBK_SCENARIO", "livemig")
-            .env("VBK_TIMEOUT", "900"),
-    )
-    .unwrap();
-    println!(
-        "[run-vmm.sh livemig took {:.1}s, {status}]\n{text}",
-        took.as_secs_f64()
-    );
-    for line in text.lines().filter(|l| l.contains("VBK-LIVEMIG")) {
-        println!("{line}");
-    }
-    assert!(
-        text.contains("VBK-RESULT vmm=ok scenario=livemig"),
-        "scenario failed"
-    );
+    let (status, text) = process::run_vmm_scenario("livemig", 900, "VBK-LIVEMIG");
     let cases = lines_with(&text, "VBK-LIVEMIG ");
     let names: Vec<&str> = cases.iter().map(|c| c["case"].as_str()).collect();
     for want in [
@@ -359,12 +328,19 @@ fn guest_keeps_writing_while_migrated_live_between_homes() {
     // every cut partly in the device's own state.
     let console = &lines_with(&text, "VBK-LIVEMIG-CONSOLE ")[0];
     assert_eq!(console["lost"], "0", "console bytes lost: {console:?}");
-    assert_eq!(console["md5"], "match", "console bytes out of order or corrupt");
+    assert_eq!(
+        console["md5"], "match",
+        "console bytes out of order or corrupt"
+    );
     let states: Vec<u64> = console["state_at_cuts"]
         .split(',')
         .map(|v| v.parse().unwrap_or(0))
         .collect();
-    assert_eq!(states.len(), 3, "two migrations and the refused one: {states:?}");
+    assert_eq!(
+        states.len(),
+        3,
+        "two migrations and the refused one: {states:?}"
+    );
     assert!(states.iter().all(|&s| s > 0), "{states:?}");
     let summary = &lines_with(&text, "VBK-LIVEMIG-SUMMARY ")[0];
     assert_eq!(summary["lost"], "0");

@@ -45,27 +45,7 @@ fn guest_survives_two_snapshots_while_its_disk_changes_homes() {
         eprintln!("\n!!!!!!!! SKIPPED guest_survives_two_snapshots: /dev/kvm is absent !!!!!!!!\n");
         return;
     }
-    let bin = process::binary("vmm-example").unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run-vmm.sh");
-    let (status, text, took) = process::run_captured(
-        Command::new("bash")
-            .arg(&script)
-            .env("VBK_BIN_DIR", bin.parent().unwrap())
-            .env("VBK_SCENARIO", "snapshot")
-            .env("VBK_TIMEOUT", "600"),
-    )
-    .unwrap();
-    println!(
-        "[run-vmm.sh snapshot took {:.1}s, {status}]\n{text}",
-        took.as_secs_f64()
-    );
-    for line in text.lines().filter(|l| l.contains("VBK-VMSNAP")) {
-        println!("{line}");
-    }
-    assert!(
-        text.contains("VBK-RESULT vmm=ok scenario=snapshot"),
-        "scenario failed"
-    );
+    let (status, text) = process::run_vmm_scenario("snapshot", 600, "VBK-VMSNAP");
     let f = fields(&text, "VBK-VMSNAP ").expect("summary line");
     let num = |k: &str| -> u64 { f[k].parse().unwrap_or_else(|_| panic!("{k}={}", f[k])) };
     assert_eq!(num("cuts"), 2);

@@ -180,3 +180,55 @@ impl Drop for Backend {
         }
     }
 }
+
+/// Run `tests/guest/run-vmm.sh` with `VBK_SCENARIO=scenario` (nested where
+/// `/dev/kvm` is PVM) and the binaries next to this test's, print what it
+/// said and its `marker` lines, and check that the scenario passed.
+/// Returns the exit status and the console text.
+#[allow(dead_code)]
+pub fn run_vmm_scenario(scenario: &str, timeout_s: u32, marker: &str) -> (ExitStatus, String) {
+    let bin = binary("vmm-example").unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/run-vmm.sh");
+    let (status, text, took) = run_captured(
+        Command::new("bash")
+            .arg(&script)
+            .env("VBK_BIN_DIR", bin.parent().unwrap())
+            .env("VBK_SCENARIO", scenario)
+            .env("VBK_TIMEOUT", timeout_s.to_string()),
+    )
+    .unwrap();
+    println!(
+        "[run-vmm.sh {scenario} took {:.1}s, {status}]\n{text}",
+        took.as_secs_f64()
+    );
+    for line in text.lines().filter(|l| l.contains(marker)) {
+        println!("{line}");
+    }
+    assert!(
+        text.contains(&format!("VBK-RESULT vmm=ok scenario={scenario}")),
+        "scenario {scenario} failed"
+    );
+    (status, text)
+}
+
+/// qemu-storage-daemon exporting `img` (raw, writable) as a vhost-user-blk
+/// backend on `dir/qsd.sock`, ready to connect to, logging to
+/// `dir/qsd.log`.
+#[allow(dead_code)]
+pub fn qsd_blk_export(dir: &Path, img: &Path) -> (Backend, PathBuf) {
+    let sock = dir.join("qsd.sock");
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f,filename={}",
+            img.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ));
+    let mut qsd = Backend::spawn("qemu-storage-daemon", cmd, dir.join("qsd.log"));
+    qsd.wait_for_socket(&sock);
+    (qsd, sock)
+}

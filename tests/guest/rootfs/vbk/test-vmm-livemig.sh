@@ -43,17 +43,8 @@ csock=$work/console.sock
 hvc_setup "$work" "$work/hvc1.out"
 truncate -s "${VMM_DISK_MIB:-64}M" "$imga" "$imgb"
 
-now_cs() { local up f; read -r up _ </proc/uptime; f=${up#*.}; f=${f#0}; echo $((${up%.*} * 100 + f)); }
+. "$(dirname "$0")/scenario.sh"
 fail() { echo "vbk-livemig: FAIL: $*"; result=fail; }
-wait_for() {
-    local n=$(($3 * 20))
-    while [ "$n" -gt 0 ]; do
-        grep -q "$2" "$1" 2>/dev/null && return 0
-        sleep 0.05; n=$((n - 1))
-    done
-    return 1
-}
-show() { sed "s/^/L2| /" "$1"; }
 progress() { cat "$work"/vm*.log 2>/dev/null | grep -c "VBK-WL progress w=0 "; }
 # more_progress N SECONDS: 0 once writer 0 has reported more than N times.
 more_progress() {
@@ -185,27 +176,8 @@ sed 's|^|backend B: |' "$work/blk-b.log" | tail -n 4
 sed 's|^|backend A: |' "$work/blk-a.log" | tail -n 4
 
 # Every record the guest reported, in its slot on its writer's disk.
-res=$(grep -h "VBK-RESULT $tag " "$work"/vm*.log | tail -n 1)
-records=$(echo "$res" | sed -n 's/.* records=\([0-9]*\).*/\1/p')
-errors=$(echo "$res" | sed -n 's/.* errors=\([0-9]*\).*/\1/p')
-counts=$(echo "$res" | sed -n 's/.* counts=\([0-9,]*\).*/\1/p')
-[ -n "$records" ] || { fail "no result line from the guest"; records=0 errors=1; }
-[ "$errors" = 0 ] || fail "the guest saw $errors error(s)"
-verified=0 lost=0 w=0
-for k_end in $(echo "$counts" | tr , ' '); do
-    img=$imga; [ $((w % 2)) = 1 ] && img=$imgb
-    k=0
-    while [ "$k" -lt "$k_end" ]; do
-        slot=$((w * per + k)); k6=$((1000000 + k)); s6=$((1000000 + slot))
-        want="VBK-WREC v1 tag=$tag w=$w k=${k6#1} slot=${s6#1} "
-        got=$(dd if="$img" bs=4096 skip=$slot count=1 2>/dev/null | head -c ${#want})
-        if [ "$got" = "$want" ]; then verified=$((verified + 1)); else lost=$((lost + 1)); fi
-        k=$((k + 1))
-    done
-    w=$((w + 1))
-done
-[ "$lost" = 0 ] || fail "$lost record(s) missing from the images"
-[ "$verified" -gt 0 ] || fail "no record verified"
+image_of() { if [ $(($1 % 2)) = 1 ]; then echo "$imgb"; else echo "$imga"; fi; }
+check_records "$tag" "$per" image_of "$work"/vm*.log
 # The console's own state at every cut (the two migrations and the refused
 # one), and every byte the host typed read by the guest in vm3.
 states=$(grep -h 'device 2 (console' "$work"/vm1.log "$work"/vm2.log | sed -n 's/.*: \([0-9]*\) bytes of its own state.*/\1/p' | tr '\n' ',')

@@ -31,19 +31,8 @@ rm -f "$work"/hvc[123].out
 . "$(dirname "$0")/hvc-feed.sh"
 hvc_setup "$work" "$work/hvc1.out"
 
-now_cs() { local up f; read -r up _ </proc/uptime; f=${up#*.}; f=${f#0}; echo $((${up%.*} * 100 + f)); }
+. "$(dirname "$0")/scenario.sh"
 fail() { echo "vbk-vmsnap: FAIL: $*"; result=fail; }
-# wait_for FILE PATTERN SECONDS: 0 once PATTERN is in FILE (polled every
-# 50 ms, which bounds the precision of the downtime figures).
-wait_for() {
-    local n=$(($3 * 20))
-    while [ "$n" -gt 0 ]; do
-        grep -q "$2" "$1" 2>/dev/null && return 0
-        sleep 0.05; n=$((n - 1))
-    done
-    return 1
-}
-show() { sed "s/^/L2| /" "$1"; }
 vmm() { "$bin/vmm-example" "$@" >>"$log" 2>&1 & pid=$!; }
 result=ok
 
@@ -128,26 +117,8 @@ if [ "$result" = ok ]; then
 fi
 
 # Every record the guest reported must be in the image, in its slot.
-res=$(grep -h "VBK-RESULT $tag " "$work"/run*.log | tail -n 1)
-records=$(echo "$res" | sed -n 's/.* records=\([0-9]*\).*/\1/p')
-errors=$(echo "$res" | sed -n 's/.* errors=\([0-9]*\).*/\1/p')
-counts=$(echo "$res" | sed -n 's/.* counts=\([0-9,]*\).*/\1/p')
-[ -n "$records" ] || { fail "no result line from the guest"; records=0 errors=1; }
-[ "$errors" = 0 ] || fail "the guest saw $errors error(s)"
-verified=0 lost=0 w=0
-for k_end in $(echo "$counts" | tr , ' '); do
-    k=0
-    while [ "$k" -lt "$k_end" ]; do
-        slot=$((w * per + k)); k6=$((1000000 + k)); s6=$((1000000 + slot))
-        want="VBK-WREC v1 tag=$tag w=$w k=${k6#1} slot=${s6#1} "
-        got=$(dd if="$img" bs=4096 skip=$slot count=1 2>/dev/null | head -c ${#want})
-        if [ "$got" = "$want" ]; then verified=$((verified + 1)); else lost=$((lost + 1)); fi
-        k=$((k + 1))
-    done
-    w=$((w + 1))
-done
-[ "$lost" = 0 ] || fail "$lost record(s) missing from the image"
-[ "$verified" -gt 0 ] || fail "no record verified"
+image_of() { echo "$img"; }
+check_records "$tag" "$per" image_of "$work"/run*.log
 # The console: every byte the host typed, read by the guest in run 3.
 hvc_extra="state_at_cuts=$cuts_cstate " hvc_check VBK-VMSNAP-CONSOLE "$work/hvc3.out" "$work"/run*.log
 maxgap=$(echo "$res" | sed -n 's/.* maxgap_ms=\([0-9]*\).*/\1/p')
