@@ -3,6 +3,7 @@
 //! (virtio-mmio) needs from whatever implements the device, be it a
 //! [`DeviceCore`] in this process or a vhost-user backend in another one.
 
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{CoreError, DeviceCore};
@@ -122,6 +123,25 @@ pub trait DeviceControl: Send {
     fn driver_status(&mut self, status: u32) -> Result<u32, ControlError> {
         Ok(status)
     }
+    /// Guest memory changed (a region plugged in or taken out): from now on
+    /// the device uses `memory`, which must hold every ring of every
+    /// running queue at the same place. On an active device the change
+    /// takes effect before this returns, while the queues keep running: a
+    /// [`DeviceCore`] swaps the memory its queues read at their next batch
+    /// (requests in flight keep the old memory mapped until they finish);
+    /// a vhost-user backend is told with `ADD_MEM_REG`/`REM_MEM_REG` or a
+    /// new `SET_MEM_TABLE`. An inactive device keeps nothing: the next
+    /// [`Activation`] brings its memory. Fails, leaving the device on its
+    /// old memory, when the device cannot use `memory` (no region, rings
+    /// outside it; for a vhost-user backend also regions not backed by a
+    /// file, or more regions than it takes). The default refuses: a device
+    /// must opt in.
+    fn update_memory(&mut self, memory: GuestMemoryLog) -> Result<(), ControlError> {
+        let _ = memory;
+        Err(ControlError::Invalid(
+            "the device cannot change guest memory while it runs",
+        ))
+    }
 }
 
 impl<B: DeviceBackend> DeviceControl for DeviceCore<B> {
@@ -178,6 +198,15 @@ impl<B: DeviceBackend> DeviceControl for DeviceCore<B> {
         Ok(DeviceCore::snapshot(self, None)?)
     }
 
+    fn update_memory(&mut self, memory: GuestMemoryLog) -> Result<(), ControlError> {
+        if !self.has_memory() {
+            // Not active: the next activation brings its memory.
+            return Ok(());
+        }
+        self.check_rings_in(&memory)?;
+        Ok(self.set_guest_memory(memory)?)
+    }
+
     fn restore(
         &mut self,
         snapshot: DeviceSnapshot,
@@ -204,6 +233,30 @@ impl<B: DeviceBackend> DeviceControl for DeviceCore<B> {
 }
 
 impl<B: DeviceBackend> DeviceCore<B> {
+    /// Refuse `memory` unless it has a region and holds every ring of every
+    /// running queue (a running ring cannot leave guest memory).
+    fn check_rings_in(&self, memory: &GuestMemoryLog) -> Result<(), ControlError> {
+        if memory.num_regions() == 0 {
+            return Err(ControlError::Invalid("no guest memory"));
+        }
+        let holds = |gpa: u64, len: u64| {
+            usize::try_from(len).is_ok_and(|len| memory.check_range(GuestAddress(gpa), len))
+        };
+        for i in (0..self.queues.len() as u32).filter(|&i| self.is_queue_running(i)) {
+            let s = self.queue_state(i)?;
+            let n = u64::from(s.size);
+            if !holds(s.desc_table, 16 * n)
+                || !holds(s.avail_ring, 6 + 2 * n)
+                || !holds(s.used_ring, 6 + 8 * n)
+            {
+                return Err(ControlError::Invalid(
+                    "a running queue's rings lie outside the new guest memory",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The last steps of starting a configured queue from an activation:
     /// its call and err notifiers, enable, the kick that starts it.
     fn wire_and_start(&mut self, q: QueueActivation) -> Result<(), ControlError> {

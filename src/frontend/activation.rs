@@ -1,39 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Starting and stopping the backend's queues: the memory table, vring
-//! setup, call relaying, the device's own state through DEVICE_STATE.
+//! Starting and stopping the backend's queues: the memory table (see
+//! [`super::memory_update`]), vring setup, call relaying, the device's own state through DEVICE_STATE.
 
 use super::*;
 
 impl VhostUserFrontendDevice {
-    /// The memory table entries for `memory`; every region must be backed
-    /// by a file the backend can map.
-    pub(super) fn memory_table(
-        memory: &GuestMemoryLog,
-    ) -> Result<Vec<VhostUserMemoryRegionInfo>, ControlError> {
-        let regions: Vec<_> = memory
-            .iter()
-            .map(|r| {
-                let file = r
-                    .file_offset()
-                    .ok_or(ControlError::Invalid("guest memory region without a file"))?;
-                Ok(VhostUserMemoryRegionInfo {
-                    guest_phys_addr: r.start_addr().raw_value(),
-                    memory_size: r.len(),
-                    userspace_addr: r.as_ptr() as u64,
-                    mmap_offset: file.start(),
-                    mmap_handle: file.file().as_raw_fd(),
-                })
-            })
-            .collect::<Result<_, ControlError>>()?;
-        if regions.is_empty() {
-            return Err(ControlError::Invalid("no guest memory"));
-        }
-        if regions.len() > MAX_MEM_TABLE_REGIONS {
-            return Err(ControlError::Invalid("more than 8 guest memory regions"));
-        }
-        Ok(regions)
-    }
-
     /// The VMM's address of `len` bytes at `gpa`, which must lie in one
     /// region (vhost-user ring addresses are frontend virtual addresses).
     pub(super) fn host_address(memory: &GuestMemoryLog, gpa: u64, len: u64) -> Option<u64> {
@@ -222,10 +193,12 @@ impl VhostUserFrontendDevice {
         for q in &activation.queues {
             self.check_queue(q)?;
         }
-        let regions = Self::memory_table(&activation.memory)?;
+        let regions = self
+            .memory_table(&activation.memory)
+            .map_err(MemoryUpdateError::at_activation)?;
         let features = self.backend_ack(activation.features, self.is_logging());
         self.request("SET_FEATURES", |fe| fe.set_features(features))?;
-        self.request("SET_MEM_TABLE", |fe| fe.set_mem_table(&regions))?;
+        let mem_table = self.send_memory_table(&regions)?;
         self.apply_log_at_activation()?;
         let memory = activation.memory.clone();
         self.active = Some(ActiveState {
@@ -233,6 +206,7 @@ impl VhostUserFrontendDevice {
             features: activation.features,
             layout: Vec::new(),
             _memory: activation.memory,
+            mem_table,
             _kicks: Vec::new(),
         });
         for q in activation.queues {

@@ -112,6 +112,10 @@ impl DeviceControl for VhostUserFrontendDevice {
         self.set_logging(log)
     }
 
+    fn update_memory(&mut self, memory: GuestMemoryLog) -> Result<(), ControlError> {
+        self.change_memory(memory)
+    }
+
     fn snapshot(&mut self) -> Result<DeviceSnapshot, ControlError> {
         if self.stateful && !self.has(VhostUserProtocolFeatures::DEVICE_STATE) {
             // Refused before anything stops: the device keeps running.

@@ -28,6 +28,13 @@ impl LogArea {
             size: log.size(),
         })
     }
+
+    /// Guest physical addresses `[0, covered)` the log has a bit for.
+    pub(super) fn covered(&self) -> u64 {
+        self.size
+            .saturating_mul(8)
+            .saturating_mul(crate::memory::LOG_PAGE_SIZE)
+    }
 }
 
 /// One ring as the driver laid it out: (index, size, descriptor table,

@@ -12,7 +12,7 @@
 //!
 //! - [`VhostUserFrontendDevice::connect`] sends `SET_OWNER`, `GET_FEATURES`,
 //!   `GET_PROTOCOL_FEATURES`/`SET_PROTOCOL_FEATURES`, `GET_QUEUE_NUM`,
-//!   `SET_BACKEND_REQ_FD` and `GET_CONFIG` (cached);
+//!   `GET_MAX_MEM_SLOTS`, `SET_BACKEND_REQ_FD` and `GET_CONFIG` (cached);
 //! - [`DeviceControl::activate`] sends `SET_FEATURES`, `SET_MEM_TABLE`, then
 //!   per queue `SET_VRING_NUM`, `SET_VRING_ADDR`, `SET_VRING_BASE`,
 //!   `SET_VRING_CALL`, `SET_VRING_KICK`, `SET_VRING_ENABLE`;
@@ -24,7 +24,9 @@
 //! - [`DeviceControl::set_dirty_log`] sends `SET_LOG_BASE` (LOG_SHMFD) and,
 //!   on a running device, `SET_FEATURES` with `VHOST_F_LOG_ALL` and
 //!   `SET_VRING_ADDR` with `VHOST_VRING_F_LOG` per ring (or both without,
-//!   to stop); an activation while logging is on applies the log as well.
+//!   to stop); an activation while logging is on applies the log as well;
+//! - [`DeviceControl::update_memory`] sends `REM_MEM_REG`/`ADD_MEM_REG`
+//!   (CONFIGURE_MEM_SLOTS) or `SET_MEM_TABLE`, see [`memory_update`].
 //!
 //! # Kicks go straight through, calls take one hop
 //!
@@ -87,6 +89,7 @@ use crate::vring::Notifier;
 mod activation;
 mod control;
 mod dirty_log;
+pub mod memory_update;
 mod raw;
 mod relay;
 pub mod state_fd;
@@ -94,6 +97,7 @@ pub mod state_fd;
 use dirty_log::{LogArea, RingLayout};
 use relay::*;
 
+pub use memory_update::MemoryUpdateError;
 pub use raw::RawRequestError;
 
 pub use crate::features::{VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES};
@@ -108,8 +112,8 @@ const VIRTIO_ID_VSOCK: u32 = 19;
 const VIRTIO_ID_FS: u32 = 26;
 
 /// Protocol features the adapter can make use of; it acks the subset the
-/// backend offers. `CONFIGURE_MEM_SLOTS` is left out (memory is set in one
-/// `SET_MEM_TABLE` per activation). `LOG_SHMFD` is what dirty logging
+/// backend offers. With `CONFIGURE_MEM_SLOTS` memory changes one region at
+/// a time (see [`DeviceControl::update_memory`]). `LOG_SHMFD` is what dirty logging
 /// needs (see [`DeviceControl::set_dirty_log`]); with `STATUS` the device
 /// status the driver writes is passed on (see
 /// [`DeviceControl::driver_status`]).
@@ -122,6 +126,7 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::DEVICE_STATE
         | VhostUserProtocolFeatures::LOG_SHMFD
         | VhostUserProtocolFeatures::STATUS
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
 
 /// Regions one `SET_MEM_TABLE` may carry by the vhost-user spec.
@@ -192,6 +197,9 @@ pub enum FrontendError {
     /// The backend hung up (or was cut off after a request timeout).
     #[error("the backend is disconnected")]
     Disconnected,
+    /// Guest memory the backend cannot be given.
+    #[error("guest memory refused")]
+    Memory(#[from] MemoryUpdateError),
     /// The relay thread or one of its eventfds could not be set up.
     #[error("cannot set up the interrupt relay")]
     Relay(#[source] std::io::Error),
@@ -285,6 +293,8 @@ struct ActiveState {
     layout: Vec<RingLayout>,
     /// Kept so the addresses given to the backend stay mapped.
     _memory: GuestMemoryLog,
+    /// The regions the backend holds.
+    mem_table: memory_update::BackendTable,
     /// Kept so the kick eventfds live as long as the activation.
     _kicks: Vec<EventFd>,
 }
@@ -306,6 +316,8 @@ pub struct VhostUserFrontendDevice {
     /// Features from `GET_FEATURES`, vhost-user bits included.
     backend_features: u64,
     protocol: VhostUserProtocolFeatures,
+    /// Most memory regions the backend takes.
+    max_mem_slots: u64,
     active: Option<ActiveState>,
     /// The dirty log while logging is on, applied to every activation.
     dirty_log: Option<LogArea>,
@@ -381,6 +393,7 @@ impl VhostUserFrontendDevice {
             stateful: options.stateful,
             backend_features: 0,
             protocol: VhostUserProtocolFeatures::empty(),
+            max_mem_slots: MAX_MEM_TABLE_REGIONS as u64,
             active: None,
             dirty_log: None,
         };
@@ -454,6 +467,7 @@ impl VhostUserFrontendDevice {
             }
             self.num_queues = self.num_queues.min(n);
         }
+        self.learn_mem_slots()?;
         if self.has(VhostUserProtocolFeatures::BACKEND_REQ) {
             self.request("SET_BACKEND_REQ_FD", |fe| {
                 fe.set_backend_request_fd(&backend_req)

@@ -133,4 +133,16 @@ impl MmioTransport {
     ) -> Result<(), crate::core::ControlError> {
         self.device.set_dirty_log(log)
     }
+
+    /// Guest memory changed: hand `memory` to the device (see
+    /// [`DeviceControl::update_memory`]) and use it for later activations.
+    /// When the device refuses, both keep the old memory.
+    pub fn update_memory(
+        &mut self,
+        memory: GuestMemoryLog,
+    ) -> Result<(), crate::core::ControlError> {
+        self.device.update_memory(memory.clone())?;
+        self.memory = memory;
+        Ok(())
+    }
 }
