@@ -17,7 +17,7 @@ mod vhost_proxy;
 use std::fs::File;
 use std::time::{Duration, Instant};
 
-use common::{blk, spawn_daemon, transform, TestDevice, TEST_CONFIG_SIZE, TEST_DEVICE_TYPE};
+use common::{blk, spawn_daemon, transform, TestDevice};
 use virtio_backend_kit::core::{Activation, ControlError, DeviceControl};
 use virtio_backend_kit::frontend::{FrontendError, FrontendOptions, VhostUserFrontendDevice};
 use virtio_backend_kit::testing::{self, Interrupt, SplitQueueDriver};
@@ -34,12 +34,7 @@ const PAGE: u64 = 4096;
 const WAIT: Duration = Duration::from_secs(5);
 
 fn options() -> FrontendOptions {
-    FrontendOptions {
-        config_size: TEST_CONFIG_SIZE as u32,
-        connect_timeout: WAIT,
-        request_timeout: Some(WAIT),
-        ..FrontendOptions::new(TEST_DEVICE_TYPE, 1, 256)
-    }
+    common::test_device_options(WAIT)
 }
 
 /// memfd guest memory and a dirty log covering all of it.

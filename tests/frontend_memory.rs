@@ -19,7 +19,7 @@ mod vhost_proxy;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{spawn_daemon, transform, TestDevice, TEST_CONFIG_SIZE, TEST_DEVICE_TYPE};
+use common::{spawn_daemon, transform, TestDevice};
 use virtio_backend_kit::core::{Activation, ControlError, DeviceControl, DeviceCore};
 use virtio_backend_kit::frontend::{
     FrontendError, FrontendOptions, MemoryUpdateError, VhostUserFrontendDevice,
@@ -48,12 +48,7 @@ fn code(req: FrontendReq) -> u32 {
 }
 
 fn options() -> FrontendOptions {
-    FrontendOptions {
-        config_size: TEST_CONFIG_SIZE as u32,
-        connect_timeout: WAIT,
-        request_timeout: Some(WAIT),
-        ..FrontendOptions::new(TEST_DEVICE_TYPE, 1, 256)
-    }
+    common::test_device_options(WAIT)
 }
 
 /// The first region alone, and both regions (the hot-plugged one a memfd
@@ -422,18 +417,7 @@ fn start_mmio(t: &mut MmioTransport, mem: &GuestMemoryLog, area: u64) -> (SplitQ
     t.write_u32(STATUS, features_ok);
     assert_ne!(t.read_u32(STATUS) & STATUS_FEATURES_OK, 0);
     let ring = SplitQueueDriver::new(mem, 0, 64, area);
-    let (desc, avail, used) = ring.rings();
-    t.write_u32(QUEUE_SEL, 0);
-    t.write_u32(QUEUE_NUM, 64);
-    for (low, addr) in [
-        (QUEUE_DESC_LOW, desc),
-        (QUEUE_DRIVER_LOW, avail),
-        (QUEUE_DEVICE_LOW, used),
-    ] {
-        t.write_u32(low, addr as u32);
-        t.write_u32(low + 4, (addr >> 32) as u32);
-    }
-    t.write_u32(QUEUE_READY, 1);
+    common::mmio_setup_queue(t, &ring);
     if t.read_u32(QUEUE_READY) != 1 {
         return (ring, false);
     }

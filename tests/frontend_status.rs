@@ -10,9 +10,9 @@ mod vhost_proxy;
 
 use std::time::{Duration, Instant};
 
-use common::{spawn_daemon, transform, TestDevice, TEST_CONFIG_SIZE, TEST_DEVICE_TYPE};
+use common::{spawn_daemon, transform, TestDevice};
 use vhost_proxy::{Filter, GET_STATUS, SET_STATUS};
-use virtio_backend_kit::frontend::{FrontendOptions, VhostUserFrontendDevice};
+use virtio_backend_kit::frontend::VhostUserFrontendDevice;
 use virtio_backend_kit::mmio::*;
 use virtio_backend_kit::testing::{self, SplitQueueDriver};
 use virtio_backend_kit::vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -31,12 +31,7 @@ fn transport(filter: &Filter) -> (MmioTransport, SplitQueueDriver, Keep) {
     let _ = env_logger::builder().is_test(true).try_init();
     let daemon = spawn_daemon(TestDevice::new(1), ServeMode::Once);
     let (dir, sock, _proxy) = vhost_proxy::spawn(daemon.path.clone(), filter.clone());
-    let options = FrontendOptions {
-        config_size: TEST_CONFIG_SIZE as u32,
-        connect_timeout: WAIT,
-        request_timeout: Some(WAIT),
-        ..FrontendOptions::new(TEST_DEVICE_TYPE, 1, 256)
-    };
+    let options = common::test_device_options(WAIT);
     let dev = VhostUserFrontendDevice::connect(&sock, options).unwrap();
     assert!(
         dev.protocol_features()
@@ -63,22 +58,6 @@ fn negotiate(t: &mut MmioTransport) -> u32 {
     t.read_u32(STATUS)
 }
 
-/// Queue 0 set up and made ready.
-fn setup_queue(t: &mut MmioTransport, ring: &SplitQueueDriver) {
-    let (desc, avail, used) = ring.rings();
-    t.write_u32(QUEUE_SEL, 0);
-    t.write_u32(QUEUE_NUM, u32::from(ring.size()));
-    for (low, addr) in [
-        (QUEUE_DESC_LOW, desc),
-        (QUEUE_DRIVER_LOW, avail),
-        (QUEUE_DEVICE_LOW, used),
-    ] {
-        t.write_u32(low, addr as u32);
-        t.write_u32(low + 4, (addr >> 32) as u32);
-    }
-    t.write_u32(QUEUE_READY, 1);
-}
-
 #[test]
 fn the_driver_status_reaches_the_backend() {
     let filter = Filter::default();
@@ -90,7 +69,7 @@ fn the_driver_status_reaches_the_backend() {
         1,
         "the backend was not asked whether it keeps FEATURES_OK"
     );
-    setup_queue(&mut t, &ring);
+    common::mmio_setup_queue(&mut t, &ring);
     let driver_ok = features_ok | STATUS_DRIVER_OK;
     t.write_u32(STATUS, driver_ok);
     assert!(t.is_activated());
@@ -144,7 +123,7 @@ fn a_backend_that_clears_features_ok_refuses_the_features() {
     );
     // A driver that goes on to DRIVER_OK anyway (FEATURES_OK in the same
     // write) is refused too: the device does not start.
-    setup_queue(&mut t, &ring);
+    common::mmio_setup_queue(&mut t, &ring);
     t.write_u32(STATUS, ACK_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
     assert!(!t.is_activated());
     assert_eq!(t.read_u32(STATUS) & STATUS_FEATURES_OK, 0);

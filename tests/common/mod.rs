@@ -1212,3 +1212,37 @@ pub mod blk {
         (chain(hdr, &bufs, status), data_gpa, status)
     }
 }
+
+/// Adapter options for [`TestDevice`]: one queue of up to 256 entries,
+/// `wait` for the connection and for each reply.
+#[allow(dead_code)]
+pub fn test_device_options(wait: Duration) -> virtio_backend_kit::frontend::FrontendOptions {
+    virtio_backend_kit::frontend::FrontendOptions {
+        config_size: TEST_CONFIG_SIZE as u32,
+        connect_timeout: wait,
+        request_timeout: Some(wait),
+        ..virtio_backend_kit::frontend::FrontendOptions::new(TEST_DEVICE_TYPE, 1, 256)
+    }
+}
+
+/// What a driver writes to set up queue 0 of `t` on `ring` and make it
+/// ready (the caller checks QueueReady).
+#[allow(dead_code)]
+pub fn mmio_setup_queue(
+    t: &mut virtio_backend_kit::mmio::MmioTransport,
+    ring: &testing::SplitQueueDriver,
+) {
+    use virtio_backend_kit::mmio::*;
+    let (desc, avail, used) = ring.rings();
+    t.write_u32(QUEUE_SEL, 0);
+    t.write_u32(QUEUE_NUM, u32::from(ring.size()));
+    for (low, addr) in [
+        (QUEUE_DESC_LOW, desc),
+        (QUEUE_DRIVER_LOW, avail),
+        (QUEUE_DEVICE_LOW, used),
+    ] {
+        t.write_u32(low, addr as u32);
+        t.write_u32(low + 4, (addr >> 32) as u32);
+    }
+    t.write_u32(QUEUE_READY, 1);
+}
